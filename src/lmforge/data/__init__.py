@@ -1,0 +1,1 @@
+"""Data curation: raw crawl -> clean, language-identified, filtered, deduplicated, PII-scrubbed corpus."""
