@@ -1,0 +1,1 @@
+"""Planning: memory / FLOPs / GPU-hours estimators (memory.py) and scaling-law fits (scaling.py)."""
