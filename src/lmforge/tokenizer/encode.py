@@ -1,0 +1,374 @@
+"""Fast encoding with ids identical to the HF tokenizer, and corpus -> token shards.
+
+`load_tokenizer(dir)` reads lmforge's tokenizer.json and builds a tiktoken `Encoding` from
+the same vocabulary (byte strings ranked by id) and the same pre-tokenizer regex. Because
+merges are applied in id order and a piece that is already a vocabulary entry is taken
+whole (`ignore_merges`, set at training), tiktoken and HF `tokenizers` produce the same ids;
+tiktoken is several times faster and releases the GIL, so batches run on threads.
+
+`encode_corpus` writes the trainer's input (docs/ARTIFACTS.md "tokenizer/ and tokens/"):
+  1. every corpus shard is encoded (in parallel: one process per shard, threads inside) into
+     `<work>/enc_XXXXX.bin` (uint32 ids, no bos) + `.docs.npy` (tokens, bytes, source per doc)
+     + a `.json` marker written last — a killed job resumes with the shards not yet marked;
+  2. a seeded permutation of all documents shuffles them globally; the first `val_fraction`
+     go to val, the rest to train; each document is written as `<|bos|> ids...` into flat
+     little-endian uint16/uint32 shards of about `shard_tokens`, inside a temporary directory
+     that replaces `tokens/` only when complete (index.json included).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from itertools import chain
+from pathlib import Path
+
+import numpy as np
+
+from lmforge.errors import InputError
+from lmforge.log import logger, progress
+from lmforge.rundir import atomic_dir, atomic_file, atomic_write_json, read_json
+
+INDEX = "index.json"
+
+
+class Tokenizer:
+    """lmforge's tokenizer at inference speed (tiktoken), with the ids of tokenizer.json."""
+
+    def __init__(self, encoding, special_tokens: dict[str, int], path: Path | None = None, pattern: str = ""):
+        self._enc = encoding
+        self.special_tokens = dict(special_tokens)
+        self.path = path
+        self.pattern = pattern
+        self.vocab_size = encoding.max_token_value + 1
+        self.bos_id = self.special_tokens["<|bos|>"]
+        self.eos_id = self.special_tokens["<|eos|>"]
+        self.pad_id = self.special_tokens["<|pad|>"]
+
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        """Token ids of `text`; special-token strings in it are plain text unless `allow_special`."""
+        if allow_special:
+            return self._enc.encode(text, allowed_special="all")
+        return self._enc.encode_ordinary(text)
+
+    def encode_batch(self, texts: list[str], num_threads: int = 0, allow_special: bool = False) -> list[list[int]]:
+        n = num_threads or min(8, os.cpu_count() or 1)
+        if allow_special:
+            return self._enc.encode_batch(texts, num_threads=n, allowed_special="all")
+        return self._enc.encode_ordinary_batch(texts, num_threads=n)
+
+    def decode(self, ids) -> str:
+        return self._enc.decode([int(i) for i in ids], errors="replace")
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self._enc.decode_single_token_bytes(int(token_id))
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, path={str(self.path)!r})"
+
+
+def _tokenizer_file(path: str | Path) -> Path:
+    p = Path(path)
+    f = p / "tokenizer.json" if p.is_dir() else p
+    if not f.is_file():
+        raise InputError(f"tokenizer not found: {f} (train one with `lmforge tokenizer train` or the tokenizer stage)")
+    return f
+
+
+def load_tokenizer(tokenizer_dir: str | Path) -> Tokenizer:
+    """Load `<dir>/tokenizer.json` (written by the tokenizer stage) as a fast tiktoken-backed Tokenizer."""
+    import tiktoken
+
+    from lmforge.tokenizer.train_bpe import byte_to_unicode
+
+    f = _tokenizer_file(tokenizer_dir)
+    try:
+        spec = json.loads(f.read_text(encoding="utf-8"))
+        model = spec["model"]
+        vocab: dict[str, int] = model["vocab"]
+        pre = spec["pre_tokenizer"]
+        pattern = pre["pretokenizers"][0]["pattern"]["Regex"]
+        added = {t["content"]: int(t["id"]) for t in spec.get("added_tokens", [])}
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise InputError(f"{f}: not an lmforge byte-level BPE tokenizer.json ({type(e).__name__}: {e})") from None
+    if model.get("type") != "BPE":
+        raise InputError(f"{f}: model type {model.get('type')!r} is not BPE")
+    for name in ("<|bos|>", "<|eos|>", "<|pad|>"):
+        if name not in added:
+            raise InputError(f"{f}: special token {name} is missing")
+    decoder = {c: b for b, c in byte_to_unicode().items()}
+    ranks: dict[bytes, int] = {}
+    try:
+        for s, i in vocab.items():
+            if s in added:
+                continue
+            ranks[bytes(decoder[c] for c in s)] = int(i)
+    except KeyError as e:
+        raise InputError(f"{f}: vocabulary entry outside the byte-level alphabet ({e})") from None
+    enc = tiktoken.Encoding(name=f"lmforge-{f.parent.name}", pat_str=pattern, mergeable_ranks=ranks, special_tokens=added)
+    return Tokenizer(enc, added, path=f, pattern=pattern)
+
+
+def file_sha(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- phase 1: shard -> ids
+
+DOC_DTYPE = np.dtype([("tokens", "<i8"), ("bytes", "<i8"), ("source", "<i4")])
+
+
+@dataclass
+class _Task:
+    index: int
+    shard: str
+    tokenizer_file: str
+    work_dir: str
+    batch_docs: int
+    threads: int
+    key: dict
+
+
+def _marker(work: Path, i: int) -> Path:
+    return work / f"enc_{i:05d}.json"
+
+
+def _encode_shard(task: _Task) -> dict:
+    """Encode one corpus shard into the work dir; returns its marker dict."""
+    from lmforge.tokenizer.corpus import ReadStats, iter_docs
+
+    tok = load_tokenizer(task.tokenizer_file)
+    work = Path(task.work_dir)
+    stats = ReadStats()
+    sources: dict[str, int] = {}
+    docs: list[tuple[int, int, int]] = []
+    counts = np.zeros(tok.vocab_size, dtype=np.int64)
+    n_tokens = 0
+
+    with atomic_file(work / f"enc_{task.index:05d}.bin") as out:
+        def flush(texts: list[str], srcs: list[int]) -> None:
+            nonlocal n_tokens
+            ids = tok.encode_batch(texts, num_threads=task.threads)
+            lens = [len(x) for x in ids]
+            total = sum(lens)
+            arr = np.fromiter(chain.from_iterable(ids), dtype=np.uint32, count=total)
+            out.write(arr.tobytes())
+            counts[:] += np.bincount(arr, minlength=tok.vocab_size)[: tok.vocab_size]
+            for t, n, s in zip(texts, lens, srcs):
+                docs.append((n, len(t.encode("utf-8")), s))
+            n_tokens += total
+
+        texts: list[str] = []
+        srcs: list[int] = []
+        for doc in iter_docs(task.shard, stats):
+            if not doc.text:
+                continue
+            texts.append(doc.text)
+            srcs.append(sources.setdefault(doc.source, len(sources)))
+            if len(texts) >= task.batch_docs:
+                flush(texts, srcs)
+                texts, srcs = [], []
+        if texts:
+            flush(texts, srcs)
+    arr = np.array(docs, dtype=DOC_DTYPE) if docs else np.zeros(0, dtype=DOC_DTYPE)
+    with atomic_file(work / f"enc_{task.index:05d}.docs.npy") as fh:
+        np.save(fh, arr)
+    with atomic_file(work / f"enc_{task.index:05d}.counts.npy") as fh:
+        np.save(fh, counts)
+    marker = dict(task.key, docs=len(docs), tokens=n_tokens, corrupt=stats.corrupt, sources=list(sources))
+    atomic_write_json(_marker(work, task.index), marker)
+    return marker
+
+
+def _shard_key(shard: Path, tokenizer_sha: str) -> dict:
+    st = shard.stat()
+    return {"shard": str(shard), "size": st.st_size, "mtime": int(st.st_mtime), "tokenizer": tokenizer_sha}
+
+
+def _encode_all(shards: list[Path], tokenizer_file: Path, work: Path, workers: int, batch_docs: int) -> list[dict]:
+    work.mkdir(parents=True, exist_ok=True)
+    sha = file_sha(tokenizer_file)
+    markers: dict[int, dict] = {}
+    todo: list[_Task] = []
+    procs = max(1, min(workers, len(shards)))
+    threads = max(1, workers // procs)
+    for i, s in enumerate(shards):
+        key = _shard_key(s, sha)
+        m = read_json(_marker(work, i))
+        if m and all(m.get(k) == v for k, v in key.items()) and (work / f"enc_{i:05d}.bin").exists():
+            markers[i] = m
+        else:
+            todo.append(_Task(i, str(s), str(tokenizer_file), str(work), batch_docs, threads, key))
+    if markers:
+        logger.info("tokenizer: %d of %d corpus shards already encoded (resuming)", len(markers), len(shards))
+    if todo:
+        if procs > 1 and len(todo) > 1:
+            import multiprocessing as mp
+
+            with mp.get_context("spawn").Pool(min(procs, len(todo))) as pool:
+                for m in progress(pool.imap_unordered(_encode_shard, todo), desc="tokenizer: encoding", total=len(todo), unit="shard"):
+                    markers[shards.index(Path(m["shard"]))] = m
+        else:
+            for t in progress(todo, desc="tokenizer: encoding", unit="shard"):
+                t.threads = max(1, workers)
+                markers[t.index] = _encode_shard(t)
+    return [markers[i] for i in range(len(shards))]
+
+
+# ---------------------------------------------------------------- phase 2: shuffle + split + write
+
+
+def _write_split(name: str, order: np.ndarray, table: dict, maps: list[np.memmap], out_dir: Path, dtype: np.dtype,
+                 bos: int, shard_tokens: int) -> list[dict]:
+    shards: list[dict] = []
+    split_dir = out_dir / name
+    split_dir.mkdir(parents=True, exist_ok=True)
+    buf: list[np.ndarray] = []
+    buf_tokens = 0
+    buf_docs = 0
+    bos_arr = np.array([bos], dtype=dtype)
+
+    def close() -> None:
+        nonlocal buf, buf_tokens, buf_docs
+        rel = f"{name}/shard_{len(shards):05d}.bin"
+        with atomic_file(out_dir / rel) as fh:
+            for a in buf:
+                fh.write(a.tobytes())
+        shards.append({"path": rel, "tokens": int(buf_tokens), "docs": int(buf_docs)})
+        buf, buf_tokens, buf_docs = [], 0, 0
+
+    shard_of, start, length = table["shard"], table["start"], table["tokens"]
+    for d in progress(order, desc=f"tokenizer: writing {name}", unit="doc", total=len(order)):
+        s, a, n = shard_of[d], start[d], length[d]
+        buf.append(bos_arr)
+        buf.append(maps[s][a:a + n].astype(dtype, copy=False))
+        buf_tokens += n + 1
+        buf_docs += 1
+        if buf_tokens >= shard_tokens:
+            close()
+    if buf_docs:
+        close()
+    return shards
+
+
+def encode_corpus(
+    shards: list[Path],
+    tokenizer_dir: str | Path,
+    tokens_dir: str | Path,
+    work_dir: str | Path,
+    *,
+    val_fraction: float = 0.005,
+    shard_tokens: int = 100_000_000,
+    dtype: str = "auto",
+    seed: int = 1234,
+    workers: int = 1,
+    batch_docs: int = 512,
+) -> dict:
+    """Encode corpus shards into `tokens_dir` (train/ + val/ + index.json). Returns the index plus `counts`."""
+    t0 = time.time()
+    tok_file = _tokenizer_file(tokenizer_dir)
+    tok = load_tokenizer(tok_file)
+    np_dtype = np.dtype("<u2") if (dtype == "uint16" or (dtype == "auto" and tok.vocab_size <= 65536)) else np.dtype("<u4")
+    if np_dtype == np.dtype("<u2") and tok.vocab_size > 65536:
+        raise InputError(f"dtype uint16 cannot hold a vocabulary of {tok.vocab_size} ids")
+    work = Path(work_dir)
+    markers = _encode_all(shards, tok_file, work, max(1, workers), batch_docs)
+    t_enc = time.time() - t0
+
+    # global document table
+    src_names: list[str] = []
+    parts = {"shard": [], "start": [], "tokens": [], "bytes": [], "source": []}
+    counts = np.zeros(tok.vocab_size, dtype=np.int64)
+    maps: list[np.ndarray] = []
+    for i, m in enumerate(markers):
+        docs = np.load(work / f"enc_{i:05d}.docs.npy")
+        counts += np.load(work / f"enc_{i:05d}.counts.npy")
+        binf = work / f"enc_{i:05d}.bin"
+        maps.append(np.memmap(binf, dtype="<u4", mode="r") if binf.stat().st_size else np.zeros(0, dtype="<u4"))
+        remap = np.array([src_names.index(s) if s in src_names else (src_names.append(s) or len(src_names) - 1) for s in m["sources"]] or [0], dtype=np.int32)
+        starts = np.concatenate([[0], np.cumsum(docs["tokens"])[:-1]]) if len(docs) else np.zeros(0, dtype=np.int64)
+        parts["shard"].append(np.full(len(docs), i, dtype=np.int32))
+        parts["start"].append(starts.astype(np.int64))
+        parts["tokens"].append(docs["tokens"])
+        parts["bytes"].append(docs["bytes"])
+        parts["source"].append(remap[docs["source"]] if len(docs) else np.zeros(0, dtype=np.int32))
+    table = {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
+    n_docs = len(table["tokens"])
+    if n_docs == 0:
+        raise InputError(f"no documents with text in {len(shards)} corpus shard(s)")
+
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(n_docs)
+    n_val = int(round(n_docs * val_fraction))
+    if val_fraction > 0 and n_docs >= 2:
+        n_val = min(max(1, n_val), n_docs - 1)
+    val_order, train_order = perm[:n_val], perm[n_val:]
+
+    tokens_dir = Path(tokens_dir)
+    for stale in tokens_dir.parent.glob(f".{tokens_dir.name}.tmp.*"):
+        shutil.rmtree(stale, ignore_errors=True)  # left by a killed run
+    index: dict = {}
+    with atomic_dir(tokens_dir) as tmp:
+        os.chmod(tmp, 0o755)  # a temp dir is created private; the token shards are ordinary outputs
+        train = _write_split("train", train_order, table, maps, tmp, np_dtype, tok.bos_id, shard_tokens)
+        val = _write_split("val", val_order, table, maps, tmp, np_dtype, tok.bos_id, shard_tokens) if n_val else []
+        sources = {}
+        for si, name in enumerate(src_names):
+            sel = table["source"] == si
+            nt, nb = int(table["tokens"][sel].sum()), int(table["bytes"][sel].sum())
+            sources[name] = {"docs": int(sel.sum()), "bytes": nb, "tokens": nt, "bytes_per_token": round(nb / max(nt, 1), 4)}
+        nb_all, nt_all = int(table["bytes"].sum()), int(table["tokens"].sum())
+        index = {
+            "dtype": "uint16" if np_dtype.itemsize == 2 else "uint32",
+            "vocab_size": tok.vocab_size,
+            "bos_id": tok.bos_id,
+            "eos_id": tok.eos_id,
+            "pad_id": tok.pad_id,
+            "seed": seed,
+            "val_fraction": val_fraction,
+            "tokenizer": str(tok_file),
+            "tokenizer_sha": file_sha(tok_file),
+            "train": train,
+            "val": val,
+            "totals": {
+                "docs": n_docs,
+                "train_docs": int(len(train_order)),
+                "val_docs": int(n_val),
+                "train_tokens": sum(s["tokens"] for s in train),
+                "val_tokens": sum(s["tokens"] for s in val),
+                "bytes": nb_all,
+                "text_tokens": nt_all,
+                "bytes_per_token": round(nb_all / max(nt_all, 1), 4),
+                "corrupt_records": sum(m.get("corrupt", 0) for m in markers),
+            },
+            "sources": sources,
+            "encode_seconds": round(t_enc, 3),
+            "encode_mb_per_s": round(nb_all / 1e6 / max(t_enc, 1e-9), 3),
+        }
+        atomic_write_json(tmp / INDEX, index)
+    del maps
+    shutil.rmtree(work, ignore_errors=True)
+    logger.info("tokenizer: %d docs -> %d train + %d val tokens (%.2f bytes/token) in %.1fs",
+                n_docs, index["totals"]["train_tokens"], index["totals"]["val_tokens"], index["totals"]["bytes_per_token"], time.time() - t0)
+    return dict(index, counts=counts)
+
+
+def read_tokens(tokens_dir: str | Path, split: str = "train") -> np.ndarray:
+    """All tokens of a split as one array (for tests and small runs; the trainer memmaps the shards)."""
+    d = Path(tokens_dir)
+    index = read_json(d / INDEX)
+    if not index:
+        raise InputError(f"no {INDEX} in {d}")
+    arrs = [np.fromfile(d / s["path"], dtype=np.dtype(index["dtype"]).newbyteorder("<")) for s in index[split]]
+    return np.concatenate(arrs) if arrs else np.zeros(0, dtype=index["dtype"])

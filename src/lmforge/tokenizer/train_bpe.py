@@ -1,0 +1,163 @@
+"""Train a byte-level BPE tokenizer with HF `tokenizers` on a sample drawn across the whole corpus.
+
+Pre-tokenization is one regex (GPT-4 style): contractions, letter runs with one leading
+non-letter, numbers (each digit alone, or runs of up to 3 digits), punctuation runs,
+newlines, and whitespace runs kept whole (so code indentation can become single tokens).
+The pieces are then mapped to the 256-symbol byte alphabet, so every string is encodable.
+Special tokens take ids 0..k-1: <|bos|>, <|eos|>, <|pad|>, chat roles, <|reserved_N|>.
+
+The training sample is a priority sample: every document gets a seeded uniform key from
+its id, and the documents with the smallest keys are kept until `train_bytes` is reached,
+in one pass and bounded memory — a uniform sample of the whole shuffled corpus, not its head.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lmforge.data.step import doc_uniform
+from lmforge.log import logger, progress
+from lmforge.rundir import atomic_write_json, atomic_write_text
+from lmforge.tokenizer.config import TokenizerConfig
+from lmforge.tokenizer.corpus import ReadStats, iter_docs
+
+# `{digits}` is `\p{N}` (one digit per piece) or `\p{N}{1,3}` (up to three).
+# Possessive quantifiers keep the HF (Oniguruma) and tiktoken (fancy-regex) engines in agreement.
+_PATTERN = (
+    r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|{digits}"
+    r"| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"
+)
+
+
+def split_pattern(digits: str) -> str:
+    if digits not in ("single", "group3"):
+        raise ValueError(f"digits must be 'single' or 'group3', got {digits!r}")
+    return _PATTERN.replace("{digits}", r"\p{N}" if digits == "single" else r"\p{N}{1,3}")
+
+
+def byte_to_unicode() -> dict[int, str]:
+    """The byte-level alphabet: each byte value -> one printable character (the table HF ByteLevel uses).
+
+    Printable Latin-1 bytes map to themselves; the other 68 bytes (controls, space, a few
+    Latin-1 gaps) map, in byte order, to the characters from U+0100 upward.
+    """
+    keep = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table = {b: chr(b) for b in keep}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(0x100 + extra)
+            extra += 1
+    return table
+
+
+@dataclass
+class Sample:
+    texts: list[str]
+    sources: list[str]
+    bytes: int = 0
+    docs_seen: int = 0
+    corrupt: int = 0
+    by_source: dict[str, dict] = field(default_factory=dict)
+
+
+def sample_corpus(shards: list[Path], budget_bytes: int, max_doc_chars: int, seed: int) -> Sample:
+    """Seeded uniform sample of documents across all shards, about `budget_bytes` of UTF-8 text."""
+    salt = f"lmforge-tokenizer-sample-{seed}"
+    heap: list[tuple[float, int, int, str, str]] = []  # (-key, tiebreak, nbytes, text, source): max-heap on key
+    total = 0
+    seen = 0
+    stats = ReadStats()
+    for path in progress(shards, desc="tokenizer: sampling", unit="shard"):
+        for doc in iter_docs(path, stats):
+            seen += 1
+            if not doc.text:
+                continue
+            key = doc_uniform(doc.id, salt)
+            text = doc.text[:max_doc_chars]
+            if heap and key >= -heap[0][0] and total + len(text) > budget_bytes:
+                continue  # it would be the first one dropped again (len in chars <= len in bytes)
+            nb = len(text.encode("utf-8"))
+            heapq.heappush(heap, (-key, seen, nb, text, doc.source))
+            total += nb
+            while total > budget_bytes and len(heap) > 1:  # drop the largest keys until within budget
+                total -= heapq.heappop(heap)[2]
+    items = sorted(heap, key=lambda t: -t[0])  # ascending key: a seeded shuffle
+    s = Sample(texts=[t[3] for t in items], sources=[t[4] for t in items], bytes=total, docs_seen=seen, corrupt=stats.corrupt)
+    for _, _, nb, _, src in items:
+        d = s.by_source.setdefault(src, {"docs": 0, "bytes": 0})
+        d["docs"] += 1
+        d["bytes"] += nb
+    return s
+
+
+def build_hf_tokenizer(cfg: TokenizerConfig):
+    """An untrained HF Tokenizer with lmforge's pre-tokenizer, decoder and BPE model."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    # ignore_merges: a piece that is itself a vocabulary entry becomes that one token
+    # (the same rule tiktoken applies), so both engines give identical ids.
+    tok = Tokenizer(models.BPE(ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(split_pattern(cfg.digits)), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def train_tokenizer(texts: list[str], cfg: TokenizerConfig):
+    """Train the byte-level BPE on `texts`; returns a `tokenizers.Tokenizer`."""
+    from tokenizers import pre_tokenizers, trainers
+
+    tok = build_hf_tokenizer(cfg)
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size,
+        min_frequency=cfg.min_frequency,
+        special_tokens=cfg.special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    got = tok.get_vocab_size()
+    if got < cfg.vocab_size:
+        logger.warning("tokenizer: the sample supports only %d of the requested %d ids (no more pairs with frequency >= %d)",
+                       got, cfg.vocab_size, cfg.min_frequency)
+    return tok
+
+
+def save_tokenizer(tok, out_dir: str | Path, cfg: TokenizerConfig) -> Path:
+    """Write tokenizer.json (+ the files transformers' AutoTokenizer reads) and special_tokens.json."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "tokenizer.json", tok.to_str(pretty=False))
+    ids = {t: tok.token_to_id(t) for t in cfg.special_tokens}
+    atomic_write_json(out / "special_tokens.json", ids)
+    atomic_write_json(out / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<|bos|>",
+        "eos_token": "<|eos|>",
+        "pad_token": "<|pad|>",
+        "additional_special_tokens": [t for t in cfg.special_tokens if t not in ("<|bos|>", "<|eos|>", "<|pad|>")],
+        "model_max_length": 1_000_000_000,
+        "clean_up_tokenization_spaces": False,
+    })
+    atomic_write_json(out / "special_tokens_map.json", {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"})
+    return out / "tokenizer.json"
+
+
+def train_from_corpus(shards: list[Path], out_dir: str | Path, cfg: TokenizerConfig, seed: int) -> tuple[Path, Sample]:
+    sample = sample_corpus(shards, cfg.train_bytes, cfg.max_doc_chars, seed)
+    if not sample.texts:
+        from lmforge.errors import InputError
+
+        raise InputError(f"no text to train the tokenizer on in {len(shards)} corpus shard(s) ({sample.corrupt} corrupt records)")
+    logger.info("tokenizer: training a %d-id byte-level BPE on %d docs, %.1f MB (of %d docs seen)",
+                cfg.vocab_size, len(sample.texts), sample.bytes / 1e6, sample.docs_seen)
+    tok = train_tokenizer(sample.texts, cfg)
+    return save_tokenizer(tok, out_dir, cfg), sample
+
+
+__all__ = ["split_pattern", "byte_to_unicode", "sample_corpus", "train_tokenizer", "save_tokenizer", "train_from_corpus"]
