@@ -1,0 +1,244 @@
+"""Gopher heuristics (Rae et al. 2021, table A1): repetition and quality rules.
+
+Both filters follow FineWeb's settings by default. A threshold set to 0 turns that rule
+off. Drop reasons name the rule (`dup_para_frac`, `top_2_gram`, `gopher_short_doc`, ...).
+
+Speed: words are split once per document by `text.split_words` (cached between the two
+Gopher filters, which see the same text one after the other); n-grams are tuples of words
+(hashing reuses the cached string hashes) and the duplicated-n-gram scan starts at the
+first repeated n-gram instead of at the beginning of the document.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from itertools import accumulate
+
+from lmforge.data.document import Document
+from lmforge.data.filters.text import has_alpha, is_symbol_word, split_words
+from lmforge.data.step import Filter
+
+_PARAGRAPH_SPLIT = re.compile(r"\n{2,}")
+_LINE_SPLIT = re.compile(r"\n+")
+
+_last_words: tuple[str, list[str]] = ("", [])
+
+
+def words_of(text: str) -> list[str]:
+    """`split_words(text)`, remembering the last document (the filters run back to back on it)."""
+    global _last_words
+    if _last_words[0] is text or _last_words[0] == text:
+        return _last_words[1]
+    words = split_words(text)
+    _last_words = (text, words)
+    return words
+
+
+def duplicates(items: list[str]) -> tuple[int, int]:
+    """(number of items equal to an earlier item, total characters of those items)."""
+    seen: set[str] = set()
+    add = seen.add
+    n = chars = 0
+    for x in items:
+        if x in seen:
+            n += 1
+            chars += len(x)
+        else:
+            add(x)
+    return n, chars
+
+
+def top_ngram_chars(words: list[str], n: int) -> int:
+    """Characters covered by the most frequent word n-gram (joined with spaces) times its count.
+    Ties go to the n-gram that appears first."""
+    if len(words) < n:
+        return 0
+    counts = Counter(zip(*(words[i:] for i in range(n))))
+    best = max(counts.values())
+    for gram, c in counts.items():  # insertion order = first appearance
+        if c == best:
+            return (sum(map(len, gram)) + n - 1) * c
+    return 0  # pragma: no cover
+
+
+def duplicated_ngram_chars(words: list[str], n: int, cum: list[int] | None = None, stop_above: float = 0) -> int:
+    """Characters (words joined without spaces) in n-grams that repeat an earlier n-gram, scanning
+    left to right and jumping past each repeat (so overlapping repeats are not counted twice).
+    Stops early once the count exceeds `stop_above` (if > 0)."""
+    m = len(words) - n + 1
+    if m <= 0:
+        return 0
+    grams = list(zip(*(words[i:] for i in range(n))))
+    first = dict(zip(reversed(grams), range(m - 1, -1, -1)))  # n-gram -> first position
+    if len(first) == m:
+        return 0  # no n-gram repeats
+    if cum is None:
+        cum = [0, *accumulate(map(len, words))]
+    # every position before the first repeat is new and visited
+    start = next(i for i, g in enumerate(grams) if first[g] != i)
+    seen = set(grams[:start])
+    add = seen.add
+    rep = 0
+    i = start
+    while i < m:
+        g = grams[i]
+        if g in seen:
+            rep += cum[i + n] - cum[i]
+            if stop_above and rep > stop_above:
+                return rep
+            i += n
+        else:
+            add(g)
+            i += 1
+    return rep
+
+
+@dataclass
+class GopherRepetitionConfig:
+    enabled: bool = True
+    keep_fraction: float = 0.0  # keep this seeded fraction of what the filter would drop
+    dup_line_frac: float = 0.3  # max fraction of lines that repeat an earlier line
+    dup_para_frac: float = 0.3  # max fraction of paragraphs (split on blank lines) that repeat
+    dup_line_char_frac: float = 0.2  # max fraction of characters in repeated lines
+    dup_para_char_frac: float = 0.2  # max fraction of characters in repeated paragraphs
+    # [n, max fraction of characters in the most frequent n-gram]
+    top_n_grams: list[list[float]] = field(default_factory=lambda: [[2, 0.2], [3, 0.18], [4, 0.16]])
+    # [n, max fraction of characters in repeated n-grams]
+    dup_n_grams: list[list[float]] = field(
+        default_factory=lambda: [[5, 0.15], [6, 0.14], [7, 0.13], [8, 0.12], [9, 0.11], [10, 0.10]]
+    )
+
+    def validate(self) -> None:
+        _check_keep(self.keep_fraction)
+        for key in ("dup_line_frac", "dup_para_frac", "dup_line_char_frac", "dup_para_char_frac"):
+            v = getattr(self, key)
+            if not 0 <= v <= 1:
+                raise ValueError(f"{key} must be in [0, 1] (0 turns the rule off), got {v}")
+        for key in ("top_n_grams", "dup_n_grams"):
+            for pair in getattr(self, key):
+                if len(pair) != 2 or pair[0] < 1 or pair[0] != int(pair[0]) or not 0 <= pair[1] <= 1:
+                    raise ValueError(f"{key} entries must be [n, fraction] with integer n >= 1 and fraction in [0, 1], got {pair}")
+
+
+class GopherRepetitionFilter(Filter):
+    name = "gopher_repetition"
+
+    def __init__(self, cfg: GopherRepetitionConfig | None = None, seed: int = 0, sample_removed: int = 20):
+        self.cfg = cfg = cfg or GopherRepetitionConfig()
+        super().__init__(cfg.keep_fraction, seed, sample_removed)
+        self.top = [(int(n), f) for n, f in cfg.top_n_grams if f]
+        self.dup = [(int(n), f) for n, f in cfg.dup_n_grams if f]
+
+    def decide(self, doc: Document) -> str | None:
+        c = self.cfg
+        text = doc.text
+        if not text:
+            return "empty"
+        size = len(text)
+        paragraphs = _PARAGRAPH_SPLIT.split(text.strip())
+        n_dup, dup_chars = duplicates(paragraphs)
+        if c.dup_para_frac and n_dup / len(paragraphs) > c.dup_para_frac:
+            return "dup_para_frac"
+        if c.dup_para_char_frac and dup_chars / size > c.dup_para_char_frac:
+            return "dup_para_char_frac"
+        lines = _LINE_SPLIT.split(text)
+        n_dup, dup_chars = duplicates(lines)
+        if c.dup_line_frac and n_dup / len(lines) > c.dup_line_frac:
+            return "dup_line_frac"
+        if c.dup_line_char_frac and dup_chars / size > c.dup_line_char_frac:
+            return "dup_line_char_frac"
+        words = words_of(text)
+        for n, frac in self.top:
+            if len(words) >= n and top_ngram_chars(words, n) / size > frac:
+                return f"top_{n}_gram"
+        if self.dup:
+            cum = [0, *accumulate(map(len, words))]
+            for n, frac in self.dup:
+                if duplicated_ngram_chars(words, n, cum, stop_above=frac * size) / size > frac:
+                    return f"duplicated_{n}_n_grams"
+        return None
+
+
+STOP_WORDS = ["the", "be", "to", "of", "and", "that", "have", "with"]
+
+
+@dataclass
+class GopherQualityConfig:
+    enabled: bool = True
+    keep_fraction: float = 0.0
+    min_doc_words: int = 50  # words that are not only punctuation
+    max_doc_words: int = 100_000
+    min_avg_word_length: float = 3
+    max_avg_word_length: float = 10
+    max_symbol_word_ratio: float = 0.1  # "#" or "..." per word
+    max_bullet_lines_ratio: float = 0.9  # lines starting with "-" or a bullet
+    max_ellipsis_lines_ratio: float = 0.3  # lines ending with "..." or an ellipsis
+    min_alpha_words_ratio: float = 0.8  # words with at least one letter
+    min_stop_words: int = 2  # distinct stop words that must occur
+    stop_words: list[str] = field(default_factory=lambda: list(STOP_WORDS))
+
+    def validate(self) -> None:
+        _check_keep(self.keep_fraction)
+        for key in ("min_doc_words", "max_doc_words", "min_stop_words", "min_avg_word_length", "max_avg_word_length"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0 (0 turns the rule off), got {getattr(self, key)}")
+        for key in ("max_symbol_word_ratio", "max_bullet_lines_ratio", "max_ellipsis_lines_ratio", "min_alpha_words_ratio"):
+            v = getattr(self, key)
+            if not 0 <= v <= 1:
+                raise ValueError(f"{key} must be in [0, 1] (0 turns the rule off), got {v}")
+
+
+class GopherQualityFilter(Filter):
+    name = "gopher_quality"
+
+    def __init__(self, cfg: GopherQualityConfig | None = None, seed: int = 0, sample_removed: int = 20):
+        self.cfg = cfg = cfg or GopherQualityConfig()
+        super().__init__(cfg.keep_fraction, seed, sample_removed)
+        self.stop_words = frozenset(cfg.stop_words)
+
+    def decide(self, doc: Document) -> str | None:
+        c = self.cfg
+        text = doc.text
+        words = words_of(text)
+        n_words = len(words)
+        lengths = [len(w) for w in words if w.isalnum() or not is_symbol_word(w)]
+        n_real = len(lengths)
+        if c.min_doc_words and n_real < c.min_doc_words:
+            return "gopher_short_doc"
+        if c.max_doc_words and n_real > c.max_doc_words:
+            return "gopher_long_doc"
+        if n_words == 0 or n_real == 0:
+            return "gopher_short_doc"
+        avg = sum(lengths) / n_real
+        if c.min_avg_word_length and avg < c.min_avg_word_length:
+            return "gopher_below_avg_threshold"
+        if c.max_avg_word_length and avg > c.max_avg_word_length:
+            return "gopher_above_avg_threshold"
+        if c.max_symbol_word_ratio:
+            if text.count("#") / n_words > c.max_symbol_word_ratio:
+                return "gopher_too_many_hashes"
+            if (text.count("...") + text.count("…")) / n_words > c.max_symbol_word_ratio:
+                return "gopher_too_many_ellipsis"
+        lines = text.splitlines() or [""]
+        if c.max_bullet_lines_ratio:
+            bullets = sum(1 for s in lines if s.lstrip().startswith(("•", "-")))
+            if bullets / len(lines) > c.max_bullet_lines_ratio:
+                return "gopher_too_many_bullets"
+        if c.max_ellipsis_lines_ratio:
+            ends = sum(1 for s in lines if s.rstrip().endswith(("...", "…")))
+            if ends / len(lines) > c.max_ellipsis_lines_ratio:
+                return "gopher_too_many_end_ellipsis"
+        if c.min_alpha_words_ratio:
+            alpha = sum(1 for w in words if has_alpha(w))
+            if alpha / n_words < c.min_alpha_words_ratio:
+                return "gopher_below_alpha_threshold"
+        if c.min_stop_words and len(self.stop_words.intersection(words)) < c.min_stop_words:
+            return "gopher_few_stop_words"
+        return None
+
+
+def _check_keep(v: float) -> None:
+    if not 0 <= v <= 1:
+        raise ValueError(f"keep_fraction must be in [0, 1], got {v}")

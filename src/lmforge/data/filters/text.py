@@ -1,0 +1,289 @@
+"""Fast text splitting shared by the heuristic filters: words, sentences, punctuation classes.
+
+The FineWeb thresholds were tuned on a rule-based word tokenizer that splits punctuation
+off words (`"end."` -> `end`, `.`; `"well-known"` -> `well`, `-`, `known`; `"don't"` ->
+`do`, `n't`), keeps URLs, decimal numbers and common abbreviations whole, and drops
+whitespace. `split_words` follows the same rules so the filters take the same decisions,
+but works per whitespace-separated chunk with a fast path for plain alphanumeric chunks
+(the large majority), which is what makes the filters cheap.
+
+`count_sentences` counts sentences the way a punctuation-based sentence splitter does: a
+new sentence starts at the first non-punctuation token after a `.`, `!` or `?` token.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import unicodedata
+from functools import lru_cache
+
+# --- character classes -------------------------------------------------------------------
+
+# Characters that make a "symbol" token (a token made only of these is not a word):
+# ASCII punctuation, control characters and common typographic punctuation.
+_ASCII_PUNCT = "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"
+_TYPO_PUNCT = (
+    "—–‐‑‒―“”„‟‘’‚‛«»‹›…·•◦►◄▪▫■□●○★☆※†‡§¶°´¨"
+    "、。，．！？：；（）［］｛｝「」『』【】〈〉《》〔〕〖〗～％＃＆＊＋－／＜＝＞＠＼＾＿｀｜１"
+    "¡¿؟،؛۔।॥"
+)
+_CONTROL = "".join(chr(c) for c in list(range(0, 9)) + list(range(11, 32)) + list(range(127, 160)))
+
+
+def _sentence_terminals() -> frozenset[str]:
+    """Every code point with the Unicode Sentence_Terminal property (., !, ?, 。, ।, ؟ ...)."""
+    try:
+        import regex  # installed with tiktoken
+
+        pat = regex.compile(r"\p{Sentence_Terminal}")
+        return frozenset(ch for ch in map(chr, range(sys.maxunicode + 1)) if pat.match(ch))
+    except ImportError:  # pragma: no cover - regex ships with tiktoken
+        return frozenset(".!?。！？｡।॥۔؟܀܁܂።፧፨᙮‼‽⁇⁈⁉")
+
+
+TERMINAL_PUNCTUATION: frozenset[str] = _sentence_terminals()
+PUNCTUATION: frozenset[str] = frozenset(_ASCII_PUNCT + _TYPO_PUNCT + _CONTROL) | TERMINAL_PUNCTUATION
+_PUNCT_DELETE = {ord(c): None for c in PUNCTUATION}
+
+# characters after which a sentence ends (a token that is exactly one of these)
+SENTENCE_END: frozenset[str] = frozenset(".!?") | TERMINAL_PUNCTUATION
+
+
+def is_symbol_word(w: str) -> bool:
+    """True when `w` is made only of punctuation/symbol characters."""
+    return not w.translate(_PUNCT_DELETE)
+
+
+def has_alpha(w: str) -> bool:
+    if w.isalpha():
+        return True
+    for c in w:
+        if c.isalpha():
+            return True
+    return False
+
+
+@lru_cache(maxsize=4096)
+def is_punct_token(tok: str) -> bool:
+    """True when every character of `tok` is Unicode punctuation (category P*)."""
+    return all(unicodedata.category(c)[0] == "P" for c in tok)
+
+
+# --- word splitting ----------------------------------------------------------------------
+
+# Prefix characters split off the front of a chunk one at a time ("..." and "…" as a whole).
+_PREFIX_CHARS = frozenset(
+    "§%=—–,:;!?¿¡()[]{}<>_#*&。？！，、；：～·।،۔؛٪'\"”“`‘´’‚„»«「」『』（）〔〕【】《》〈〉⟦⟧$£€¥฿₽₴₩₪₫₹₺₿"
+)
+# Suffix characters split off the end of a chunk one at a time.
+_SUFFIX_CHARS = frozenset(
+    ",:;!?¿¡()[]{}<>_#*&。？！，、；：～·।،۔؛٪'\"”“`‘´’‚„»«「」『』（）〔〕【】《》〈〉⟦⟧—–…"
+)
+_PUNCT_BEFORE_PERIOD = frozenset("%²-+'\"") | _PREFIX_CHARS | _SUFFIX_CHARS
+_UNIT_SUFFIX = re.compile(
+    r"(?<=[0-9])(?:km|cm|mm|nm|m|kg|mg|g|lb|oz|ft|in|yd|mph|kmh|ha|KB|MB|GB|TB|kb|mb|gb|tb|K|M|G|T|am|pm|%)$"
+)
+_EMOTICON_SUFFIX = frozenset(["''", "):", ":)", "(:", ":(", "]:", ":]", "[:", ":[", ";)", "(;", "=)", "(="])
+_CLITIC_SUFFIX = re.compile(r"(?:'s|'S|’s|’S)$")
+_NEG = re.compile(r"^([A-Za-z]+)(n['’]t)$")
+_PRONOUN_CLITIC = re.compile(
+    r"^(i|you|he|she|it|we|they|that|there|who|what|where|when|why|how|this|these|those)(['’](?:m|re|ll|ve|d))$",
+    re.IGNORECASE,
+)
+_URL = re.compile(
+    r"^(?:[\w+.-]{2,}://)?(?:\S+(?::\S*)?@)?(?:(?:[A-Za-z0-9\u00a1-\uffff][A-Za-z0-9\u00a1-\uffff_-]{0,62})?"
+    r"[A-Za-z0-9\u00a1-\uffff]\.)+(?:[a-z\u00df-\u00ff]{2,63}|xn--[a-z0-9]+)\.?(?::\d{2,5})?(?:[/?#]\S*)?$"
+)
+_INFIX = re.compile(
+    r"\.\.+|…"  # ellipsis inside a chunk
+    r"|(?<=[0-9])[+\-*^](?=[0-9-])"  # arithmetic and dates between digits
+    r"|(?<=[a-zß-öø-ÿ'\"])\.(?=[A-ZÀ-ÖØ-Þ'\"])"  # missing space after a sentence end
+    r"|(?<=[A-Za-zÀ-ÖØ-öø-ÿ]),(?=[A-Za-zÀ-ÖØ-öø-ÿ])"  # comma between letters
+    r"|(?<=[A-Za-zÀ-ÖØ-öø-ÿ0-9])(?:-|–|—|--|---|——|~)(?=[A-Za-zÀ-ÖØ-öø-ÿ])"  # hyphenated words
+    r"|(?<=[A-Za-zÀ-ÖØ-öø-ÿ0-9])[:<>=/](?=[A-Za-zÀ-ÖØ-öø-ÿ])"  # a/b, key=value, x<y
+)
+_ELLIPSIS_PREFIX = re.compile(r"^(?:\.\.+|…+)")
+_ELLIPSIS_SUFFIX = re.compile(r"(?:\.\.+|…+)$")
+_CURRENCY_PREFIX = re.compile(r"^(?:US|C|A)\$")
+
+# Abbreviations and other chunks that stay one token although they end in a period.
+_ABBREVIATIONS = frozenset(
+    """
+    a.m. p.m. e.g. i.e. E.g. I.e. E.G. I.E. vs. v.s. Mr. Mrs. Ms. Dr. Prof. St. Mt. Jr. Sr. Inc. Ltd. Co. co.
+    Corp. Bros. Gen. Gov. Rep. Sen. Rev. Adm. Messrs. Ph.D. D.C. N.Y. N.J. N.C. N.D. N.H. N.M. S.C. U.S. U.K.
+    Jan. Feb. Mar. Apr. Jun. Jul. Aug. Sep. Sept. Oct. Nov. Dec.
+    Ala. Ariz. Ark. Calif. Colo. Conn. Del. Fla. Ga. Ill. Ind. Ia. Id. Kan. Kans. Ky. La. Md. Mass. Mich. Minn.
+    Miss. Mo. Mont. Neb. Nebr. Nev. Okla. Ore. Pa. Tenn. Va. Wash. Wis. Ak.
+    """.split()
+) | frozenset(f"{c}." for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZäöü")
+# Chunks split in a fixed way (irregular negations).
+_SPECIAL = {
+    "can't": ["ca", "n't"], "Can't": ["Ca", "n't"], "won't": ["wo", "n't"], "Won't": ["Wo", "n't"],
+    "cannot": ["can", "not"], "Cannot": ["Can", "not"], "ain't": ["ai", "n't"], "shan't": ["sha", "n't"],
+    "id": ["i", "d"], "Id": ["I", "d"], "im": ["i", "m"], "Im": ["I", "m"], "cant": ["ca", "nt"],
+    "dont": ["do", "nt"], "wont": ["wo", "nt"], "and/or": ["and/or"], "''": ["''"], "8)": ["8)"],
+}
+for _w in ("gonna", "gotta", "wanna"):
+    _SPECIAL[_w] = [_w[:3], _w[3:]]
+    _SPECIAL[_w.capitalize()] = [_w[:3].capitalize(), _w[3:]]
+# apostrophe-less negations and clitics ("didnt" -> did nt, "thats" -> that s)
+for _w in "do does did have has had could should would is are was were must need might ai".split():
+    _SPECIAL[_w + "nt"] = [_w, "nt"]
+    _SPECIAL[_w.capitalize() + "nt"] = [_w.capitalize(), "nt"]
+for _w, _c in (("that", "s"), ("what", "s"), ("who", "s"), ("when", "s"), ("you", "re"), ("they", "re")):
+    _SPECIAL[_w + _c] = [_w, _c]
+    _SPECIAL[_w.capitalize() + _c] = [_w.capitalize(), _c]
+
+
+def _split_chunk(chunk: str, out: list[str]) -> None:
+    """Split one whitespace-free chunk into word and punctuation tokens (appended to `out`)."""
+    sp = _SPECIAL.get(chunk)
+    if sp is not None:
+        out.extend(sp)
+        return
+    prefixes: list[str] = []
+    suffixes: list[str] = []
+    s = chunk
+    while s:
+        if s in _ABBREVIATIONS or s in _SPECIAL:
+            break
+        n = len(s)
+        # prefix
+        c = s[0]
+        if (
+            c in _PREFIX_CHARS
+            or (c == "+" and not (len(s) > 1 and s[1].isdigit()))
+            or (c > "\x7f" and unicodedata.category(c) == "So")
+        ):
+            prefixes.append(c)
+            s = s[1:]
+        elif c in ".…":
+            m = _ELLIPSIS_PREFIX.match(s)
+            if m:
+                prefixes.append(m.group())
+                s = s[m.end():]
+        elif c in "UCA":
+            m = _CURRENCY_PREFIX.match(s)
+            if m and len(s) > m.end():
+                prefixes.append(m.group())
+                s = s[m.end():]
+        if not s or s in _ABBREVIATIONS or s in _SPECIAL:
+            break
+        # suffix
+        c = s[-1]
+        if len(s) > 2 and s[-2:] in _EMOTICON_SUFFIX:
+            suffixes.append(s[-2:])
+            s = s[:-2]
+        elif c in _SUFFIX_CHARS or (c > "\x7f" and unicodedata.category(c) == "So"):
+            suffixes.append(c)
+            s = s[:-1]
+        elif c == ".":
+            m = _ELLIPSIS_SUFFIX.search(s)
+            if m and m.start() > 0:
+                suffixes.append(m.group())
+                s = s[: m.start()]
+            elif len(s) > 1:
+                p = s[-2]
+                if p.islower() or p.isdigit() or p in _PUNCT_BEFORE_PERIOD or (p.isupper() and len(s) > 2 and s[-3].isupper()):
+                    suffixes.append(".")
+                    s = s[:-1]
+        elif c in "sS" and len(s) > 2 and s[-2] in "'’":
+            m = _CLITIC_SUFFIX.search(s)
+            if m and m.start() > 0:
+                suffixes.append(m.group())
+                s = s[: m.start()]
+        elif c == "+" and len(s) > 1 and s[-2].isdigit():
+            suffixes.append("+")
+            s = s[:-1]
+        elif (c.isalpha() or c == "%") and len(s) > 1 and s[0].isdigit():
+            m = _UNIT_SUFFIX.search(s)
+            if m:
+                suffixes.append(m.group())
+                s = s[: m.start()]
+        if len(s) == n:
+            break
+    out.extend(prefixes)
+    if s:
+        if s in _ABBREVIATIONS:
+            out.append(s)
+        elif s in _SPECIAL:
+            out.extend(_SPECIAL[s])
+        elif s.isalnum():
+            out.append(s)
+        else:
+            m = _NEG.match(s) or _PRONOUN_CLITIC.match(s)
+            if m:
+                out.extend(m.groups())
+            elif "." in s and _URL.match(s):
+                out.append(s)
+            else:
+                start = 0
+                for m in _INFIX.finditer(s):
+                    a, b = m.span()
+                    if a == 0:
+                        continue
+                    if a > start:
+                        out.append(s[start:a])
+                    out.append(s[a:b])
+                    start = b
+                if start < len(s):
+                    out.append(s[start:])
+    if suffixes:
+        out.extend(reversed(suffixes))
+
+
+def split_words(text: str) -> list[str]:
+    """Words and punctuation tokens of `text`, whitespace dropped (see the module docstring)."""
+    out: list[str] = []
+    append = out.append
+    for chunk in text.split():
+        if chunk.isalnum() and not (chunk[0].isdigit() or chunk in _SPECIAL):
+            append(chunk)
+        else:
+            _split_chunk(chunk, out)
+    return out
+
+
+def count_sentences(text: str, limit: int = 0) -> int:
+    """Number of sentences in `text` (1 for any non-empty text); stops counting at `limit` if > 0."""
+    n = 1
+    seen_end = False
+    for tok in split_words(text):
+        if tok in SENTENCE_END:
+            seen_end = True
+        elif seen_end and not is_punct_token(tok):
+            n += 1
+            seen_end = False
+            if limit and n >= limit:
+                return n
+    return n
+
+
+_CHUNK = re.compile(r"\S+")
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of `text` by the `count_sentences` rule (cut at the whitespace before a new sentence)."""
+    out: list[str] = []
+    start = 0
+    seen_end = False
+    for m in _CHUNK.finditer(text):
+        toks: list[str] = []
+        chunk = m.group()
+        if chunk.isalnum() and chunk not in _SPECIAL:
+            toks.append(chunk)
+        else:
+            _split_chunk(chunk, toks)
+        for k, tok in enumerate(toks):
+            if tok in SENTENCE_END:
+                seen_end = True
+            elif seen_end and not is_punct_token(tok):
+                seen_end = False
+                if k == 0 and m.start() > start:
+                    out.append(text[start : m.start()].strip())
+                    start = m.start()
+    rest = text[start:].strip()
+    if rest or not out:
+        out.append(rest)
+    return [s for s in out if s] or [text]
