@@ -78,6 +78,8 @@ def run_stage(ctx: StageContext) -> StageResult:
     corpus_dir = ctx.resolve(cfg.corpus) if cfg.corpus else ctx.run_dir.corpus
     tokens_dir = ctx.run_dir.tokens if cfg.encode else None
     stats, index = build_tokenizer(corpus_dir, ctx.out, tokens_dir, cfg, ctx.seed, ctx.workers, ctx.fingerprint)
+    from lmforge.tokenizer.inspect import stats_markdown
+
     rel_plot = f"{ctx.out.name}/tokenizer.png"
     tr = stats["training"]
     lines = [f"Byte-level BPE trained on {tr['docs']:,} documents ({tr['bytes'] / 1e6:.1f} MB sampled across the corpus) "
