@@ -1,0 +1,683 @@
+"""MinHash LSH near-duplicate removal, written for this project (numpy, per-shard tasks).
+
+Stages, each a set of resumable executor tasks whose outputs live on disk under the work dir:
+
+1. signatures (one task per shard): normalise text (lower case, `\\w+` words), hash words
+   with xxh64, combine word n-grams (default 5) into 64-bit shingle hashes, and compute
+   `bands * rows` MinHash values per document in one vectorised numpy pass per batch of
+   documents (`h -> a*h + b mod 2**64` with odd random `a`: a bijection of 64-bit space, so the
+   minimum over well-mixed shingle hashes is a min-wise hash). Writes the signatures
+   (memmap-able .npy), and per band a sorted (band key, document) array.
+2. buckets (one task per band and key range): merge the sorted band arrays of every shard
+   (and of a reference index, if given) by key range; documents sharing a key are candidate
+   pairs. Memory is bounded by one key range, not by the corpus.
+3. verify (optional): candidate pairs are checked by exact Jaccard of their shingle sets
+   (recomputed from the shard texts for the documents involved), or by the fraction of equal
+   MinHash values (`estimate`), or not at all.
+4. cluster: union of the verified pairs (connected components, scipy); one document per
+   cluster is kept by a deterministic rule (longest text, ties by smaller position; or
+   first in corpus order), never by processing order. Cluster-size histogram in the stats.
+5. filter (one task per shard): write each shard without its removed documents.
+
+Documents with fewer than `min_shingles` distinct shingles are left out of LSH: their
+signatures carry too little information to estimate similarity (exact dedup handles exact
+copies of short texts).
+
+Helpers shared by the other dedup passes live here too: record reading that counts and
+skips corrupt lines, word-shingle hashing, and the per-shard "drop these positions" writer.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import shutil
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Literal
+
+import numpy as np
+import xxhash
+import zstandard
+
+from lmforge.data.document import Document
+from lmforge.data.executor import Executor
+from lmforge.data.passes import CorpusPass, PassResult
+from lmforge.data.step import RemovedSample, StepStats
+from lmforge.errors import ConfigError, InputError
+from lmforge.log import log_once, logger
+from lmforge.rundir import atomic_file, atomic_write_json, fingerprint, read_json
+
+U64 = np.uint64
+_WORD = re.compile(r"\w+")
+_P = U64(0x100000001B3)  # odd multiplier for combining word hashes into n-gram hashes
+_EMPTY = np.zeros(0, dtype=U64)
+MAXU64 = np.iinfo(np.uint64).max
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+def iter_records(path: str | Path) -> Iterator[tuple[int, Document | None]]:
+    """(position, Document) for every non-empty line of a .jsonl.zst shard; a corrupt line
+    yields (position, None) and is logged once with its location."""
+    with open(path, "rb") as raw:
+        r = zstandard.ZstdDecompressor().stream_reader(raw)
+        pos = 0
+        for lineno, line in enumerate(io.TextIOWrapper(r, encoding="utf-8", errors="replace"), 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+                doc = Document(id=str(d["id"]), text=d["text"], metadata=d.get("metadata") or {})
+                if not isinstance(doc.text, str):
+                    raise TypeError("text is not a string")
+            except (ValueError, KeyError, TypeError) as e:
+                log_once(f"corrupt:{path}", f"{path}:{lineno}: corrupt record skipped ({e}); further ones in this file are counted only")
+                doc = None
+            yield pos, doc
+            pos += 1
+
+
+def words(text: str) -> list[str]:
+    """Normalised words, as the shingler sees them: lower case, split on anything but ASCII
+    letters, digits, underscore and non-ASCII characters (so ASCII punctuation is dropped)."""
+    return [w.decode("utf-8", "replace") for w in text.lower().encode("utf-8", "surrogatepass").translate(_DELIM_TABLE).split()]
+
+
+_WORD_BYTE = np.zeros(256, dtype=bool)
+for _c in b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_":
+    _WORD_BYTE[_c] = True
+_WORD_BYTE[0x80:] = True
+_DELIM_TABLE = bytes(c if _WORD_BYTE[c] else 0x20 for c in range(256))
+_QINV = U64(pow(0x100000001B3, -1, 2**64))  # inverse of _P modulo 2**64
+_POW: dict[str, np.ndarray] = {}
+
+
+def _pow_table(base: np.uint64, m: int) -> np.ndarray:
+    """base**k mod 2**64 for k < m (m a multiple of 1024): 1024 x (m/1024) outer product."""
+    with np.errstate(over="ignore"):
+        small = np.full(1024, base, dtype=U64)
+        small[0] = 1
+        small = np.cumprod(small, dtype=U64)
+        step = small[-1] * base  # base**1024
+        big = np.full(m // 1024, step, dtype=U64)
+        big[0] = 1
+        big = np.cumprod(big, dtype=U64)
+        return (big[:, None] * small[None, :]).ravel()
+
+
+def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """_P**k and _P**-k (mod 2**64) for k < n, cached and grown geometrically."""
+    have = _POW.get("p")
+    if have is None or len(have) < n:
+        m = max(n, 1 << 22, 2 * (0 if have is None else len(have)))
+        m = -(-m // 1024) * 1024
+        _POW["p"], _POW["q"] = _pow_table(_P, m), _pow_table(_QINV, m)
+    return _POW["p"], _POW["q"]
+
+
+def text_batches(texts: list[str], max_chars: int = 1 << 21, max_docs: int = 4096) -> Iterator[tuple[int, int]]:
+    """(start, end) slices of `texts` of about `max_chars` characters each (for batch_shingles)."""
+    i, n = 0, len(texts)
+    while i < n:
+        j, size = i, 0
+        while j < n and (j == i or (size + len(texts[j]) <= max_chars and j - i < max_docs)):
+            size += len(texts[j])
+            j += 1
+        yield i, j
+        i = j
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser, vectorised, in place."""
+    x ^= x >> U64(30)
+    x *= U64(0xBF58476D1CE4E5B9)
+    x ^= x >> U64(27)
+    x *= U64(0x94D049BB133111EB)
+    x ^= x >> U64(31)
+    return x
+
+
+def batch_shingles(texts: list[str], n: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """64-bit hashes of the word n-grams of many texts at once, fully vectorised.
+
+    Returns (hashes, offsets): the shingles of text i are hashes[offsets[i]:offsets[i+1]]
+    (not de-duplicated). A text with fewer than n words gets one shingle of all its words;
+    a text without words gets none. Words are hashed as a polynomial over their UTF-8 bytes
+    (mod 2**64, computed from prefix sums over the whole batch) and finalised with
+    splitmix64; n-grams combine n word hashes the same way."""
+    if not texts:
+        return _EMPTY, np.zeros(1, np.int64)
+    enc = [t.lower().encode("utf-8", "surrogatepass") for t in texts]
+    blob = b" ".join(enc) + b" "
+    buf = np.frombuffer(blob, dtype=np.uint8)
+    starts_doc = np.zeros(len(enc), np.int64)
+    if len(enc) > 1:
+        starts_doc[1:] = np.cumsum([len(e) + 1 for e in enc[:-1]])
+    isw = _WORD_BYTE[buf]
+    edge = np.diff(isw.astype(np.int8), prepend=np.int8(0))
+    ws = np.flatnonzero(edge == 1)
+    we = np.flatnonzero(edge == -1)  # the blob ends with a delimiter, so every word ends
+    nd = len(texts)
+    if len(ws) == 0:
+        return _EMPTY, np.zeros(nd + 1, np.int64)
+    ppow, qpow = _powers(len(buf) + 1)
+    with np.errstate(over="ignore"):
+        pre = np.zeros(len(buf) + 1, dtype=U64)
+        np.cumsum(buf.astype(U64) * ppow[: len(buf)], out=pre[1:])
+        wh = (pre[we] - pre[ws]) * qpow[ws]
+        wh ^= (we - ws).astype(U64) * U64(0x9E3779B97F4A7C15) ^ U64(seed)
+        _mix(wh)
+        wdoc = np.searchsorted(starts_doc, ws, side="right") - 1
+        nw = np.bincount(wdoc, minlength=nd)
+        wfirst = np.zeros(nd, np.int64)
+        wfirst[1:] = np.cumsum(nw)[:-1]
+        # full n-grams: windows that start and end in the same document
+        k = len(wh) - n + 1
+        if k > 0:
+            g = wh[:k].copy()
+            for i in range(1, n):
+                g *= _P
+                g += wh[i : i + k]
+            valid = wdoc[:k] == wdoc[n - 1 :]
+            g, gdoc = g[valid], wdoc[:k][valid]
+        else:
+            g, gdoc = _EMPTY, np.zeros(0, np.int64)
+        # documents with 1..n-1 words: one shingle of all their words
+        short = np.flatnonzero((nw > 0) & (nw < n))
+        if len(short):
+            idx = wfirst[short]
+            sg = wh[idx].copy()
+            for i in range(1, n - 1 + 1):
+                m = nw[short] > i
+                if not m.any():
+                    break
+                sg[m] = sg[m] * _P + wh[idx[m] + i]
+            g = np.concatenate([g, sg])
+            gdoc = np.concatenate([gdoc, short])
+            order = np.argsort(gdoc, kind="stable")
+            g, gdoc = g[order], gdoc[order]
+        _mix(g)
+    offs = np.zeros(nd + 1, np.int64)
+    np.cumsum(np.bincount(gdoc, minlength=nd), out=offs[1:])
+    return g, offs
+
+
+def shingle_hashes(text: str, n: int = 5, seed: int = 0) -> np.ndarray:
+    """64-bit hashes of the word n-grams of one text (see `batch_shingles`)."""
+    return batch_shingles([text], n, seed)[0]
+
+
+def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(a, b) of the hash permutations x -> a*x + b (mod 2**32), a odd."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 2**31, size=num_perm, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
+    b = rng.integers(0, 2**32, size=num_perm, dtype=np.uint64).astype(np.uint32)
+    return a, b
+
+
+def fold32(h: np.ndarray) -> np.ndarray:
+    return (h ^ (h >> U64(32))).astype(np.uint32)
+
+
+MAXU32 = np.iinfo(np.uint32).max
+
+
+def signatures(hashes: np.ndarray, offsets: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """MinHash signatures (documents x permutations, uint32) of a batch from `batch_shingles`.
+
+    Each 64-bit shingle hash is folded to 32 bits and put through every permutation
+    x -> a*x + b (mod 2**32; a bijection for odd a) in a (permutations x shingles) block of
+    about `chunk` shingles; a min-reduction over each document's columns gives its
+    signature. A document without shingles gets all-ones (max) values."""
+    nd, p = len(offsets) - 1, len(a)
+    out = np.full((nd, p), MAXU32, dtype=np.uint32)
+    if nd == 0 or len(hashes) == 0:
+        return out
+    x = fold32(hashes)
+    counts = np.diff(offsets)
+    buf = np.empty((p, chunk), dtype=np.uint32)
+    a2, b2 = a[:, None], b[:, None]
+    i = 0
+    with np.errstate(over="ignore"):
+        while i < nd:
+            if counts[i] == 0:
+                i += 1
+                continue
+            if counts[i] >= chunk:  # one long document, in pieces
+                acc = np.full(p, MAXU32, dtype=np.uint32)
+                for s in range(offsets[i], offsets[i + 1], chunk):
+                    part = x[s : min(s + chunk, offsets[i + 1])]
+                    m = buf[:, : len(part)]
+                    np.multiply(a2, part[None, :], out=m)
+                    m += b2
+                    np.minimum(acc, m.min(axis=1), out=acc)
+                out[i] = acc
+                i += 1
+                continue
+            # documents i..j-1 fit in one block (so none of them is a long one)
+            j = max(i + 1, int(np.searchsorted(offsets, offsets[i] + chunk, side="right")) - 1)
+            sel = np.arange(i, j)
+            sel = sel[counts[sel] > 0]
+            lo, hi = offsets[i], offsets[j]
+            part = x[lo:hi]
+            m = buf[:, : len(part)]
+            np.multiply(a2, part[None, :], out=m)
+            m += b2
+            out[sel] = np.minimum.reduceat(m, offsets[sel] - lo, axis=1).T
+            i = j
+    return out
+
+
+def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """(n, bands) uint64 keys: one hash of each band's `rows` values (band index mixed in)."""
+    n = sig.shape[0]
+    s = sig[:, : bands * rows].reshape(n, bands, rows)
+    with np.errstate(over="ignore"):
+        k = np.broadcast_to(np.arange(1, bands + 1, dtype=U64) * U64(0x9E3779B97F4A7C15), (n, bands)).copy()
+        for r in range(rows):
+            k ^= s[:, :, r]
+            _mix(k)
+            k *= _P
+    return k
+
+
+def write_without(in_path: Path, out_path: Path, drop: dict[int, str], name: str, sample_removed: int, extra_meta: dict[int, dict] | None = None) -> dict:
+    """Copy a shard to `out_path` (atomically) without the positions in `drop` (position ->
+    reason); corrupt records are dropped and counted. Returns {"stats", "removed"} as JSON."""
+    from lmforge.data.corpus_io import write_shard
+
+    st = StepStats(name)
+    rs = RemovedSample(sample_removed)
+
+    def gen():
+        for pos, doc in iter_records(in_path):
+            if doc is None:
+                st.docs_in += 1
+                st.dropped["corrupt_record"] += 1
+                continue
+            st.docs_in += 1
+            st.chars_in += len(doc.text)
+            reason = drop.get(pos)
+            if reason is not None:
+                st.dropped[reason] += 1
+                if extra_meta and pos in extra_meta:
+                    doc.metadata = dict(doc.metadata, **extra_meta[pos])
+                rs.add(reason, doc)
+                continue
+            st.docs_out += 1
+            st.chars_out += len(doc.text)
+            yield doc
+
+    write_shard(out_path, gen())
+    return {"stats": st.to_dict(), "removed": rs.to_dict()}
+
+
+def merge_results(name: str, results: list[dict], sample_removed: int) -> tuple[StepStats, dict]:
+    st = StepStats(name)
+    rs = RemovedSample(sample_removed)
+    for r in results:
+        st.merge(StepStats.from_dict(r["stats"]))
+        rs.merge(r["removed"])
+    return st, rs.to_dict()
+
+
+def check_shards(in_shards: list[Path]) -> list[Path]:
+    shards = [Path(p) for p in in_shards]
+    names = [p.name for p in shards]
+    if len(set(names)) != len(names):
+        raise InputError("dedup: input shards must have distinct file names")
+    for p in shards:
+        if not p.is_file():
+            raise InputError(f"dedup: input shard not found: {p}")
+    return shards
+
+
+# --------------------------------------------------------------------------- config
+
+@dataclass
+class MinhashConfig:
+    enabled: bool = True
+    ngram: int = 5  # words per shingle
+    bands: int = 14
+    rows: int = 8  # bands * rows MinHash values per document (FineWeb: 14 x 8 = 112)
+    seed: int = 1  # seed of the hash permutations (must match an index's)
+    min_shingles: int = 10  # documents with fewer distinct shingles are left out of LSH
+    verify: Literal["exact", "estimate", "none"] = "exact"  # check candidate pairs
+    threshold: float = 0.8  # Jaccard a verified pair must reach
+    keep: Literal["longest", "first"] = "longest"  # which document of a cluster survives
+    index: str = ""  # directory of an index (`lmforge data dedup index`) to dedup against
+    key_ranges: int = 4  # bucket tasks per band (bounds memory: one key range at a time)
+    batch_shingles: int = 4096  # shingles per vectorised signature block
+
+    def validate(self) -> None:
+        if self.ngram < 1:
+            raise ConfigError("minhash.ngram must be >= 1")
+        if self.bands < 1 or self.rows < 1:
+            raise ConfigError("minhash.bands and minhash.rows must be >= 1")
+        if not 0.0 < self.threshold <= 1.0:
+            raise ConfigError(f"minhash.threshold must be in (0, 1], got {self.threshold}")
+        if self.min_shingles < 1:
+            raise ConfigError("minhash.min_shingles must be >= 1")
+        if self.key_ranges < 1 or self.key_ranges > 256:
+            raise ConfigError("minhash.key_ranges must be in [1, 256]")
+        if self.batch_shingles < 16:
+            raise ConfigError("minhash.batch_shingles must be >= 16")
+
+    @property
+    def num_perm(self) -> int:
+        return self.bands * self.rows
+
+    def params(self) -> dict:
+        """What an index must share with a corpus to be comparable."""
+        return {"ngram": self.ngram, "bands": self.bands, "rows": self.rows, "seed": self.seed, "min_shingles": self.min_shingles}
+
+
+# --------------------------------------------------------------------------- stage 1: signatures
+
+def _sig_task(task: dict) -> dict:
+    """Signatures + sorted band arrays for one shard."""
+    path, out, p = Path(task["path"]), Path(task["out"]), task["params"]
+    a, b = permutations(p["bands"] * p["rows"], p["seed"])
+    recs = list(iter_records(path))
+    texts = [d.text if d is not None else "" for _, d in recs]
+    lengths = [len(t) for t in texts]
+    sigs, nsh = [], []
+    for s0, s1 in text_batches(texts):  # bounded memory per batch
+        h, offs = batch_shingles(texts[s0:s1], p["ngram"])
+        cnt = np.diff(offs)
+        for i in np.flatnonzero((cnt > 0) & (cnt < 4 * p["min_shingles"])):  # distinct count matters near the limit
+            cnt[i] = len(np.unique(h[offs[i] : offs[i + 1]]))
+        nsh.extend(cnt.tolist())
+        sigs.append(signatures(h, offs, a, b, task.get("batch", 4096)))
+    sig = np.concatenate(sigs) if sigs else np.zeros((0, len(a)), np.uint32)
+    keys = band_keys(sig, p["bands"], p["rows"])
+    ok = [d is not None and c >= p["min_shingles"] for (_, d), c in zip(recs, nsh)]
+    ok = np.array(ok, dtype=bool)
+    pos = np.nonzero(ok)[0].astype(np.uint32)
+    out.mkdir(parents=True, exist_ok=True)
+    _save(out / "sig.npy", sig)
+    _save(out / "meta.npy", np.stack([np.array(lengths, dtype=np.int64), np.array(nsh, dtype=np.int64), ok.astype(np.int64)], axis=1) if lengths else np.zeros((0, 3), np.int64))
+    for band in range(p["bands"]):
+        k = keys[pos, band]
+        order = np.argsort(k, kind="stable")
+        _save(out / f"band{band:03d}.npy", np.stack([k[order], pos[order].astype(U64)], axis=1) if len(pos) else np.zeros((0, 2), U64))
+    return {"docs": len(lengths), "in_lsh": int(ok.sum()), "short": int((~ok).sum())}
+
+
+def _save(path: Path, arr: np.ndarray) -> None:
+    with atomic_file(path, "wb") as f:
+        np.save(f, arr, allow_pickle=False)
+
+
+# --------------------------------------------------------------------------- stage 2: buckets
+
+def _key_bounds(part: int, parts: int) -> tuple[int, int]:
+    lo = (part * 2**64) // parts
+    hi = ((part + 1) * 2**64) // parts
+    return lo, hi  # [lo, hi)
+
+
+def _bucket_task(task: dict) -> dict:
+    """Candidate pairs of one band and key range across all shards (and the index)."""
+    band, part, parts = task["band"], task["part"], task["parts"]
+    lo, hi = _key_bounds(part, parts)
+    keys, refs = [], []
+    for sid, d in enumerate(task["sig_dirs"]):  # sid < len(shards): corpus; beyond: index shards
+        arr = np.load(Path(d) / f"band{band:03d}.npy", mmap_mode="r")
+        if len(arr) == 0:
+            continue
+        k = arr[:, 0]
+        i0 = int(np.searchsorted(k, U64(lo), side="left"))
+        i1 = len(k) if hi >= 2**64 else int(np.searchsorted(k, U64(hi), side="left"))
+        if i1 > i0:
+            keys.append(np.array(k[i0:i1]))
+            refs.append((U64(sid) << U64(32)) | np.array(arr[i0:i1, 1]))
+    out = Path(task["out"])
+    if keys:
+        k = np.concatenate(keys)
+        r = np.concatenate(refs)
+        order = np.lexsort((r, k))
+        k, r = k[order], r[order]
+        same = k[1:] == k[:-1]
+        # run heads: first element of each run of equal keys
+        head_idx = np.maximum.accumulate(np.where(np.concatenate([[True], ~same]), np.arange(len(k)), 0))
+        star = np.nonzero(same)[0] + 1  # every non-head element pairs with its run's head ...
+        e_star = np.stack([r[head_idx[star]], r[star]], axis=1)
+        chain = star[head_idx[star] != star - 1]  # ... and with its predecessor (if not the head)
+        e_chain = np.stack([r[chain - 1], r[chain]], axis=1)
+        edges = np.unique(np.concatenate([e_star, e_chain]), axis=0) if len(star) else np.zeros((0, 2), U64)
+    else:
+        edges = np.zeros((0, 2), U64)
+    _save(out, edges)
+    return {"pairs": int(len(edges))}
+
+
+# --------------------------------------------------------------------------- stage 3: verify
+
+def _shingle_task(task: dict) -> dict:
+    """Distinct shingle hashes of the listed positions of one shard (for exact Jaccard)."""
+    want = set(task["positions"])
+    sets, pos_list = [], []
+    if want:
+        for pos, doc in iter_records(task["path"]):
+            if pos in want and doc is not None:
+                pos_list.append(pos)
+                sets.append(np.unique(shingle_hashes(doc.text, task["ngram"])))
+    offs = np.cumsum([0] + [len(s) for s in sets]).astype(np.int64)
+    flat = np.concatenate(sets) if sets else _EMPTY
+    with atomic_file(task["out"], "wb") as f:
+        np.savez(f, pos=np.array(pos_list, dtype=np.int64), offs=offs, flat=flat)
+    return {"docs": len(pos_list)}
+
+
+def _jaccard(x: np.ndarray, y: np.ndarray) -> float:
+    if len(x) == 0 and len(y) == 0:
+        return 1.0
+    inter = len(np.intersect1d(x, y, assume_unique=True))
+    return inter / (len(x) + len(y) - inter)
+
+
+# --------------------------------------------------------------------------- the pass
+
+class MinhashDedupPass(CorpusPass):
+    name = "minhash"
+
+    def __init__(self, cfg: MinhashConfig | None = None, resolve=None):
+        self.cfg = cfg or MinhashConfig()
+        self.resolve = resolve or (lambda p: Path(p).expanduser().resolve())
+
+    # -- signatures (also used to build an index)
+    def compute_signatures(self, shards: list[Path], sig_root: Path, executor: Executor) -> list[dict]:
+        c = self.cfg
+        tasks = [{"path": str(p), "out": str(sig_root / p.name), "params": c.params(), "batch": c.batch_shingles} for p in shards]
+        return executor.map(_sig_task, tasks, [p.name for p in shards], sig_root / ".markers", desc="minhash signatures")
+
+    def run(self, in_shards, out_dir, work_dir, executor, seed, sample_removed) -> PassResult:
+        import time
+
+        t0 = time.perf_counter()
+        c = self.cfg
+        shards = check_shards(in_shards)
+        out_dir = Path(out_dir)
+        index = load_index(self.resolve(c.index), c) if c.index else None
+        fp = fingerprint({"cfg": c.params(), "verify": c.verify, "t": c.threshold, "keep": c.keep,
+                          "index": str(self.resolve(c.index)) if c.index else "",
+                          "shards": [p.name for p in shards]})
+        wd = Path(work_dir) / f"minhash-{fp}"
+        wd.mkdir(parents=True, exist_ok=True)
+
+        # 1. signatures
+        sig_info = self.compute_signatures(shards, wd / "sig", executor)
+        sig_dirs = [str(wd / "sig" / p.name) for p in shards]
+        index_dirs = index["sig_dirs"] if index else []
+        n_corpus = len(sig_dirs)
+
+        # 2. buckets
+        btasks, bids = [], []
+        for band in range(c.bands):
+            for part in range(c.key_ranges):
+                btasks.append({"band": band, "part": part, "parts": c.key_ranges, "sig_dirs": sig_dirs + index_dirs,
+                               "out": str(wd / "edges" / f"b{band:03d}_p{part:03d}.npy")})
+                bids.append(f"b{band:03d}_p{part:03d}")
+        executor.map(_bucket_task, btasks, bids, wd / "edges" / ".markers", desc="minhash buckets")
+        cand = [np.load(t["out"]) for t in btasks]
+        edges = np.unique(np.concatenate(cand), axis=0) if cand else np.zeros((0, 2), U64)
+        sid = (edges >> U64(32)).astype(np.int64)
+        # pairs inside the index are not our business
+        edges = edges[(sid[:, 0] < n_corpus) | (sid[:, 1] < n_corpus)] if len(edges) else edges
+        n_candidates = len(edges)
+
+        # 3. verify
+        jac = None
+        if len(edges) and c.verify == "exact":
+            edges, jac = self._verify_exact(edges, shards, n_corpus, index_dirs, wd, executor)
+        elif len(edges) and c.verify == "estimate":
+            edges, jac = self._verify_estimate(edges, sig_dirs + index_dirs)
+
+        # 4. cluster
+        remove, clusters = self._cluster(edges, sig_dirs + index_dirs, n_corpus)
+        plan = wd / "remove.json"
+        if read_json(plan) is None:
+            atomic_write_json(plan, {str(k): v for k, v in remove.items()})
+        remove = {int(k): v for k, v in read_json(plan).items()}
+
+        # 5. filter
+        out_dir.mkdir(parents=True, exist_ok=True)
+        ftasks = [{"path": str(p), "out": str(out_dir / p.name), "drop": remove.get(i, {}), "sample": sample_removed} for i, p in enumerate(shards)]
+        results = executor.map(_filter_task, ftasks, [p.name for p in shards], wd / "filter" / ".markers", desc="minhash filter")
+        stats, removed = merge_results(self.name, results, sample_removed)
+        stats.time_s = time.perf_counter() - t0
+        stats.counters["candidate_pairs"] = n_candidates
+        stats.counters["verified_pairs"] = int(len(edges))
+        stats.counters["short_docs_skipped"] = sum(s["short"] for s in sig_info)
+        hist = Counter(clusters)
+        extra = {
+            "params": c.params() | {"verify": c.verify, "threshold": c.threshold, "keep": c.keep},
+            "candidate_pairs": n_candidates,
+            "verified_pairs": int(len(edges)),
+            "clusters": len(clusters),
+            "cluster_sizes": {str(k): v for k, v in sorted(hist.items())},
+        }
+        if jac is not None and len(jac):
+            extra["verified_jaccard_quantiles"] = [round(float(q), 3) for q in np.quantile(jac, [0, 0.1, 0.5, 0.9, 1])]
+        return PassResult(shards=[out_dir / p.name for p in shards], stats=stats, removed=removed, extra=extra)
+
+    # -- verification
+    def _verify_exact(self, edges, shards, n_corpus, index_dirs, wd, executor):
+        c = self.cfg
+        refs = np.unique(edges.ravel())
+        sids = (refs >> U64(32)).astype(np.int64)
+        poss = (refs & U64(0xFFFFFFFF)).astype(np.int64)
+        tasks, ids = [], []
+        for i, p in enumerate(shards):
+            tasks.append({"path": str(p), "positions": poss[sids == i].tolist(), "ngram": c.ngram, "out": str(wd / "shingles" / f"{p.name}.npz")})
+            ids.append(p.name)
+        executor.map(_shingle_task, tasks, ids, wd / "shingles" / ".markers", desc="minhash verify")
+        sets: dict[int, np.ndarray] = {}
+        for i, t in enumerate(tasks):
+            z = np.load(t["out"])
+            offs, flat = z["offs"], z["flat"]
+            for j, pos in enumerate(z["pos"]):
+                sets[(i << 32) | int(pos)] = flat[offs[j] : offs[j + 1]]
+        # pairs with an index document: the index holds signatures only -> estimated Jaccard
+        sigs = [np.load(Path(d) / "sig.npy", mmap_mode="r") for d in [str(wd / "sig" / p.name) for p in shards] + index_dirs]
+        keep, jac = np.zeros(len(edges), bool), np.zeros(len(edges))
+        for e, (x, y) in enumerate(edges.tolist()):
+            if x in sets and y in sets:
+                j = _jaccard(sets[x], sets[y])
+            elif (x >> 32) >= n_corpus or (y >> 32) >= n_corpus:
+                j = float(np.mean(sigs[x >> 32][x & 0xFFFFFFFF] == sigs[y >> 32][y & 0xFFFFFFFF]))
+            else:
+                j = 0.0  # a record that could not be read again
+            jac[e] = j
+            keep[e] = j >= c.threshold
+        return edges[keep], jac
+
+    def _verify_estimate(self, edges, all_dirs):
+        sigs = [np.load(Path(d) / "sig.npy", mmap_mode="r") for d in all_dirs]
+        ea, eb = edges[:, 0], edges[:, 1]
+        jac = np.zeros(len(edges))
+        sa, sb = (ea >> U64(32)).astype(np.int64), (eb >> U64(32)).astype(np.int64)
+        pa, pb = (ea & U64(0xFFFFFFFF)).astype(np.int64), (eb & U64(0xFFFFFFFF)).astype(np.int64)
+        for e in range(len(edges)):
+            jac[e] = float(np.mean(sigs[sa[e]][pa[e]] == sigs[sb[e]][pb[e]]))
+        keep = jac >= self.cfg.threshold
+        return edges[keep], jac
+
+    # -- clustering
+    def _cluster(self, edges, all_dirs, n_corpus) -> tuple[dict[int, dict[int, str]], list[int]]:
+        from scipy.sparse import coo_matrix
+        from scipy.sparse.csgraph import connected_components
+
+        if len(edges) == 0:
+            return {}, []
+        nodes, inv = np.unique(edges.ravel(), return_inverse=True)
+        inv = inv.reshape(-1, 2)
+        g = coo_matrix((np.ones(len(inv), np.int8), (inv[:, 0], inv[:, 1])), shape=(len(nodes), len(nodes)))
+        ncomp, label = connected_components(g, directed=False)
+        sid = (nodes >> U64(32)).astype(np.int64)
+        pos = (nodes & U64(0xFFFFFFFF)).astype(np.int64)
+        in_index = sid >= n_corpus
+        if self.cfg.keep == "longest":
+            metas = {}
+            length = np.zeros(len(nodes), np.int64)
+            for k in np.unique(sid):
+                m = metas.setdefault(int(k), np.load(Path(all_dirs[int(k)]) / "meta.npy", mmap_mode="r"))
+                sel = sid == k
+                length[sel] = m[pos[sel], 0]
+            prio = -length
+        else:
+            prio = np.zeros(len(nodes), np.int64)
+        # index documents always win (they are already in the reference corpus)
+        order = np.lexsort((nodes, prio, ~in_index, label))
+        first = np.ones(len(order), bool)
+        first[1:] = label[order][1:] != label[order][:-1]
+        keeper = np.zeros(len(nodes), bool)
+        keeper[order[first]] = True
+        sizes = np.bincount(label, minlength=ncomp)
+        remove: dict[int, dict[int, str]] = {}
+        has_index = np.bincount(label, weights=in_index, minlength=ncomp) > 0
+        for i in np.nonzero(~keeper & ~in_index)[0]:
+            remove.setdefault(int(sid[i]), {})[int(pos[i])] = "near_duplicate_of_index" if has_index[label[i]] else "near_duplicate"
+        return remove, sizes.tolist()
+
+
+def _filter_task(task: dict) -> dict:
+    drop = {int(k): v for k, v in task["drop"].items()}
+    return write_without(Path(task["path"]), Path(task["out"]), drop, "minhash", task["sample"])
+
+
+# --------------------------------------------------------------------------- index
+
+INDEX_META = "index.json"
+
+
+def build_index(corpus_shards: list[Path], index_dir: Path, cfg: MinhashConfig, executor: Executor) -> dict:
+    """Signatures and sorted band arrays of a corpus, to dedup later datasets against."""
+    shards = check_shards(corpus_shards)
+    if not shards:
+        raise InputError("dedup index: no shards to index")
+    index_dir = Path(index_dir)
+    sig_root = index_dir / "sig"
+    info = MinhashDedupPass(cfg).compute_signatures(shards, sig_root, executor)
+    meta = {"params": cfg.params(), "shards": [p.name for p in shards], "sources": [str(p) for p in shards],
+            "docs": sum(i["docs"] for i in info), "in_lsh": sum(i["in_lsh"] for i in info)}
+    atomic_write_json(index_dir / INDEX_META, meta)
+    shutil.rmtree(sig_root / ".markers", ignore_errors=True)
+    logger.info("dedup index: %d documents (%d in LSH) -> %s", meta["docs"], meta["in_lsh"], index_dir)
+    return meta
+
+
+def load_index(path: str | Path, cfg: MinhashConfig) -> dict:
+    path = Path(path)
+    meta = read_json(path / INDEX_META)
+    if meta is None:
+        raise InputError(f"dedup index not found or incomplete: {path} (no {INDEX_META}); build it with `lmforge data dedup index`")
+    if meta["params"] != cfg.params():
+        diff = [k for k in cfg.params() if meta["params"].get(k) != cfg.params()[k]]
+        raise ConfigError(f"minhash.index {path}: built with different parameters ({', '.join(diff)}: {[meta['params'].get(k) for k in diff]}); "
+                          "use the same ngram, bands, rows, seed and min_shingles")
+    return {"meta": meta, "sig_dirs": [str(path / "sig" / n) for n in meta["shards"]]}
