@@ -325,7 +325,8 @@ def merge_results(name: str, results: list[dict], sample_removed: int) -> tuple[
 
 
 def check_shards(in_shards: list[Path]) -> list[Path]:
-    shards = [Path(p) for p in in_shards]
+    """The input shards in name order (so decisions never depend on the order given)."""
+    shards = sorted((Path(p) for p in in_shards), key=lambda p: p.name)
     names = [p.name for p in shards]
     if len(set(names)) != len(names):
         raise InputError("dedup: input shards must have distinct file names")
@@ -582,7 +583,17 @@ class MinhashDedupPass(CorpusPass):
             offs, flat = z["offs"], z["flat"]
             for j, pos in enumerate(z["pos"]):
                 sets[(i << 32) | int(pos)] = flat[offs[j] : offs[j + 1]]
-        # pairs with an index document: the index holds signatures only -> estimated Jaccard
+        # index documents: the shingle sets the index stored (an index without them: estimated Jaccard)
+        for k, d in enumerate(index_dirs):
+            f = Path(d) / "shingles.npz"
+            want = set(poss[sids == n_corpus + k].tolist())
+            if not want or not f.exists():
+                continue
+            z = np.load(f)
+            offs, flat = z["offs"], z["flat"]
+            for j, pos in enumerate(z["pos"].tolist()):
+                if pos in want:
+                    sets[((n_corpus + k) << 32) | pos] = flat[offs[j] : offs[j + 1]]
         sigs = [np.load(Path(d) / "sig.npy", mmap_mode="r") for d in [str(wd / "sig" / p.name) for p in shards] + index_dirs]
         keep, jac = np.zeros(len(edges), bool), np.zeros(len(edges))
         for e, (x, y) in enumerate(edges.tolist()):
@@ -656,13 +667,21 @@ INDEX_META = "index.json"
 
 
 def build_index(corpus_shards: list[Path], index_dir: Path, cfg: MinhashConfig, executor: Executor) -> dict:
-    """Signatures and sorted band arrays of a corpus, to dedup later datasets against."""
+    """Signatures, sorted band arrays and shingle sets of a corpus, to dedup later datasets against.
+    Disk: 4 bytes x bands*rows + 16 bytes x bands per document, plus 8 bytes per distinct shingle."""
     shards = check_shards(corpus_shards)
     if not shards:
         raise InputError("dedup index: no shards to index")
     index_dir = Path(index_dir)
     sig_root = index_dir / "sig"
     info = MinhashDedupPass(cfg).compute_signatures(shards, sig_root, executor)
+    # the shingle sets of the documents in LSH, so pairs with index documents get the exact check
+    tasks = []
+    for p in shards:
+        ok = np.load(sig_root / p.name / "meta.npy")[:, 2]
+        tasks.append({"path": str(p), "positions": np.flatnonzero(ok).tolist(), "ngram": cfg.ngram, "out": str(sig_root / p.name / "shingles.npz")})
+    executor.map(_shingle_task, tasks, [p.name for p in shards], sig_root / ".markers-shingles", desc="index shingles")
+    shutil.rmtree(sig_root / ".markers-shingles", ignore_errors=True)
     meta = {"params": cfg.params(), "shards": [p.name for p in shards], "sources": [str(p) for p in shards],
             "docs": sum(i["docs"] for i in info), "in_lsh": sum(i["in_lsh"] for i in info)}
     atomic_write_json(index_dir / INDEX_META, meta)
