@@ -42,6 +42,11 @@ class TasksPending(LmforgeError):
 
     exit_code = 3
 
+    def __init__(self, message: str, script: Path | None = None, n_tasks: int = 0):
+        super().__init__(message)
+        self.script = script
+        self.n_tasks = n_tasks
+
 
 class WorkerFailed(LmforgeError):
     """A worker process died or a task raised; completed tasks are kept for the rerun."""
@@ -241,7 +246,8 @@ class SlurmExecutor(Executor):
             raise TasksPending(
                 f"{desc}: {len(todo)} task(s) written to the Slurm array script {script}; "
                 f"submit it (`sbatch {script}`) or run `lmforge data run-task {script.parent} --index N` for N in 0..{len(todo) - 1}, "
-                "then rerun this command to continue"
+                "then rerun this command to continue",
+                script, len(todo),
             )
         logger.info("%s: submitting %d tasks: sbatch --wait %s", desc, len(todo), script)
         r = subprocess.run([sbatch, "--wait", str(script)], capture_output=True, text=True)

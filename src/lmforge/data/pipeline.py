@@ -91,16 +91,19 @@ def build_pii(cfg: DataConfig) -> Step | None:
     return None
 
 
-def build_corpus_passes(cfg: DataConfig) -> list:
+def build_corpus_passes(cfg: DataConfig, resolve: Callable[[str], Path] | None = None) -> list:
     """Exact dedup first, then the dedup package's other passes."""
     if not _enabled(cfg.dedup):
         return []
+    import inspect
+
     from lmforge.data.dedup.exact import ExactDedupConfig, ExactDedupPass
 
     passes = []
     fn = _optional("lmforge.data.dedup", "build_passes")
     if fn is not None:
-        passes = list(fn(cfg.dedup))
+        takes_resolve = len(inspect.signature(fn).parameters) >= 2
+        passes = list(fn(cfg.dedup, resolve) if takes_resolve and resolve else fn(cfg.dedup))
     if not any(isinstance(p, ExactDedupPass) for p in passes):
         exact = getattr(cfg.dedup, "exact", None) or ExactDedupConfig()
         if _enabled(exact):
@@ -294,7 +297,7 @@ def run_pipeline(
     stream_steps = build_stream_steps(cfg, seed)
     pii = build_pii(cfg)
     check_skips(files, stream_steps, pii)
-    passes = build_corpus_passes(cfg)
+    passes = build_corpus_passes(cfg, resolve)
 
     work = out / WORK
     fp = _work_fingerprint(cfg, seed, files)

@@ -384,11 +384,11 @@ def _warc_records(f: InputFile, rs: ReadStats) -> Iterator[tuple[int, str, dict[
                 start = _find_record_start(buf)
                 if start < 0:
                     junk = buf[:-5] if not eof else buf
-                    if junk.strip(b"\r\n\x00 ") and garbage_at < 0:
+                    if junk.strip(b"\r\n\x00 ") and garbage_at == -1:
                         garbage_at = base
                     buf, base = buf[len(junk):], base + len(junk)
                 else:
-                    if buf[:start].strip(b"\r\n\x00 ") and garbage_at < 0:
+                    if buf[:start].strip(b"\r\n\x00 ") and garbage_at == -1:
                         garbage_at = base
                     buf, base = buf[start:], base + start
                     if _header_end(buf)[0] >= 0:
@@ -398,7 +398,7 @@ def _warc_records(f: InputFile, rs: ReadStats) -> Iterator[tuple[int, str, dict[
                 pull()
             if garbage_at >= 0:
                 rs.bad("garbage", where(garbage_at), "bytes that are not a WARC record")
-                garbage_at = -1
+            garbage_at = -1
             if not buf.strip():
                 return
             hend, sep = _header_end(buf)
@@ -411,7 +411,8 @@ def _warc_records(f: InputFile, rs: ReadStats) -> Iterator[tuple[int, str, dict[
                 length = int(headers.get("content-length", b""))
             except ValueError:
                 rs.bad("bad_header", where(rec_pos), "missing or bad Content-Length")
-                buf, base = buf[5:], base + 5
+                buf, base = buf[hend + sep :], base + hend + sep
+                garbage_at = -2  # what follows up to the next record belongs to this one: counted already
                 index += 1
                 continue
             # 2. its content block
@@ -491,15 +492,51 @@ def read_warc(f: InputFile, rs: ReadStats, keep: Callable[[int], bool]) -> Itera
 # JSONL
 
 
+class _ZstdStream:
+    """Decompressed bytes of a (multi-frame) .zst file; raises EOFError if the file ends
+    inside a frame (zstandard's stream reader reports a cut file as a clean end)."""
+
+    def __init__(self, raw):
+        import zstandard
+
+        self.raw = raw
+        self.dctx = zstandard.ZstdDecompressor()
+        self.d = None
+        self.pending = b""
+        self.started = False
+
+    def read(self, n: int) -> bytes:
+        while True:
+            if self.pending:
+                out, self.pending = self.pending[:n], self.pending[n:]
+                return out
+            data = self.raw.read(1 << 16)
+            if not data:
+                if self.d is not None and self.started:
+                    raise EOFError("file ends inside a zstd frame")
+                return b""
+            while data:
+                if self.d is None:
+                    self.d, self.started = self.dctx.decompressobj(), False
+                self.pending += self.d.decompress(data)
+                self.started = True
+                if self.d.eof:
+                    data = self.d.unused_data
+                    self.d = None
+                else:
+                    data = b""
+
+    def close(self) -> None:
+        pass
+
+
 def _open_compressed(path: str):
     low = path.lower()
     raw = open(path, "rb")
     if low.endswith(".gz"):
         return gzip.GzipFile(fileobj=raw, mode="rb"), raw
     if low.endswith((".zst", ".zstd")):
-        import zstandard
-
-        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True), raw
+        return _ZstdStream(raw), raw
     return raw, raw
 
 
@@ -518,25 +555,37 @@ def _fields_to_doc(f: InputFile, index: int, rec: dict, rs: ReadStats, loc: str)
     return _make_doc(f, index, text, meta)
 
 
-def read_jsonl(f: InputFile, rs: ReadStats, keep: Callable[[int], bool]) -> Iterator[Document]:
+def _lines(stream, on_damage: Callable[[int, str], None]) -> Iterator[bytes]:
+    """Lines of a (decompressing) byte stream; a damaged/truncated stream ends with a call to
+    `on_damage(next line number, message)` after every complete line before it was yielded."""
     import zstandard
 
-    stream, raw = _open_compressed(f.path)
+    pending = b""
     lineno = 0
-    try:
-        buffered = io.BufferedReader(stream, 1 << 20) if not isinstance(stream, io.BufferedReader) else stream
-        while True:
-            try:
-                line = buffered.readline()
-            except (EOFError, OSError, zlib.error, zstandard.ZstdError) as e:
-                rs.bad("truncated", f"{f.path}:{lineno + 1}", f"compressed stream ends or is damaged: {e}")
-                return
-            if not line:
-                return
+    while True:
+        try:
+            chunk = stream.read(1 << 16)
+        except (EOFError, OSError, zlib.error, zstandard.ZstdError) as e:
+            on_damage(lineno + 1, f"compressed stream ends or is damaged: {e}")
+            return
+        if not chunk:
+            if pending:
+                yield pending
+            return
+        pending += chunk
+        parts = pending.split(b"\n")
+        pending = parts.pop()
+        for line in parts:
             lineno += 1
-            if not keep(lineno - 1):
-                continue
-            if not line.strip():
+            yield line
+
+
+def read_jsonl(f: InputFile, rs: ReadStats, keep: Callable[[int], bool]) -> Iterator[Document]:
+    stream, raw = _open_compressed(f.path)
+    try:
+        lines = _lines(stream, lambda n, msg: rs.bad("truncated", f"{f.path}:{n}", msg))
+        for lineno, line in enumerate(lines, 1):
+            if not keep(lineno - 1) or not line.strip():
                 continue
             loc = f"{f.path}:{lineno}"
             try:
