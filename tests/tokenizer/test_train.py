@@ -49,8 +49,9 @@ def test_digit_splitting(digits, expected):
 
     pre = pre_tokenizers.Split(Regex(split_pattern(digits)), behavior="isolated")
     assert [p for p, _ in pre.pre_tokenize_str("12345")] == expected
-    # whitespace runs stay whole (code indentation), one space stays with the next word
-    assert [p for p, _ in pre.pre_tokenize_str("x\n        y z")] == ["x", "\n", "       ", " y", " z"]
+    # a newline and the indentation after it stay one piece (code), one space stays with the next word
+    assert [p for p, _ in pre.pre_tokenize_str("x\n        y  z")] == ["x", "\n       ", " y", " ", " z"]
+    assert [p for p, _ in pre.pre_tokenize_str("f(a):\n\treturn")] == ["f", "(a", "):\n", "\treturn"]
 
 
 def test_sample_is_seeded_uniform_and_within_budget(sample_corpus_dir):
