@@ -5,19 +5,20 @@ off. Drop reasons name the rule (`dup_para_frac`, `top_2_gram`, `gopher_short_do
 
 Speed: words are split once per document by `text.split_words` (cached between the two
 Gopher filters, which see the same text one after the other); n-grams are tuples of words
-(hashing reuses the cached string hashes) and the duplicated-n-gram scan starts at the
-first repeated n-gram instead of at the beginning of the document.
+are 64-bit hashes computed with numpy from the words' (cached) string hashes, and the
+sequential duplicated-n-gram scan visits only the positions whose n-gram occurs more than
+once.
 """
 
 from __future__ import annotations
 
 import re
-from collections import Counter
 from dataclasses import dataclass, field
-from itertools import accumulate
+
+import numpy as np
 
 from lmforge.data.document import Document
-from lmforge.data.filters.text import has_alpha, is_symbol_word, split_words
+from lmforge.data.filters.text import split_words, word_stats
 from lmforge.data.step import Filter
 
 _PARAGRAPH_SPLIT = re.compile(r"\n{2,}")
@@ -50,48 +51,69 @@ def duplicates(items: list[str]) -> tuple[int, int]:
     return n, chars
 
 
-def top_ngram_chars(words: list[str], n: int) -> int:
-    """Characters covered by the most frequent word n-gram (joined with spaces) times its count.
-    Ties go to the n-gram that appears first."""
-    if len(words) < n:
+# Random odd 64-bit multipliers: an n-gram's hash is sum(hash(word_j) * _MULT[j]) mod 2**64.
+_MULT = np.random.default_rng(20240601).integers(1, 2**63, size=64, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+
+
+class WordArrays:
+    """Per-document arrays for n-gram statistics: word hashes and cumulative word lengths."""
+
+    def __init__(self, words: list[str]):
+        self.n = len(words)
+        self.h = np.fromiter(map(hash, words), dtype=np.int64, count=self.n).view(np.uint64)
+        self.cum = np.zeros(self.n + 1, dtype=np.int64)
+        np.cumsum(np.fromiter(map(len, words), dtype=np.int64, count=self.n), out=self.cum[1:])
+
+    def ngram_hashes(self, n: int) -> np.ndarray:
+        m = self.n - n + 1
+        out = self.h[:m] * _MULT[0]
+        for j in range(1, n):
+            out += self.h[j : j + m] * _MULT[j % len(_MULT)]
+        return out
+
+    def chars(self, starts: np.ndarray | int, n: int):
+        """Characters of the n-grams starting at `starts` (words joined without spaces)."""
+        return self.cum[starts + n] - self.cum[starts]
+
+
+def top_ngram_chars(wa: WordArrays, n: int) -> int:
+    """Characters covered by the most frequent word n-gram (words joined by spaces) times its
+    count. Ties go to the n-gram that appears first."""
+    if wa.n < n:
         return 0
-    counts = Counter(zip(*(words[i:] for i in range(n))))
-    best = max(counts.values())
-    for gram, c in counts.items():  # insertion order = first appearance
-        if c == best:
-            return (sum(map(len, gram)) + n - 1) * c
-    return 0  # pragma: no cover
+    _, first, counts = np.unique(wa.ngram_hashes(n), return_index=True, return_counts=True)
+    best = counts.max()
+    i = int(first[counts == best].min())
+    return int(wa.chars(i, n) + n - 1) * int(best)
 
 
-def duplicated_ngram_chars(words: list[str], n: int, cum: list[int] | None = None, stop_above: float = 0) -> int:
+def duplicated_ngram_chars(wa: WordArrays, n: int, stop_above: float = 0) -> int:
     """Characters (words joined without spaces) in n-grams that repeat an earlier n-gram, scanning
     left to right and jumping past each repeat (so overlapping repeats are not counted twice).
     Stops early once the count exceeds `stop_above` (if > 0)."""
-    m = len(words) - n + 1
-    if m <= 0:
+    if wa.n < n:
         return 0
-    grams = list(zip(*(words[i:] for i in range(n))))
-    first = dict(zip(reversed(grams), range(m - 1, -1, -1)))  # n-gram -> first position
-    if len(first) == m:
-        return 0  # no n-gram repeats
-    if cum is None:
-        cum = [0, *accumulate(map(len, words))]
-    # every position before the first repeat is new and visited
-    start = next(i for i, g in enumerate(grams) if first[g] != i)
-    seen = set(grams[:start])
+    hashes = wa.ngram_hashes(n)
+    _, inverse, counts = np.unique(hashes, return_inverse=True, return_counts=True)
+    multi = np.flatnonzero(counts[inverse] > 1)  # positions whose n-gram occurs more than once
+    if not len(multi):
+        return 0
+    # Only those positions can be repeats or make later ones repeats: scan them in order.
+    chars = wa.chars(multi, n).tolist()
+    seen: set[int] = set()
     add = seen.add
     rep = 0
-    i = start
-    while i < m:
-        g = grams[i]
-        if g in seen:
-            rep += cum[i + n] - cum[i]
+    next_free = 0
+    for p, h, c in zip(multi.tolist(), hashes[multi].tolist(), chars):
+        if p < next_free:
+            continue  # inside the n-gram just counted
+        if h in seen:
+            rep += c
             if stop_above and rep > stop_above:
                 return rep
-            i += n
+            next_free = p + n
         else:
-            add(g)
-            i += 1
+            add(h)
     return rep
 
 
@@ -149,15 +171,13 @@ class GopherRepetitionFilter(Filter):
             return "dup_line_frac"
         if c.dup_line_char_frac and dup_chars / size > c.dup_line_char_frac:
             return "dup_line_char_frac"
-        words = words_of(text)
+        wa = WordArrays(words_of(text))
         for n, frac in self.top:
-            if len(words) >= n and top_ngram_chars(words, n) / size > frac:
+            if wa.n >= n and top_ngram_chars(wa, n) / size > frac:
                 return f"top_{n}_gram"
-        if self.dup:
-            cum = [0, *accumulate(map(len, words))]
-            for n, frac in self.dup:
-                if duplicated_ngram_chars(words, n, cum, stop_above=frac * size) / size > frac:
-                    return f"duplicated_{n}_n_grams"
+        for n, frac in self.dup:
+            if duplicated_ngram_chars(wa, n, stop_above=frac * size) / size > frac:
+                return f"duplicated_{n}_n_grams"
         return None
 
 
@@ -203,15 +223,15 @@ class GopherQualityFilter(Filter):
         text = doc.text
         words = words_of(text)
         n_words = len(words)
-        lengths = [len(w) for w in words if w.isalnum() or not is_symbol_word(w)]
-        n_real = len(lengths)
+        n_sym, sym_chars, n_alpha = word_stats(words)
+        n_real = n_words - n_sym
         if c.min_doc_words and n_real < c.min_doc_words:
             return "gopher_short_doc"
         if c.max_doc_words and n_real > c.max_doc_words:
             return "gopher_long_doc"
         if n_words == 0 or n_real == 0:
             return "gopher_short_doc"
-        avg = sum(lengths) / n_real
+        avg = (sum(map(len, words)) - sym_chars) / n_real
         if c.min_avg_word_length and avg < c.min_avg_word_length:
             return "gopher_below_avg_threshold"
         if c.max_avg_word_length and avg > c.max_avg_word_length:
@@ -231,8 +251,7 @@ class GopherQualityFilter(Filter):
             if ends / len(lines) > c.max_ellipsis_lines_ratio:
                 return "gopher_too_many_end_ellipsis"
         if c.min_alpha_words_ratio:
-            alpha = sum(1 for w in words if has_alpha(w))
-            if alpha / n_words < c.min_alpha_words_ratio:
+            if n_alpha / n_words < c.min_alpha_words_ratio:
                 return "gopher_below_alpha_threshold"
         if c.min_stop_words and len(self.stop_words.intersection(words)) < c.min_stop_words:
             return "gopher_few_stop_words"

@@ -16,7 +16,9 @@ from __future__ import annotations
 import re
 import sys
 import unicodedata
+from collections import Counter
 from functools import lru_cache
+from itertools import filterfalse
 
 # --- character classes -------------------------------------------------------------------
 
@@ -48,6 +50,22 @@ _PUNCT_DELETE = {ord(c): None for c in PUNCTUATION}
 
 # characters after which a sentence ends (a token that is exactly one of these)
 SENTENCE_END: frozenset[str] = frozenset(".!?") | TERMINAL_PUNCTUATION
+
+
+def word_stats(words: list[str]) -> tuple[int, int, int]:
+    """(symbol words, characters in symbol words, words with a letter). Alphanumeric words (most
+    of them) are handled by C-level str methods; only the rest are looked at one by one."""
+    others = list(filterfalse(str.isalnum, words))
+    n_alnum = len(words) - len(others)
+    n_alpha = n_alnum - sum(map(str.isnumeric, words))  # an alphanumeric word without a letter is numeric
+    n_sym = sym_chars = 0
+    for w, k in Counter(others).items():  # distinct tokens only ("." and "," repeat a lot)
+        if not w.translate(_PUNCT_DELETE):
+            n_sym += k
+            sym_chars += k * len(w)
+        elif has_alpha(w):
+            n_alpha += k
+    return n_sym, sym_chars, n_alpha
 
 
 def is_symbol_word(w: str) -> bool:
@@ -233,15 +251,41 @@ def _split_chunk(chunk: str, out: list[str]) -> None:
         out.extend(reversed(suffixes))
 
 
+# a word with at most one simple punctuation character on each side: the common case after plain words
+_SIMPLE = re.compile(r"""([(\["`]?)([A-Za-z0-9]+)([.,;:!?)\]"']?)""")
+
+
 def split_words(text: str) -> list[str]:
     """Words and punctuation tokens of `text`, whitespace dropped (see the module docstring)."""
     out: list[str] = []
     append = out.append
+    simple = _SIMPLE.fullmatch
     for chunk in text.split():
-        if chunk.isalnum() and not (chunk[0].isdigit() or chunk in _SPECIAL):
-            append(chunk)
+        if chunk.isalnum():
+            if not (chunk[0].isdigit() or chunk in _SPECIAL):
+                append(chunk)
+                continue
         else:
-            _split_chunk(chunk, out)
+            m = simple(chunk)
+            if m is not None:
+                pre, core, suf = m.groups()
+                if core not in _SPECIAL and (core.isdigit() or not core[0].isdigit()) and chunk not in _SPECIAL:
+                    if suf == ".":
+                        if core + "." in _ABBREVIATIONS:
+                            m = None
+                        else:
+                            last = core[-1]
+                            if not (last.islower() or last.isdigit() or (len(core) > 1 and core[-2:].isupper())):
+                                suf = ""
+                                core = core + "."
+                    if m is not None:
+                        if pre:
+                            append(pre)
+                        append(core)
+                        if suf:
+                            append(suf)
+                        continue
+        _split_chunk(chunk, out)
     return out
 
 
