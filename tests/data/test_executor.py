@@ -87,12 +87,12 @@ def test_slurm_script_and_run_task_by_hand(tmp_path, capsys):
 
 def test_pipeline_on_slurm_by_hand_equals_local(tmp_path):
     make_inputs(tmp_path / "in")
-    P.run_pipeline(cfg_for(tmp_path / "in"), tmp_path / "local", Path, workers=2)
+    P.run_pipeline(cfg_for(tmp_path / "in"), tmp_path / "local", ".", workers=2)
     cfg = cfg_for(tmp_path / "in", **{"executor.kind": "slurm", "executor.slurm_submit": False})
     phases = 0
     while True:
         try:
-            P.run_pipeline(cfg, tmp_path / "slurm", Path)
+            P.run_pipeline(cfg, tmp_path / "slurm", ".")
             break
         except TasksPending as e:
             phases += 1
@@ -118,8 +118,8 @@ def test_pipeline_through_sbatch_wait(tmp_path, monkeypatch):
     monkeypatch.setenv("LMFORGE_PROGRESS", "0")
     make_inputs(tmp_path / "in")
     one = {"inputs": [{"path": str(tmp_path / "in" / "a.jsonl.gz"), "source": "a"}], "shard_docs": 1000}
-    P.run_pipeline(cfg_for(tmp_path / "in", **one), tmp_path / "local", Path)
-    P.run_pipeline(cfg_for(tmp_path / "in", **one, **{"executor.kind": "slurm"}), tmp_path / "slurm", Path)
+    P.run_pipeline(cfg_for(tmp_path / "in", **one), tmp_path / "local", ".")
+    P.run_pipeline(cfg_for(tmp_path / "in", **one, **{"executor.kind": "slurm"}), tmp_path / "slurm", ".")
     assert shard_bytes(tmp_path / "slurm") == shard_bytes(tmp_path / "local")
     assert list((tmp_path / "slurm").glob("shard_*.jsonl.zst"))
 
@@ -127,10 +127,10 @@ def test_pipeline_through_sbatch_wait(tmp_path, monkeypatch):
 def test_ray_local_instance_gives_same_output(tmp_path):
     pytest.importorskip("ray")
     make_inputs(tmp_path / "in")
-    P.run_pipeline(cfg_for(tmp_path / "in"), tmp_path / "local", Path)
+    P.run_pipeline(cfg_for(tmp_path / "in"), tmp_path / "local", ".")
     ex = RayExecutor(1)
     try:
-        P.run_pipeline(cfg_for(tmp_path / "in"), tmp_path / "ray", Path, executor=ex)
+        P.run_pipeline(cfg_for(tmp_path / "in"), tmp_path / "ray", ".", executor=ex)
     finally:
         ex.close()
     assert shard_bytes(tmp_path / "ray") == shard_bytes(tmp_path / "local")

@@ -5,8 +5,8 @@
     lmforge data stats RUN_DIR                        (per-step counts, sources, top domains)
     lmforge data inspect RUN_DIR [--step NAME] [--n 5] [--html OUT.html]
 
-Other packages add sub-commands through `lmforge.data.dedup.commands` and
-`lmforge.data.quality.commands` (each with `register(data_subparsers)`).
+Other modules add sub-commands through `register(data_subparsers)`: `lmforge.data.extract`
+(`data extract`), `lmforge.data.dedup.commands`, `lmforge.data.quality.commands`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-EXTENSIONS = ["lmforge.data.dedup.commands", "lmforge.data.quality.commands"]
+EXTENSIONS = ["lmforge.data.extract", "lmforge.data.dedup.commands", "lmforge.data.quality.commands"]
 
 
 def _recipe_for(path: str, run_dir: str | None, overrides: list[str]) -> tuple[str, list[str], str | None]:

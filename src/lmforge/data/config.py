@@ -68,11 +68,13 @@ class DataConfig:
 
     def input_fingerprint(self, base: Path) -> str:
         """Fingerprint of the input files (path, size, mtime): the stage reruns when they change."""
+        import functools
+
+        from lmforge.data.pipeline import resolve_under
         from lmforge.data.readers import expand_inputs, parse_inputs
         from lmforge.rundir import file_fingerprint
 
-        resolve = lambda p: Path(p) if Path(p).is_absolute() else Path(base) / p  # noqa: E731
-        files = expand_inputs(parse_inputs(self.inputs), resolve)
+        files = expand_inputs(parse_inputs(self.inputs), functools.partial(resolve_under, str(base)))
         paths = []
         for f in files:
             p = Path(f.path)

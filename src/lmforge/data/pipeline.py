@@ -25,6 +25,7 @@ pipeline runs with whichever of them are installed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import json
 import shutil
@@ -53,6 +54,23 @@ TOP_PER_TASK = 5000  # domains kept per scrub task before merging (bounds marker
 # building steps (tolerant of step modules that are not there yet)
 
 
+def resolve_under(base_dir: str, path: str | Path) -> Path:
+    """A recipe path: `~` expanded, relative paths taken under `base_dir`."""
+    import os
+
+    p = Path(os.path.expanduser(str(path)))
+    return p if p.is_absolute() else Path(base_dir) / p
+
+
+def _call_with_resolve(fn: Callable, resolve: Callable | None, *args: Any) -> Any:
+    """Call a builder, adding `resolve` when its signature takes one more argument."""
+    import inspect
+
+    if resolve is not None and len(inspect.signature(fn).parameters) > len(args):
+        return fn(*args, resolve)
+    return fn(*args)
+
+
 def _optional(module: str, attr: str) -> Any:
     try:
         mod = importlib.import_module(module)
@@ -67,7 +85,7 @@ def _enabled(sub: Any) -> bool:
     return bool(getattr(sub, "enabled", True))
 
 
-def build_stream_steps(cfg: DataConfig, seed: int) -> list[tuple[str, Step]]:
+def build_stream_steps(cfg: DataConfig, seed: int, resolve: Callable[[str], Path] | None = None) -> list[tuple[str, Step]]:
     """(group, step) pairs in pipeline order: extract, URL filters, langid, other filters, quality."""
     k = cfg.sample_removed
     steps: list[tuple[str, Step]] = []
@@ -81,7 +99,7 @@ def build_stream_steps(cfg: DataConfig, seed: int) -> list[tuple[str, Step]]:
         steps.append(("langid", cls(cfg.langid, seed, k)))
     steps += [("filters", s) for s in filters if "url" not in s.name]
     if _enabled(cfg.quality) and (fn := _optional("lmforge.data.quality", "build_quality_steps")):
-        steps += [("quality", s) for s in fn(cfg.quality, seed, k)]
+        steps += [("quality", s) for s in _call_with_resolve(fn, resolve, cfg.quality, seed, k)]
     return steps
 
 
@@ -95,15 +113,12 @@ def build_corpus_passes(cfg: DataConfig, resolve: Callable[[str], Path] | None =
     """Exact dedup first, then the dedup package's other passes."""
     if not _enabled(cfg.dedup):
         return []
-    import inspect
-
     from lmforge.data.dedup.exact import ExactDedupConfig, ExactDedupPass
 
     passes = []
     fn = _optional("lmforge.data.dedup", "build_passes")
     if fn is not None:
-        takes_resolve = len(inspect.signature(fn).parameters) >= 2
-        passes = list(fn(cfg.dedup, resolve) if takes_resolve and resolve else fn(cfg.dedup))
+        passes = list(_call_with_resolve(fn, resolve, cfg.dedup))
     if not any(isinstance(p, ExactDedupPass) for p in passes):
         exact = getattr(cfg.dedup, "exact", None) or ExactDedupConfig()
         if _enabled(exact):
@@ -159,7 +174,8 @@ def _stream_task(task: dict) -> dict:
     cfg = cfgmod.build(DataConfig, task["cfg"], "data")
     f = InputFile(**task["file"])
     skip = set(f.skip)
-    steps = [s for g, s in build_stream_steps(cfg, task["seed"]) if not _skipped(s.name, g, skip)]
+    resolve = functools.partial(resolve_under, task["base_dir"])
+    steps = [s for g, s in build_stream_steps(cfg, task["seed"], resolve) if not _skipped(s.name, g, skip)]
     rs = ReadStats()
     s, n = task["slice"], task["slices"]
     keep = None if n == 1 else (lambda i: i % n == s)
@@ -285,16 +301,19 @@ def _merge_stats(order: list[str], parts: list[list[dict]]) -> list[StepStats]:
 def run_pipeline(
     cfg: DataConfig,
     out: Path,
-    resolve: Callable[[str], Path],
+    base_dir: str | Path = ".",
     seed: int = 1234,
     workers: int = 1,
     executor: Executor | None = None,
 ) -> PipelineResult:
-    """Run the whole data pipeline into `out` (the corpus directory); resumable."""
+    """Run the whole data pipeline into `out` (the corpus directory); resumable. Relative
+    paths in `cfg` (inputs, model files) are taken under `base_dir` (the recipe's folder)."""
     t_start = time.time()
     out = Path(out)
+    base = str(Path(base_dir).resolve())
+    resolve = functools.partial(resolve_under, base)
     files = expand_inputs(parse_inputs(cfg.inputs), resolve)
-    stream_steps = build_stream_steps(cfg, seed)
+    stream_steps = build_stream_steps(cfg, seed, resolve)
     pii = build_pii(cfg)
     check_skips(files, stream_steps, pii)
     passes = build_corpus_passes(cfg, resolve)
@@ -316,7 +335,7 @@ def run_pipeline(
         tids = [f"{k:05d}" for k in range(len(plan))]
         stream_dir = work / "stream"
         tasks = [
-            {"cfg": cfg_dict, "seed": seed, "file": dataclasses.asdict(files[i]), "slice": s, "slices": n,
+            {"cfg": cfg_dict, "seed": seed, "base_dir": base, "file": dataclasses.asdict(files[i]), "slice": s, "slices": n,
              "out": str(stream_dir / f"{tid}.jsonl.zst")}
             for tid, (i, s, n) in zip(tids, plan)
         ]

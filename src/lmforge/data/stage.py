@@ -17,7 +17,7 @@ def run_stage(ctx: StageContext) -> StageResult:
     cfg = ctx.cfg
     if not cfg.inputs:
         raise InputError("[data] inputs is empty: list the files to read (paths or globs, or tables {path=..., source=...})")
-    res = run_pipeline(cfg, ctx.out, ctx.resolve, seed=ctx.seed, workers=cfg.executor.workers or ctx.workers)
+    res = run_pipeline(cfg, ctx.out, ctx.base_dir, seed=ctx.seed, workers=cfg.executor.workers or ctx.workers)
     plot = plot_funnel(res.stats, ctx.out / "funnel.png")
     rel = f"{ctx.out.name}/funnel.png" if plot else None
     t = res.stats["totals"]
