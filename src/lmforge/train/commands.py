@@ -1,0 +1,126 @@
+"""CLI: `lmforge train` and `lmforge generate`.
+
+    lmforge train RECIPE.toml [--run-dir DIR] [--pretrain.KEY VALUE ...]
+        runs the recipe's pretrain stage (its tokens/ and tokenizer/ must exist in the run directory)
+    lmforge train --tokens runs/x/tokens [--tokenizer runs/x/tokenizer] --out ckpts/ [--config FILE.toml] [--pretrain.KEY VALUE ...]
+        trains directly on token shards; FILE.toml holds a [pretrain] section (or bare keys)
+    lmforge generate CHECKPOINT --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K]
+        CHECKPOINT: a step_* directory, or a checkpoints directory with a `latest` file
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(sub) -> None:
+    t = sub.add_parser("train", help="pretrain a model on token shards (a recipe's pretrain stage, or --tokens DIR)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("recipe", nargs="?", help="recipe TOML whose [pretrain] stage to run")
+    t.add_argument("--tokens", help="token directory (tokens/index.json + train/ val/ shards)")
+    t.add_argument("--tokenizer", help="tokenizer directory (default: tokenizer/ next to --tokens, if present)")
+    t.add_argument("--out", help="checkpoint directory (default: runs/train/checkpoints)")
+    t.add_argument("--config", help="TOML file with a [pretrain] section (with --tokens)")
+    t.add_argument("--run-dir", help="run directory (with RECIPE; default <run.dir>/<run.name>)")
+    t.add_argument("--fresh", action="store_true", help="ignore existing checkpoints and start over")
+    t.set_defaults(func=_cmd_train)
+
+    g = sub.add_parser("generate", help="sample text from a checkpoint")
+    g.add_argument("checkpoint", help="step_* directory or a checkpoints directory with `latest`")
+    g.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for several)")
+    g.add_argument("--tokenizer", help="tokenizer directory or tokenizer.json (default: the checkpoint's copy)")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--json", action="store_true", help="print JSON lines instead of text")
+    g.set_defaults(func=_cmd_generate)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from lmforge.errors import ConfigError
+
+    if args.recipe and args.tokens:
+        raise ConfigError("give either a RECIPE or --tokens, not both")
+    if not args.recipe and not args.tokens:
+        raise ConfigError("lmforge train needs a RECIPE (runs its pretrain stage) or --tokens DIR")
+    if args.recipe:
+        return _train_recipe(args)
+    return _train_tokens(args)
+
+
+def _train_recipe(args) -> int:
+    from lmforge.errors import ConfigError
+    from lmforge.recipe import load_recipe, run_recipe
+
+    raw, _ = load_recipe(args.recipe, list(args.overrides))
+    if "pretrain" not in (raw.get("run", {}).get("stages") or []):
+        raise ConfigError(f"recipe {args.recipe}: run.stages does not include 'pretrain'")
+    rd = run_recipe(args.recipe, overrides=args.overrides, run_dir=args.run_dir, only=["pretrain"], force=args.fresh)
+    print(f"report: {rd.report}")
+    return 0
+
+
+def _train_tokens(args) -> int:
+    from lmforge import config as C
+    from lmforge.errors import ConfigError
+    from lmforge.train.config import TrainConfig
+    from lmforge.train.loop import train
+
+    section: dict = {}
+    if args.config:
+        raw = C.load_toml(args.config)
+        section = raw.get("pretrain", raw) if isinstance(raw.get("pretrain"), dict) else raw
+    ov = {}
+    for o in args.overrides:
+        k, _, v = o.partition("=")
+        if not (k.startswith("pretrain.") or k.startswith("train.")):
+            raise ConfigError(f"override --{k}: with --tokens only pretrain.* keys apply")
+        ov[k.split(".", 1)[1]] = v
+    C.apply_overrides(section, ov)
+    if args.fresh:
+        section["resume"] = False
+    cfg = C.build(TrainConfig, section, "pretrain")
+    tokens = Path(args.tokens)
+    tokdir = Path(args.tokenizer) if args.tokenizer else tokens.parent / "tokenizer"
+    if args.tokenizer and not tokdir.exists():
+        raise ConfigError(f"--tokenizer {tokdir} does not exist")
+    out = Path(args.out) if args.out else Path("runs") / "train" / "checkpoints"
+    res = train(cfg, tokens, out, tokenizer_dir=tokdir if tokdir.exists() else None)
+    print(json.dumps({
+        "checkpoint": str(res.checkpoint) if res.checkpoint else None, "steps": res.steps, "tokens": res.tokens,
+        "final_loss": res.final_loss, "val_loss": res.val_loss, "val_bpb": res.val_bpb,
+        "tokens_per_s": res.tokens_per_s, "mfu": res.mfu, "metrics": str(res.metrics_path), "plot": str(res.plot_path),
+    }, indent=2))
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from lmforge.errors import ConfigError, InputError
+    from lmforge.model.io import load_model
+    from lmforge.train.checkpoint import resolve_checkpoint
+    from lmforge.train.textio import generate_samples, load_tokenizer, special_id
+
+    path = resolve_checkpoint(args.checkpoint)
+    tok = load_tokenizer(args.tokenizer or path)
+    if tok is None:
+        raise InputError(f"no tokenizer.json in {args.tokenizer or path}: pass --tokenizer DIR")
+    if args.max_new_tokens < 1:
+        raise ConfigError("--max-new-tokens must be >= 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available")
+    model = load_model(path, device=args.device)
+    if tok.get_vocab_size(with_added_tokens=True) > model.cfg.vocab_size:
+        raise InputError(f"tokenizer has {tok.get_vocab_size()} tokens but the model's vocabulary is {model.cfg.vocab_size}: wrong tokenizer")
+    bos = special_id(tok, "<|bos|>", 0)
+    eos = special_id(tok, "<|eos|>")
+    outs = generate_samples(model, tok, args.prompt, args.max_new_tokens, bos_id=bos, eos_id=eos,
+                            temperature=args.temperature, top_k=args.top_k, seed=args.seed, device=torch.device(args.device))
+    for o in outs:
+        print(json.dumps(o, ensure_ascii=False) if args.json else o["prompt"] + o["completion"])
+    return 0
