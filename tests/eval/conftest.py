@@ -47,3 +47,31 @@ def ckpt_dir(tmp_path_factory) -> Path:
     for step, seed in ((10, 0), (20, 1)):
         save_model(make_model(seed), root / f"step_{step:06d}")
     return root
+
+
+def write_corpus_jsonl(path: Path, source: str, start: int, n: int) -> Path:
+    """n GCIDE entries of the bundled sample from `start` as a JSONL corpus file."""
+    rows = [json.loads(l) for l in gzip.open(SAMPLE / "dictionary" / "gcide-sample.jsonl.gz", "rt")][start : start + n]
+    path.write_text("".join(json.dumps({"id": r["id"], "text": r["text"], "metadata": {"source": source}}) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokens_dir(tmp_path_factory, tok_dir) -> Path:
+    from tokenizers import Tokenizer
+
+    from lmforge.train.data import write_token_shards
+
+    tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    texts = [json.loads(l)["text"] for l in gzip.open(SAMPLE / "dictionary" / "gcide-sample.jsonl.gz", "rt")][:1200]
+    ids = [e.ids for e in tok.encode_batch(texts)]
+    return write_token_shards(tmp_path_factory.mktemp("tokens"), {"train": ids[:1100], "val": ids[1100:]}, vocab_size=512, bos_id=0, eos_id=1)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """These tests train and score tiny models: one intra-op thread avoids contention overhead."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
