@@ -13,6 +13,7 @@ once.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,16 +40,10 @@ def words_of(text: str) -> list[str]:
 
 def duplicates(items: list[str]) -> tuple[int, int]:
     """(number of items equal to an earlier item, total characters of those items)."""
-    seen: set[str] = set()
-    add = seen.add
-    n = chars = 0
-    for x in items:
-        if x in seen:
-            n += 1
-            chars += len(x)
-        else:
-            add(x)
-    return n, chars
+    counts = Counter(items)
+    if len(counts) == len(items):
+        return 0, 0
+    return len(items) - len(counts), sum(len(x) * (k - 1) for x, k in counts.items() if k > 1)
 
 
 # Random odd 64-bit multipliers: an n-gram's hash is sum(hash(word_j) * _MULT[j]) mod 2**64.

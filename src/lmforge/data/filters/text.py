@@ -255,14 +255,20 @@ def _split_chunk(chunk: str, out: list[str]) -> None:
 _SIMPLE = re.compile(r"""([(\["`]?)([A-Za-z0-9]+)([.,;:!?)\]"']?)""")
 
 
+# Chunks that needed the full rules, memoised (code and markup repeat the same chunks a lot).
+_CHUNK_CACHE: dict[str, list[str]] = {}
+_CHUNK_CACHE_SIZE = 100_000
+
+
 def split_words(text: str) -> list[str]:
     """Words and punctuation tokens of `text`, whitespace dropped (see the module docstring)."""
     out: list[str] = []
     append = out.append
     simple = _SIMPLE.fullmatch
+    cache_get = _CHUNK_CACHE.get
     for chunk in text.split():
         if chunk.isalnum():
-            if not (chunk[0].isdigit() or chunk in _SPECIAL):
+            if not ((chunk[0].isdigit() and not chunk.isdigit()) or chunk in _SPECIAL):
                 append(chunk)
                 continue
         else:
@@ -285,7 +291,14 @@ def split_words(text: str) -> list[str]:
                         if suf:
                             append(suf)
                         continue
-        _split_chunk(chunk, out)
+        toks = cache_get(chunk)
+        if toks is None:
+            toks = []
+            _split_chunk(chunk, toks)
+            if len(_CHUNK_CACHE) >= _CHUNK_CACHE_SIZE:
+                _CHUNK_CACHE.clear()
+            _CHUNK_CACHE[chunk] = toks
+        out.extend(toks)
     return out
 
 
