@@ -246,7 +246,7 @@ def analyze(series: dict, corpora: list[str]) -> list[dict]:
 
 def report(rows: list[dict], prepared: dict, cfg: AblateConfig, pngs: list[Path]) -> str:
     lines = ["# Data-quality ablation", "",
-             f"Corpora: {', '.join(f'{k} ({v['docs_train']} train docs, {v['tokens_train']:,} tokens)' for k, v in prepared.items())}; "
+             "Corpora: " + ", ".join(f"{k} ({v['docs_train']} train docs, {v['tokens_train']:,} tokens)" for k, v in prepared.items()) + "; "
              f"seeds {cfg.seeds}; evaluation every {cfg.eval_every} steps.", "",
              "| rank | task/metric | signal | separation (pooled seed std) | better | monotonicity | seed std | margin over random | "
              + " | ".join(f"{c} final" for c in cfg.corpora) + " |",
