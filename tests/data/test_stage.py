@@ -97,3 +97,11 @@ def test_bad_input_entry_names_itself(tmp_path, capsys):
     toml.write_text('[run]\nstages = ["data"]\n[data]\ninputs = [{ path = "x.jsonl", skipp = ["pii"] }]\n')
     assert main(["data", "run", str(toml), "--run-dir", str(tmp_path / "r")]) == 2
     assert "data.inputs[0].skipp" in capsys.readouterr().err
+
+
+def test_inspect_html_page(demo_run, tmp_path):
+    pytest.importorskip("lmforge.data.report_html")
+    out = tmp_path / "inspect.html"
+    assert main(["data", "inspect", str(demo_run), "--html", str(out)]) == 0
+    page = out.read_text()
+    assert page.lstrip().lower().startswith("<!doctype html") and "exact_dedup" in page

@@ -109,6 +109,9 @@ class LocalExecutor(Executor):
             from concurrent.futures import ProcessPoolExecutor
 
             ctx = mp.get_context("forkserver" if os.name != "nt" else "spawn")
+            if os.name != "nt":
+                # the fork server imports the pipeline once; workers fork from it ready to run
+                ctx.set_forkserver_preload(["lmforge.data.pipeline"])
             self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx)
         return self._pool
 
