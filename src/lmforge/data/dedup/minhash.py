@@ -91,31 +91,10 @@ for _c in b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_":
     _WORD_BYTE[_c] = True
 _WORD_BYTE[0x80:] = True
 _DELIM_TABLE = bytes(c if _WORD_BYTE[c] else 0x20 for c in range(256))
-_QINV = U64(pow(0x100000001B3, -1, 2**64))  # inverse of _P modulo 2**64
-_POW: dict[str, np.ndarray] = {}
-
-
-def _pow_table(base: np.uint64, m: int) -> np.ndarray:
-    """base**k mod 2**64 for k < m (m a multiple of 1024): 1024 x (m/1024) outer product."""
-    with np.errstate(over="ignore"):
-        small = np.full(1024, base, dtype=U64)
-        small[0] = 1
-        small = np.cumprod(small, dtype=U64)
-        step = small[-1] * base  # base**1024
-        big = np.full(m // 1024, step, dtype=U64)
-        big[0] = 1
-        big = np.cumprod(big, dtype=U64)
-        return (big[:, None] * small[None, :]).ravel()
-
-
-def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """_P**k and _P**-k (mod 2**64) for k < n, cached and grown geometrically."""
-    have = _POW.get("p")
-    if have is None or len(have) < n:
-        m = max(n, 1 << 22, 2 * (0 if have is None else len(have)))
-        m = -(-m // 1024) * 1024
-        _POW["p"], _POW["q"] = _pow_table(_P, m), _pow_table(_QINV, m)
-    return _POW["p"], _POW["q"]
+_FLAG_TABLE = bytes(1 if _WORD_BYTE[c] else 0 for c in range(256))
+_MASKS = np.array([0] + [(1 << (8 * r)) - 1 for r in range(1, 8)] + [2**64 - 1], dtype=U64)
+_K1 = U64(0x9E3779B97F4A7C15)
+_K2 = U64(0xD6E8FEB86659FD93)
 
 
 def text_batches(texts: list[str], max_chars: int = 1 << 21, max_docs: int = 4096) -> Iterator[tuple[int, int]]:
@@ -145,30 +124,40 @@ def batch_shingles(texts: list[str], n: int = 5, seed: int = 0) -> tuple[np.ndar
 
     Returns (hashes, offsets): the shingles of text i are hashes[offsets[i]:offsets[i+1]]
     (not de-duplicated). A text with fewer than n words gets one shingle of all its words;
-    a text without words gets none. Words are hashed as a polynomial over their UTF-8 bytes
-    (mod 2**64, computed from prefix sums over the whole batch) and finalised with
-    splitmix64; n-grams combine n word hashes the same way."""
+    a text without words gets none. A word's UTF-8 bytes are read 8 at a time and chained
+    into 64 bits (exact for words up to 8 bytes), mixed with its length and finalised with
+    splitmix64; an n-gram is a polynomial (mod 2**64) of its n word hashes, finalised the
+    same way. Everything is vectorised over the whole batch."""
     if not texts:
         return _EMPTY, np.zeros(1, np.int64)
     enc = [t.lower().encode("utf-8", "surrogatepass") for t in texts]
-    blob = b" ".join(enc) + b" "
-    buf = np.frombuffer(blob, dtype=np.uint8)
+    blob = b" ".join(enc) + b" " + bytes(8)  # 8 zero bytes: every 8-byte read below stays inside
+    nb = len(blob) - 8
     starts_doc = np.zeros(len(enc), np.int64)
     if len(enc) > 1:
         starts_doc[1:] = np.cumsum([len(e) + 1 for e in enc[:-1]])
-    isw = _WORD_BYTE[buf]
-    edge = np.diff(isw.astype(np.int8), prepend=np.int8(0))
+    isw = np.frombuffer(blob.translate(_FLAG_TABLE), dtype=np.int8, count=nb)
+    edge = np.diff(isw, prepend=np.int8(0))
     ws = np.flatnonzero(edge == 1)
-    we = np.flatnonzero(edge == -1)  # the blob ends with a delimiter, so every word ends
+    we = np.flatnonzero(edge == -1)  # the text ends with a delimiter, so every word ends
     nd = len(texts)
     if len(ws) == 0:
         return _EMPTY, np.zeros(nd + 1, np.int64)
-    ppow, qpow = _powers(len(buf) + 1)
+    # word hashes: the word's bytes read 8 at a time (little-endian, unaligned view of the
+    # blob), masked to the word's length, chained by multiply-xor, then length + splitmix64
+    u = np.ndarray(shape=(nb,), dtype="<u8", buffer=blob, offset=0, strides=(1,))
+    wl = we - ws
     with np.errstate(over="ignore"):
-        pre = np.zeros(len(buf) + 1, dtype=U64)
-        np.cumsum(buf.astype(U64) * ppow[: len(buf)], out=pre[1:])
-        wh = (pre[we] - pre[ws]) * qpow[ws]
-        wh ^= (we - ws).astype(U64) * U64(0x9E3779B97F4A7C15) ^ U64(seed)
+        wh = u[ws]
+        wh &= _MASKS[np.minimum(wl, 8)]
+        k = 8
+        sel = np.flatnonzero(wl > k)
+        while len(sel):
+            c = u[ws[sel] + k] & _MASKS[np.minimum(wl[sel] - k, 8)]
+            wh[sel] = (wh[sel] * _K1) ^ c
+            k += 8
+            sel = sel[wl[sel] > k]
+        wh ^= wl.astype(U64) * _K2 ^ U64(seed)
         _mix(wh)
         wdoc = np.searchsorted(starts_doc, ws, side="right") - 1
         nw = np.bincount(wdoc, minlength=nd)
