@@ -176,6 +176,11 @@ class GopherRepetitionFilter(Filter):
         return None
 
 
+# line separators other than "\n" that str.splitlines() also breaks on
+_ODD_LINE_BREAK = re.compile("[\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
+_BULLET_LINE = re.compile(r"^[^\S\n]*[-•]", re.MULTILINE)
+_ELLIPSIS_LINE = re.compile(r"(?:\.\.\.|…)[^\S\n]*$", re.MULTILINE)
+
 STOP_WORDS = ["the", "be", "to", "of", "and", "that", "have", "with"]
 
 
@@ -231,20 +236,25 @@ class GopherQualityFilter(Filter):
             return "gopher_below_avg_threshold"
         if c.max_avg_word_length and avg > c.max_avg_word_length:
             return "gopher_above_avg_threshold"
+        n_ellipsis = text.count("...") + text.count("…")
         if c.max_symbol_word_ratio:
             if text.count("#") / n_words > c.max_symbol_word_ratio:
                 return "gopher_too_many_hashes"
-            if (text.count("...") + text.count("…")) / n_words > c.max_symbol_word_ratio:
+            if n_ellipsis / n_words > c.max_symbol_word_ratio:
                 return "gopher_too_many_ellipsis"
-        lines = text.splitlines() or [""]
-        if c.max_bullet_lines_ratio:
+        if _ODD_LINE_BREAK.search(text) is None:  # only "\n" breaks lines: count with one regex each
+            n_lines = text.count("\n") + (not text.endswith("\n")) or 1
+            bullets = len(_BULLET_LINE.findall(text)) if c.max_bullet_lines_ratio else 0
+            ends = len(_ELLIPSIS_LINE.findall(text)) if c.max_ellipsis_lines_ratio and n_ellipsis else 0
+        else:
+            lines = text.splitlines() or [""]
+            n_lines = len(lines)
             bullets = sum(1 for s in lines if s.lstrip().startswith(("•", "-")))
-            if bullets / len(lines) > c.max_bullet_lines_ratio:
-                return "gopher_too_many_bullets"
-        if c.max_ellipsis_lines_ratio:
             ends = sum(1 for s in lines if s.rstrip().endswith(("...", "…")))
-            if ends / len(lines) > c.max_ellipsis_lines_ratio:
-                return "gopher_too_many_end_ellipsis"
+        if c.max_bullet_lines_ratio and bullets / n_lines > c.max_bullet_lines_ratio:
+            return "gopher_too_many_bullets"
+        if c.max_ellipsis_lines_ratio and ends / n_lines > c.max_ellipsis_lines_ratio:
+            return "gopher_too_many_end_ellipsis"
         if c.min_alpha_words_ratio:
             if n_alpha / n_words < c.min_alpha_words_ratio:
                 return "gopher_below_alpha_threshold"
