@@ -7,9 +7,14 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from lmforge.train.config import TrainConfig
 from lmforge.train.data import write_token_shards
+
+# One thread: these models are tiny, the test machine is shared, and the kill -9 test compares
+# this process's losses bit for bit with a subprocess started with OMP_NUM_THREADS=1.
+torch.set_num_threads(1)
 
 SPECIALS = ["<|bos|>", "<|eos|>", "<|pad|>"]
 
