@@ -100,6 +100,10 @@ def test_pass_removes_edited_copies_and_reports(corpus, tmp_path):
     assert r.extra["cluster_sizes"] == {"2": 10}
     assert r.extra["verified_pairs"] == 10 and r.extra["candidate_pairs"] >= 10
     assert len(r.removed["near_duplicate"]) == 5
+    for rec in r.removed["near_duplicate"]:  # each removed document names the one kept for it
+        shard, pos = rec["metadata"]["duplicate_of"].split("#")
+        kept = list(iter_shard(Path(shards[0]).parent / shard))[int(pos)]
+        assert kept.id in ids and kept.id[1:] == rec["id"][1:]
     assert [p.name for p in r.shards] == ["s0.jsonl.zst", "s1.jsonl.zst", "s2.jsonl.zst"]
 
 

@@ -55,3 +55,21 @@ def test_unicode_cut_and_size_limit(tmp_path):
     with pytest.raises(InputError, match="max_bytes"):
         SubstringDedupPass(SubstringConfig(enabled=True, max_bytes=50)).run(
             [tmp_path / "s.jsonl.zst"], tmp_path / "o2", tmp_path / "w2", LocalExecutor(1), 0, 5)
+
+
+def test_matches_brute_force_on_random_strings():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(300):
+        n, w = rng.randint(1, 60), rng.randint(2, 6)
+        b = bytes(rng.choice(b"ab\xff") for _ in range(n))
+        got = np.zeros(n, bool)
+        for s, e in spans(b, w):
+            got[s:e] = True
+        want = np.zeros(n, bool)
+        for i in range(n - w + 1):
+            win = b[i : i + w]
+            if 0xFF not in win and b.find(win) < i:  # seen at an earlier position
+                want[i : i + w] = True
+        assert (got == want).all(), (b, w)

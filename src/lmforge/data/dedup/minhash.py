@@ -528,7 +528,8 @@ class MinhashDedupPass(CorpusPass):
             edges, jac = self._verify_estimate(edges, sig_dirs + index_dirs)
 
         # 4. cluster
-        remove, clusters = self._cluster(edges, sig_dirs + index_dirs, n_corpus)
+        names = [p.name for p in shards] + [f"index:{Path(d).name}" for d in index_dirs]
+        remove, clusters = self._cluster(edges, sig_dirs + index_dirs, n_corpus, names)
         plan = wd / "remove.json"
         if read_json(plan) is None:
             atomic_write_json(plan, {str(k): v for k, v in remove.items()})
@@ -608,7 +609,9 @@ class MinhashDedupPass(CorpusPass):
         return edges[keep], jac
 
     # -- clustering
-    def _cluster(self, edges, all_dirs, n_corpus) -> tuple[dict[int, dict[int, str]], list[int]]:
+    def _cluster(self, edges, all_dirs, n_corpus, names) -> tuple[dict[int, dict[int, list]], list[int]]:
+        """Connected components of the verified pairs; per removed document [reason, "shard#position"
+        of the document kept for its cluster]. Also returns the cluster sizes."""
         from scipy.sparse import coo_matrix
         from scipy.sparse.csgraph import connected_components
 
@@ -638,16 +641,21 @@ class MinhashDedupPass(CorpusPass):
         keeper = np.zeros(len(nodes), bool)
         keeper[order[first]] = True
         sizes = np.bincount(label, minlength=ncomp)
-        remove: dict[int, dict[int, str]] = {}
+        keeper_of = np.zeros(ncomp, np.int64)
+        keeper_of[label[order[first]]] = order[first]
+        remove: dict[int, dict[int, list]] = {}
         has_index = np.bincount(label, weights=in_index, minlength=ncomp) > 0
         for i in np.nonzero(~keeper & ~in_index)[0]:
-            remove.setdefault(int(sid[i]), {})[int(pos[i])] = "near_duplicate_of_index" if has_index[label[i]] else "near_duplicate"
+            k = keeper_of[label[i]]
+            reason = "near_duplicate_of_index" if has_index[label[i]] else "near_duplicate"
+            remove.setdefault(int(sid[i]), {})[int(pos[i])] = [reason, f"{names[sid[k]]}#{pos[k]}"]
         return remove, sizes.tolist()
 
 
 def _filter_task(task: dict) -> dict:
-    drop = {int(k): v for k, v in task["drop"].items()}
-    return write_without(Path(task["path"]), Path(task["out"]), drop, "minhash", task["sample"])
+    drop = {int(k): v[0] for k, v in task["drop"].items()}
+    meta = {int(k): {"duplicate_of": v[1]} for k, v in task["drop"].items()}
+    return write_without(Path(task["path"]), Path(task["out"]), drop, "minhash", task["sample"], meta)
 
 
 # --------------------------------------------------------------------------- index

@@ -12,11 +12,12 @@ occurrence of any repeated span survives whole, later ones are cut out. Windows 
 a document boundary are ignored. Cuts are made on bytes and the rest is decoded with partial
 characters dropped; a document left with fewer than `min_doc_chars` characters is dropped.
 
-Memory: the whole corpus is sorted in one process: about 18 bytes per corpus byte at the
-peak (text 1, suffix array 4, LCP 4, run ids and minima 8, masks 1; int32 indices up to
-2 GiB of text). `max_bytes` (default 128 MiB, ~2.3 GB of RAM) turns a larger corpus into a
-clear error instead of an out-of-memory kill: use line-level dedup (`lines`), or shard the
-corpus and dedup the parts, for more. The rewrite of the shards is parallel and resumable;
+Memory: the whole corpus is sorted in one process: about 12 bytes per corpus byte at the
+peak (text 1, suffix array 4, LCP 4, masks; int32 indices
+up to 2 GiB of text), plus the documents' Python strings while the corpus is read.
+`max_bytes` (default 128 MiB) turns a larger corpus into a clear error instead of an
+out-of-memory kill: use line-level dedup (`lines`), or dedup parts of the corpus, for more.
+The measured figure is in docs/dedup.md. The rewrite of the shards is parallel and resumable;
 the found spans are saved before it starts.
 """
 
@@ -37,7 +38,7 @@ from lmforge.log import logger
 from lmforge.rundir import atomic_file, atomic_write_json, fingerprint, read_json
 
 SEP = 0xFF
-BYTES_PER_BYTE = 18  # peak memory per corpus byte, measured (see docs/dedup.md)
+BYTES_PER_BYTE = 12  # peak memory per corpus byte, measured (see docs/dedup.md)
 
 
 @dataclass
@@ -45,7 +46,7 @@ class SubstringConfig:
     enabled: bool = False
     min_bytes: int = 50  # shortest repeated span removed (Lee et al.: 50 tokens ~ 100+ bytes; 50 bytes here)
     min_doc_chars: int = 1  # documents left shorter than this are dropped
-    max_bytes: int = 128 * 2**20  # refuse corpora larger than this (memory: ~18 bytes per byte)
+    max_bytes: int = 128 * 2**20  # refuse corpora larger than this (memory: ~12 bytes per byte)
 
     def validate(self) -> None:
         if self.min_bytes < 8:
@@ -66,16 +67,26 @@ def repeated_spans(buf: np.ndarray, min_bytes: int) -> np.ndarray:
         return np.zeros((0, 2), np.int64)
     sa = divsufsort(buf)
     lcp = kasai(buf, sa)  # lcp[i] = common prefix of suffixes sa[i] and sa[i+1]
-    brk = lcp[:-1] < min_bytes
+    link = lcp >= min_bytes  # link[i]: sa[i] and sa[i+1] share their first min_bytes bytes
     del lcp
-    gid = np.empty(n, np.int32)
-    gid[0] = 0
-    np.cumsum(brk, out=gid[1:])
-    starts = np.flatnonzero(np.concatenate(([True], brk)))
-    del brk
-    gmin = np.minimum.reduceat(sa, starts)
-    marked = sa[sa != gmin[gid]]
-    del gid, gmin, starts, sa
+    # only suffixes in a run of >= 2 matter (usually a small share): work on those alone
+    member = link.copy()
+    member[1:] |= link[:-1]
+    idx = np.flatnonzero(member)
+    del member
+    if len(idx) == 0:
+        return np.zeros((0, 2), np.int64)
+    starts_run = np.ones(len(idx), bool)
+    inner = idx > 0
+    starts_run[inner] = ~link[idx[inner] - 1]
+    del link
+    pos = sa[idx]
+    del sa, idx
+    heads = np.flatnonzero(starts_run)
+    run_min = np.minimum.reduceat(pos, heads)
+    run_id = np.cumsum(starts_run) - 1
+    marked = pos[pos != run_min[run_id]]
+    del pos, run_min, run_id, starts_run
     marked = marked[marked <= n - min_bytes].astype(np.int64)
     if len(marked) == 0:
         return np.zeros((0, 2), np.int64)
@@ -84,6 +95,8 @@ def repeated_spans(buf: np.ndarray, min_bytes: int) -> np.ndarray:
         nxt = np.searchsorted(seps, marked)
         nxt_pos = np.where(nxt < len(seps), seps[np.minimum(nxt, len(seps) - 1)], n)
         marked = marked[nxt_pos >= marked + min_bytes]
+    if len(marked) == 0:
+        return np.zeros((0, 2), np.int64)
     marked.sort()
     ends = marked + min_bytes
     run_end = np.maximum.accumulate(ends)
@@ -96,21 +109,21 @@ def repeated_spans(buf: np.ndarray, min_bytes: int) -> np.ndarray:
 
 def _load_corpus(shards: list[Path], max_bytes: int) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
     """The corpus bytes (documents joined by SEP) and per document (shard, pos, start, end)."""
-    parts, where, off = [], [], 0
+    blob, where, off = bytearray(), [], 0  # writable: the suffix sorter wants a writable buffer
     for si, p in enumerate(shards):
         for pos, doc in iter_records(p):
             if doc is None:
                 continue
             b = doc.text.encode("utf-8", "surrogatepass")
+            if where:
+                blob.append(SEP)
             where.append((si, pos, off, off + len(b)))
-            parts.append(b)
+            blob += b
             off += len(b) + 1
             if off > max_bytes:
                 raise InputError(f"substring dedup: the corpus exceeds substring.max_bytes = {max_bytes:,} bytes "
                                  f"(it needs ~{BYTES_PER_BYTE} bytes of memory per corpus byte); raise max_bytes if the "
                                  "memory is there, or use [data.dedup.lines] for larger corpora")
-    blob = bytearray(b"\xff".join(parts))  # writable: the suffix sorter wants a writable buffer
-    del parts
     return np.frombuffer(blob, dtype=np.uint8), where
 
 

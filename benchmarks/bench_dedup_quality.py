@@ -1,0 +1,230 @@
+"""Near-duplicate detection quality on real documents with controlled edits.
+
+    python benchmarks/bench_dedup_quality.py [--per-condition 60] [--distractors 1000]
+
+Base documents: English manual pages and long dictionary entries from ../shared/corpus
+(at least 120 words, exact copies removed). For each edit condition a set of base documents
+gets one edited copy:
+  - word substitutions of 1, 2, 5, 10, 20, 30% of the words (random words from the pool),
+  - word deletions of 1, 2, 5, 10, 20, 30%,
+  - boilerplate added: a block of real text from one fixed manual page, 5, 10, 20, 30% of
+    the document's length, appended as a footer (the same block for every such copy, so the
+    copies also share it with each other: the false-positive trap).
+Plus unedited distractor documents. Ground truth: the true Jaccard of word 5-gram shingle
+sets for every pair of documents sharing any shingle (sparse product); a pair is a true
+duplicate when its Jaccard >= 0.8.
+
+Predicted pairs: every pair inside one cluster. Compared in the same run:
+  - lmforge MinhashDedupPass defaults (14 x 8 bands, exact Jaccard check >= 0.8),
+  - lmforge with the check off (plain LSH),
+  - datasketch MinHashLSH(14 x 8) on the same shingles (a pair per query hit).
+Prints precision / recall on pairs with true Jaccard >= 0.8 and the detection rate per
+condition; writes benchmarks/out/dedup_quality.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "out"
+CORPUS = HERE.parents[1] / "shared" / "corpus"
+sys.path.insert(0, str(HERE.parent / "src"))
+os.environ.setdefault("LMFORGE_PROGRESS", "0")
+
+from lmforge.data.corpus_io import iter_shard, write_shard  # noqa: E402
+from lmforge.data.dedup.minhash import MinhashConfig, MinhashDedupPass, batch_shingles, words  # noqa: E402
+from lmforge.data.document import Document  # noqa: E402
+from lmforge.data.executor import LocalExecutor  # noqa: E402
+
+SUBST = [0.01, 0.02, 0.05, 0.10, 0.20, 0.30]
+DELETE = [0.01, 0.02, 0.05, 0.10, 0.20, 0.30]
+BOILER = [0.05, 0.10, 0.20, 0.30]
+
+
+def base_documents(n: int) -> tuple[list[str], str]:
+    """Distinct real documents of >= 120 words, and one manual page used as boilerplate."""
+    seen, out, boiler = set(), [], None
+    with gzip.open(CORPUS / "multilingual" / "manpages.jsonl.gz", "rt") as f:
+        for line in f:
+            r = json.loads(line)
+            if r.get("lang") != "en":
+                continue
+            t = r["text"]
+            if boiler is None and len(t.split()) > 3000:
+                boiler = t
+                continue
+            if 120 <= len(t.split()) <= 4000 and t not in seen:
+                seen.add(t)
+                out.append(t)
+            if len(out) >= n * 2 // 3:
+                break
+    with gzip.open(CORPUS / "dictionary" / "gcide.jsonl.gz", "rt") as f:
+        for line in f:
+            t = json.loads(line)["text"]
+            if len(t.split()) >= 120 and t not in seen:
+                seen.add(t)
+                out.append(t)
+            if len(out) >= n:
+                break
+    return out, boiler
+
+
+def make_variant(text: str, kind: str, level: float, boiler_words: list[str], pool: list[str], rng: random.Random) -> str:
+    w = text.split()
+    k = max(1, round(len(w) * level))
+    if kind == "subst":
+        for i in rng.sample(range(len(w)), k):
+            w[i] = rng.choice(pool)
+        return " ".join(w)
+    if kind == "delete":
+        drop = set(rng.sample(range(len(w)), k))
+        return " ".join(x for i, x in enumerate(w) if i not in drop)
+    footer = " ".join(boiler_words[:k])
+    return text + "\n\n" + footer
+
+
+def true_pairs(texts: list[str], threshold: float) -> tuple[set, dict]:
+    """Pairs with Jaccard >= threshold (exact, from 5-gram shingle sets) and J of every overlapping pair."""
+    from scipy.sparse import csr_matrix
+
+    sets = []
+    for t in texts:
+        h, _ = batch_shingles([t], 5)
+        sets.append(np.unique(h))
+    allh = np.unique(np.concatenate(sets))
+    rows = np.concatenate([np.full(len(s), i) for i, s in enumerate(sets)])
+    cols = np.concatenate([np.searchsorted(allh, s) for s in sets])
+    x = csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(len(texts), len(allh)))
+    inter = (x @ x.T).tocoo()
+    sizes = np.array([len(s) for s in sets])
+    jac = {}
+    for i, j, v in zip(inter.row, inter.col, inter.data):
+        if i < j:
+            jac[(int(i), int(j))] = float(v) / (sizes[i] + sizes[j] - v)
+    return {p for p, v in jac.items() if v >= threshold}, jac
+
+
+def cluster_pairs(groups: list[list[int]]) -> set:
+    out = set()
+    for g in groups:
+        g = sorted(g)
+        for a in range(len(g)):
+            for b in range(a + 1, len(g)):
+                out.add((g[a], g[b]))
+    return out
+
+
+def lmforge_pairs(texts: list[str], tmp: Path, cfg: MinhashConfig) -> set:
+    shard = tmp / "in" / "q.jsonl.zst"
+    if not shard.exists():
+        write_shard(shard, [Document(str(i), t) for i, t in enumerate(texts)])
+    w = tmp / f"run_{cfg.verify}"
+    shutil.rmtree(w, ignore_errors=True)
+    r = MinhashDedupPass(cfg).run([shard], w / "out", w / "work", LocalExecutor(1), 0, 10**9)
+    pos_to_id = {}
+    for k, d in enumerate(iter_shard(shard)):
+        pos_to_id[f"{shard.name}#{k}"] = int(d.id)
+    groups = defaultdict(set)
+    for recs in r.removed.values():
+        for rec in recs:
+            keeper = pos_to_id[rec["metadata"]["duplicate_of"]]
+            groups[keeper].update([keeper, int(rec["id"])])
+    return cluster_pairs([list(g) for g in groups.values()])
+
+
+def datasketch_pairs(texts: list[str]) -> set:
+    from datasketch import MinHash, MinHashLSH
+
+    lsh = MinHashLSH(num_perm=112, params=(14, 8))
+    pairs = set()
+    for i, t in enumerate(texts):
+        w = words(t)
+        sh = [" ".join(w[k : k + 5]).encode() for k in range(max(1, len(w) - 4))]
+        m = MinHash(num_perm=112)
+        m.update_batch(sh)
+        for c in lsh.query(m):
+            pairs.add((int(c), i))
+        lsh.insert(str(i), m)
+    return pairs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--per-condition", type=int, default=60)
+    ap.add_argument("--distractors", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    rng = random.Random(args.seed)
+    conds = [("subst", x) for x in SUBST] + [("delete", x) for x in DELETE] + [("boiler", x) for x in BOILER]
+    need = len(conds) * args.per_condition + args.distractors
+    bases, boiler = base_documents(need)
+    if len(bases) < need:
+        raise SystemExit(f"only {len(bases)} base documents available, need {need}")
+    rng.shuffle(bases)
+    pool = sorted({w for t in bases[:200] for w in t.split() if w.isalpha()})
+    boiler_words = boiler.split()
+    texts = list(bases[:need])
+    planted = []  # (base index, variant index, kind, level)
+    b = 0
+    for kind, level in conds:
+        for _ in range(args.per_condition):
+            texts.append(make_variant(bases[b], kind, level, boiler_words, pool, rng))
+            planted.append((b, len(texts) - 1, kind, level))
+            b += 1
+    order = list(range(len(texts)))
+    rng.shuffle(order)  # variants are not always after their base
+    inv = {old: new for new, old in enumerate(order)}
+    texts = [texts[i] for i in order]
+    planted = [(inv[a], inv[v], k, lv) for a, v, k, lv in planted]
+    print(f"{len(texts):,} documents: {need - args.distractors:,} edited bases + their copies, {args.distractors:,} distractors")
+
+    truth, jac = true_pairs(texts, 0.8)
+    print(f"true pairs with Jaccard >= 0.8: {len(truth):,}")
+    tmp = Path(tempfile.mkdtemp(prefix="bench_quality_"))
+    try:
+        methods = {
+            "lmforge defaults (exact check)": lmforge_pairs(texts, tmp, MinhashConfig()),
+            "lmforge LSH only (verify=none)": lmforge_pairs(texts, tmp, MinhashConfig(verify="none")),
+            "datasketch MinHashLSH 14x8": datasketch_pairs(texts),
+        }
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    res = {"documents": len(texts), "true_pairs": len(truth), "methods": {}}
+    print(f"\n{'method':<34}{'pairs':>8}{'precision':>11}{'recall':>8}  (pairs with true Jaccard >= 0.8)")
+    for name, pred in methods.items():
+        pred = {tuple(sorted(p)) for p in pred}
+        tp = len(pred & truth)
+        prec = tp / len(pred) if pred else 1.0
+        rec = tp / len(truth) if truth else 1.0
+        res["methods"][name] = {"pairs": len(pred), "precision": prec, "recall": rec,
+                                "false_positive_jaccard_max": max((jac.get(p, 0.0) for p in pred - truth), default=None)}
+        print(f"{name:<34}{len(pred):>8,}{prec:>11.3f}{rec:>8.3f}")
+    print(f"\ndetection of the planted copies per condition (mean true Jaccard; share detected):")
+    print(f"{'edit':<10}{'level':>6}{'mean J':>8}" + "".join(f"{n.split(' (')[0][:22]:>24}" for n in methods))
+    per = {}
+    for kind, level in conds:
+        rows = [(a, v) for a, v, k, lv in planted if k == kind and lv == level]
+        js = [jac.get(tuple(sorted((a, v))), 0.0) for a, v in rows]
+        det = {n: sum(tuple(sorted((a, v))) in {tuple(sorted(p)) for p in pred} for a, v in rows) / len(rows) for n, pred in methods.items()}
+        per[f"{kind}:{level}"] = {"mean_jaccard": float(np.mean(js)), **det}
+        print(f"{kind:<10}{level:>6.0%}{np.mean(js):>8.2f}" + "".join(f"{det[n]:>24.2f}" for n in methods))
+    res["per_condition"] = per
+    OUT.mkdir(exist_ok=True)
+    (OUT / "dedup_quality.json").write_text(json.dumps(res, indent=2))
+    print(f"\nwrote {OUT / 'dedup_quality.json'}")
+
+
+if __name__ == "__main__":
+    main()
