@@ -120,7 +120,7 @@ def prepare_tokens(paths: list[Path], tok: harness.Tok, out: Path, exclude: set[
         batch.clear()
 
     for d in builtin.iter_docs(paths):
-        if builtin.is_heldout(d.id, cfg.heldout_per_mille) or d.text in exclude:
+        if builtin.is_heldout(d.id, cfg.heldout_per_mille) or " ".join(d.text.split()) in exclude:
             skipped += 1
             continue
         batch.append(d)
@@ -147,7 +147,7 @@ def run_ablation(cfg: AblateConfig, base: Path) -> dict:
     tok = harness.load_tok(tok_dir)
     eval_docs = [_res(base, p) for p in cfg.eval_docs] or builtin.default_doc_paths()
     held = builtin.heldout_docs(eval_docs, cfg.heldout_per_mille, cfg.docs_per_source)
-    exclude = {d.text for v in held.values() for d in v}
+    exclude = {" ".join(d.text.split()) for v in held.values() for d in v}  # the same text under another id
     prepared = {}
     for name, paths in cfg.corpora.items():
         ps = [_res(base, p) for p in paths]

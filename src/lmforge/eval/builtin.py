@@ -144,24 +144,32 @@ def gcide_definition(text: str, max_chars: int = 120) -> str:
 
 
 def dictionary_task(path: Path | None = None, n: int = 200, seed: int = 0, n_choices: int = 4) -> Task:
-    """Pick the right definition of a word among `n_choices` (distractors: other entries' definitions)."""
+    """Pick the right definition of a word among `n_choices` (distractors: other entries' definitions).
+
+    Entries are visited in a seeded random order and parsed only until enough usable ones are
+    found (n questions + a distractor pool), so the full 200k-entry GCIDE costs one read."""
     path = Path(path) if path else default_dictionary_path()
+    raw = [(str(r.get("word", "")).strip(), r.get("text")) for _, r in read_records(path) if isinstance(r, dict)]
+    rng = random.Random(seed)
+    order = list(range(len(raw)))
+    rng.shuffle(order)
+    want = n + max(3 * n, 200)
     entries, seen = [], set()
-    for _, r in read_records(path):
-        if not isinstance(r, dict):
+    for i in order:
+        word, text = raw[i]
+        if not word or not isinstance(text, str):
             continue
-        word, text = str(r.get("word", "")).strip(), str(r.get("text", ""))
         d = gcide_definition(text)
-        if not word or len(d) < 15 or d.lower().startswith("see ") or word.lower() in d.lower() or d in seen:
+        if len(d) < 15 or d.lower().startswith("see ") or word.lower() in d.lower() or d in seen:
             continue
         seen.add(d)
         entries.append((word, d))
+        if len(entries) >= want:
+            break
     if len(entries) < n_choices + 1:
         raise InputError(f"{path}: too few usable dictionary entries ({len(entries)})")
-    rng = random.Random(seed)
-    pick = rng.sample(range(len(entries)), min(n, len(entries)))
     examples = []
-    for i in pick:
+    for i in range(min(n, len(entries) - n_choices)):
         word, d = entries[i]
         others = [entries[j][1] for j in rng.sample(range(len(entries)), n_choices + 2) if j != i][: n_choices - 1]
         choices = others + [d]
