@@ -14,9 +14,9 @@ from lmforge.errors import ConfigError, InputError
 from lmforge.log import logger
 
 
-def warc_record(url: str, payload: bytes, *, wtype="response", ctype=b"text/html; charset=utf-8", status=b"200 OK", rid="1") -> bytes:
+def warc_record(url: str, payload: bytes, *, wtype="response", ctype=b"text/html; charset=utf-8", status=b"200 OK", rid="1", extra=b"") -> bytes:
     if wtype == "response":
-        block = b"HTTP/1.1 " + status + b"\r\nContent-Type: " + ctype + b"\r\n\r\n" + payload
+        block = b"HTTP/1.1 " + status + b"\r\nContent-Type: " + ctype + b"\r\n" + extra + b"\r\n" + payload
         wct = b"application/http; msgtype=response"
     else:
         block, wct = payload, b"text/plain"
@@ -94,8 +94,11 @@ def test_plain_warc_garbage_bad_header_truncation_and_wet(tmp_path):
     image = warc_record("https://b.example/i.png", b"\x89PNG", ctype=b"image/png")
     request = warc_record("https://b.example/r", b"GET / HTTP/1.1\r\n\r\n", wtype="request")
     bad_len = b"WARC/1.0\r\nWARC-Type: response\r\nContent-Length: many\r\n\r\nxx\r\n\r\n"
+    chunked = warc_record("https://b.example/ch", b"4\r\n<p>c\r\n6\r\nhunked\r\n0\r\n\r\n", extra=b"Transfer-Encoding: chunked\r\n")
+    zipped = warc_record("https://b.example/gz", gzip.compress(b"<p>zipped</p>"), extra=b"Content-Encoding: gzip\r\n")
+    bad_zip = warc_record("https://b.example/bz", b"not gzip", extra=b"Content-Encoding: gzip\r\n")
     cut = warc_record("https://b.example/cut", b"<p>" + b"x" * 500 + b"</p>")[:-300]
-    data = b"junk before\r\n" + wet + latin + meta + bad_len + broken_utf8 + not_found + image + request + cut
+    data = b"junk before\r\n" + wet + latin + meta + bad_len + broken_utf8 + not_found + image + request + chunked + zipped + bad_zip + cut
     p = tmp_path / "c.warc"
     p.write_bytes(data)
     docs, st = read_all(p)
@@ -104,11 +107,14 @@ def test_plain_warc_garbage_bad_header_truncation_and_wet(tmp_path):
     assert "café" in by_url["https://b.example/l"].text
     assert "\u201chi\u201d" in by_url["https://b.example/m"].text
     assert "\ufffd" in by_url["https://b.example/u"].text
-    assert set(by_url) == {"https://b.example/t", "https://b.example/l", "https://b.example/m", "https://b.example/u"}
+    assert by_url["https://b.example/ch"].text == "<p>chunked" and by_url["https://b.example/gz"].text == "<p>zipped</p>"
+    assert set(by_url) == {"https://b.example/t", "https://b.example/l", "https://b.example/m", "https://b.example/u",
+                           "https://b.example/ch", "https://b.example/gz"}
     assert st.counters["decoded_with_replacement"] == 1
     assert st.counters["skipped:http_status"] == 1 and st.counters["skipped:content_type"] == 1
     assert st.counters["skipped:warc_request"] == 1
     assert st.dropped["corrupt:garbage"] == 1 and st.dropped["corrupt:bad_header"] == 1 and st.dropped["corrupt:truncated"] == 1
+    assert st.dropped["corrupt:bad_http"] == 1
 
 
 def test_jsonl_damage_and_fields(tmp_path, log_lines):

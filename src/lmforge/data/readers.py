@@ -436,6 +436,37 @@ def _warc_records(f: InputFile, rs: ReadStats) -> Iterator[tuple[int, str, dict[
             index += 1
 
 
+def _dechunk(data: bytes) -> bytes:
+    out, i = [], 0
+    while True:
+        j = data.find(b"\r\n", i)
+        if j < 0:
+            raise ValueError("chunk size line missing")
+        size = int(data[i:j].split(b";")[0].strip() or b"0", 16)
+        if size == 0:
+            return b"".join(out)
+        out.append(data[j + 2 : j + 2 + size])
+        if len(out[-1]) < size:
+            raise ValueError("chunk cut short")
+        i = j + 2 + size + 2
+
+
+def _http_decode(payload: bytes, http: dict[str, bytes]) -> bytes:
+    """Undo `Transfer-Encoding: chunked` and `Content-Encoding: gzip/deflate` when a crawler
+    stored the payload as sent (Common Crawl stores it decoded already)."""
+    if b"chunked" in http.get("transfer-encoding", b"").lower():
+        payload = _dechunk(payload)
+    enc = http.get("content-encoding", b"").lower().strip()
+    if enc in (b"gzip", b"x-gzip"):
+        payload = zlib.decompress(payload, 16 + zlib.MAX_WBITS)
+    elif enc == b"deflate":
+        try:
+            payload = zlib.decompress(payload)
+        except zlib.error:
+            payload = zlib.decompress(payload, -zlib.MAX_WBITS)
+    return payload
+
+
 def read_warc(f: InputFile, rs: ReadStats, keep: Callable[[int], bool]) -> Iterator[Document]:
     for index, loc, h, body in _warc_records(f, rs):
         if not keep(index):
@@ -473,6 +504,11 @@ def read_warc(f: InputFile, rs: ReadStats, keep: Callable[[int], bool]) -> Itera
                 meta["format"] = "text"
             else:
                 rs.count("skipped:content_type")
+                continue
+            try:
+                payload = _http_decode(payload, http)
+            except (ValueError, zlib.error) as e:
+                rs.bad("bad_http", loc, f"cannot undo the HTTP transfer/content encoding: {e}")
                 continue
             text = _decode_html(payload, ctype, rs)
         elif wtype == "conversion":  # WET: already plain text
