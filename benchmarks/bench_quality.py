@@ -202,11 +202,11 @@ def part_perplexity(args) -> None:
     from lmforge.data.quality import perplexity as P
     from lmforge.data.quality.common import words
 
-    rows = jsonl_gz(SHARED / "dictionary" / "gcide.jsonl.gz", 40_000)
-    ref, held = [r["text"] for r in rows[:30_000]], [r["text"] for r in rows[30_000:]]
+    rows = jsonl_gz(SHARED / "dictionary" / "gcide.jsonl.gz", 25_000)
+    ref, held = [r["text"] for r in rows[:20_000]], [r["text"] for r in rows[20_000:]]
     model = Path(args.tmp) / "kn5.npz"
     t0 = time.perf_counter()
-    info = P.train_kn(ref, model, order=5, calibrate=held[:2000])
+    info = P.train_kn(ref, model, order=5, calibrate=held[:1000])
     ours_train = time.perf_counter() - t0
     m = P.load_kn(model)
     man = [r["text"] for r in jsonl_gz(SHARED / "multilingual" / "manpages.jsonl.gz", args.docs)]
@@ -214,13 +214,13 @@ def part_perplexity(args) -> None:
     t0 = time.perf_counter()
     ppl_man = P.perplexities(m, man)
     score_s = time.perf_counter() - t0
-    ppl_held = P.perplexities(m, held[:2000])
+    ppl_held = P.perplexities(m, held[:1000])
     print(f"\nKneser-Ney 5-gram on {info['train_tokens']:,} dictionary tokens ({info['ngrams']}); median perplexity: held-out dictionary "
           f"{np.median(ppl_held):.1f}, manual pages {np.median(ppl_man):.1f}")
 
     # peer: NLTK on a slice small enough for it (pure Python), same tokens and sentences, order 3
-    small_ref = ref[:1500]
-    test = [t for t in held[2000:2300]]
+    small_ref = ref[:600]
+    test = [t for t in held[1000:1100]]
     sents = [words(l) for t in small_ref for l in t.splitlines() if words(l)]
     t0 = time.perf_counter()
     P.train_kn(small_ref, Path(args.tmp) / "kn3.npz", order=3, calibrate=[])
@@ -356,7 +356,7 @@ def part_search(args) -> None:
     ours_q = (time.perf_counter() - t0) / len(queries)
     con = duckdb.connect()
     t0 = time.perf_counter()
-    con.execute("CREATE TABLE docs AS SELECT * FROM (VALUES " + ",".join("(?, ?)" for _ in rows[:1]) + ") t(id, text) LIMIT 0")
+    con.execute("CREATE TABLE docs(id VARCHAR, text VARCHAR)")
     con.executemany("INSERT INTO docs VALUES (?, ?)", [(r["id"], r["text"]) for r in rows])
     peer_build = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -372,7 +372,7 @@ def part_search(args) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pages", type=int, default=200, help="crawled pages for the good/bad set")
-    ap.add_argument("--docs", type=int, default=3000, help="manual pages scored for throughput")
+    ap.add_argument("--docs", type=int, default=1000, help="manual pages scored for throughput")
     ap.add_argument("--embed-docs", type=int, default=300, help="chunks embedded for the embedding and topic parts")
     ap.add_argument("--only", default="", help="comma-separated parts: fasttext,embedding,perplexity,toxicity,topics,search")
     ap.add_argument("--json", help="also write the figures to this JSON file")

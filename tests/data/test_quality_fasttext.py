@@ -121,6 +121,7 @@ def test_reading_inputs_counts_and_skips_corrupt_lines(tmp_path, caplog):
     assert list(iter_texts(expand_inputs([tmp_path / "run"]), stats)) == ["alpha text", "beta text"]
     texts = list(iter_texts(expand_inputs([str(removed / "*.jsonl")]), stats))
     assert texts == ["removed one", "removed two"] and stats["corrupt"] == 2
+    assert list(iter_texts(expand_inputs([removed]))) == ["removed one", "removed two"]  # a directory of .jsonl
     with pytest.raises(InputError, match="not found"):
         expand_inputs([tmp_path / "nope.jsonl"])
     with pytest.raises(InputError, match="no files match"):

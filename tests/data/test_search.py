@@ -78,3 +78,14 @@ def test_cli(run_dir, capsys):
     args.func(args)
     first = json.loads(capsys.readouterr().out.splitlines()[0])
     assert first["id"] == "web-1"
+
+
+def test_reachable_from_the_lmforge_command(run_dir, capsys, tmp_path):
+    from lmforge.cli import main
+
+    assert main(["data", "search", str(run_dir), "asyncio", "--limit", "1"]) == 0
+    assert "web-1" in capsys.readouterr().out
+    assert main(["data", "search", str(tmp_path / "missing"), "x"]) == 2
+    assert "corpus not found" in capsys.readouterr().err
+    assert main(["data", "train-quality", "--kind", "perplexity", "--out", str(tmp_path / "m.npz")]) == 2
+    assert "--good" in capsys.readouterr().err

@@ -2,7 +2,8 @@
 and a batched scoring filter.
 
 Labelled examples come from files a user names on the command line:
-- a corpus directory (`*.jsonl.zst` shards) or a run directory (its `corpus/`),
+- a corpus directory (`*.jsonl.zst` shards) or a run directory (its `corpus/`), or a
+  directory of `.jsonl[.gz]` files such as `corpus/removed/`,
 - `corpus/removed/*.jsonl` (what the pipeline's filters removed) or any `.jsonl[.gz|.zst]`
   with a `text` field,
 - `.txt` files (the whole file is one example).
@@ -65,9 +66,9 @@ def expand_inputs(specs: Iterable[str | Path]) -> list[Path]:
             continue
         if p.is_dir():
             d = p / "corpus" if (p / "corpus").is_dir() else p
-            shards = sorted(d.glob("*.jsonl.zst"))
+            shards = sorted(d.glob("*.jsonl.zst")) or sorted(x for pat in ("*.jsonl", "*.jsonl.gz") for x in d.glob(pat))
             if not shards:
-                raise InputError(f"{spec}: directory has no corpus shards (*.jsonl.zst)")
+                raise InputError(f"{spec}: directory has no corpus shards (*.jsonl.zst) or *.jsonl files")
             out.extend(shards)
         elif p.is_file():
             out.append(p)

@@ -44,7 +44,7 @@ class FastTextConfig:
 
 
 def _unit(text: str, salt: str) -> float:
-    return xxhash.xxh64_intdigest(f"{salt}\x00{text}") / 2.0**64
+    return xxhash.xxh64_intdigest(f"{salt}\x00{text}".encode("utf-8", "surrogatepass")) / 2.0**64
 
 
 def split_examples(good: Iterable[str], bad: Iterable[str], valid_fraction: float, seed: int, balance: bool = True, max_chars: int = 10_000, max_per_class: int = 0, prep=None):

@@ -36,8 +36,8 @@ from lmforge.rundir import atomic_file, atomic_write_json
 
 BUCKETS = ("head", "middle", "tail")
 _U = np.uint64
-_BOS = _U(xxhash.xxh64_intdigest("<s>"))
-_EOS = _U(xxhash.xxh64_intdigest("</s>"))
+_BOS = _U(xxhash.xxh64_intdigest(b"<s>"))
+_EOS = _U(xxhash.xxh64_intdigest(b"</s>"))
 _MUL = _U(0x9E3779B97F4A7C15)
 
 
@@ -87,7 +87,7 @@ def token_ids(text: str, max_chars: int = 0) -> np.ndarray:
         toks = words(line)
         if toks:
             ids.append(int(_BOS))
-            ids.extend(h(t) for t in toks)
+            ids.extend(h(t.encode("utf-8", "surrogatepass")) for t in toks)
             ids.append(int(_EOS))
     return np.array(ids, dtype=np.uint64)
 

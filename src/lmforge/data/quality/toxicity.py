@@ -67,10 +67,37 @@ def load_entries(languages: list[str], lists_dir: str | Path = "", extra: list[s
     return entries
 
 
-def compile_entries(entries: list[str]) -> re.Pattern:
-    """One regex: whole words, or words starting with a `stem*`."""
-    alts = sorted({re.escape(e[:-1]) + r"\w*" if e.endswith("*") else re.escape(e) for e in entries}, key=len, reverse=True)
-    return re.compile(r"(?<!\w)(?:" + "|".join(alts) + r")(?!\w)", re.IGNORECASE | re.UNICODE)
+_TOKEN = re.compile(r"\w+", re.UNICODE)
+
+
+class WordMatcher:
+    """Whole-word and `stem*` matching by tokens: the text is lowercased and split into
+    Unicode words once (in C), then each word is looked up in a set of whole words and its
+    prefixes in a set of stems (one lookup per distinct stem length)."""
+
+    def __init__(self, entries: list[str]):
+        self.words = {e for e in entries if not e.endswith("*")}
+        self.stems = {e[:-1] for e in entries if e.endswith("*")}
+        self.lengths = sorted({len(s) for s in self.stems})
+
+    def match(self, w: str) -> bool:
+        if w in self.words:
+            return True
+        n = len(w)
+        for k in self.lengths:
+            if k > n:
+                return False
+            if w[:k] in self.stems:
+                return True
+        return False
+
+    def hits(self, text: str) -> list[str]:
+        toks = _TOKEN.findall(text.lower())
+        found = [w for w in set(toks) if self.match(w)]
+        if not found:
+            return []
+        found_set = set(found)
+        return [w for w in toks if w in found_set]
 
 
 class ToxicityFilter(Filter):
@@ -79,22 +106,13 @@ class ToxicityFilter(Filter):
     def __init__(self, cfg: ToxicityConfig, classifier_path: Path | None = None, seed: int = 0, sample_removed: int = 20):
         super().__init__(cfg.keep_fraction, seed, sample_removed)
         self.cfg = cfg
-        self.pattern = compile_entries(load_entries(cfg.languages, cfg.lists_dir, cfg.extra_words))
+        self.matcher = WordMatcher(load_entries(cfg.languages, cfg.lists_dir, cfg.extra_words))
         self.classifier_path = Path(classifier_path) if classifier_path else None
         if self.classifier_path and not self.classifier_path.is_file():
             raise InputError(f"[data.quality.toxicity] classifier not found: {self.classifier_path}")
 
-    def __getstate__(self):  # compiled patterns pickle fine, but rebuild to keep workers light
-        d = dict(self.__dict__)
-        d.pop("pattern", None)
-        return d
-
-    def __setstate__(self, d):
-        self.__dict__.update(d)
-        self.pattern = compile_entries(load_entries(self.cfg.languages, self.cfg.lists_dir, self.cfg.extra_words))
-
     def hits(self, text: str) -> list[str]:
-        return [m.group(0).lower() for m in self.pattern.finditer(text)]
+        return self.matcher.hits(text)
 
     def decide(self, doc: Document) -> str | None:
         found = self.hits(doc.text)
