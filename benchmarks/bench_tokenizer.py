@@ -7,8 +7,8 @@
 2. encoding MB/s: HF `encode_batch` vs lmforge's tiktoken-backed encode_batch (ids checked
    identical against HF loading lmforge's own tokenizer.json), and lmforge's whole corpus
    encoding (read .jsonl.zst shards, encode, shuffle, write train/val shards);
-3. bytes/token on held-out English prose, and per source of the shared corpus, both
-   tokenizers trained on the same mixed sample.
+3. bytes/token on held-out English prose, and per source of the shared corpus (seeded random
+   documents of each source, 80% to train both tokenizers on one mixed sample, 20% held out).
 Input: /work/shared/corpus (dictionary = gcide, English prose).
 """
 
@@ -45,6 +45,22 @@ def read_texts(path: Path, mb: float, skip_mb: float = 0.0, field_filter=None) -
             n += nb
             if n >= mb * 1e6:
                 break
+    return out
+
+
+def sample_texts(path: Path, mb: float, field_filter=None, seed: int = 0) -> list[str]:
+    """A seeded random selection of whole documents (not the file's head: files are sorted by name)."""
+    import random
+
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        rows = [r["text"] for r in map(json.loads, f) if not field_filter or field_filter(r)]
+    random.Random(seed).shuffle(rows)
+    out, n = [], 0
+    for t in rows:
+        if n >= mb * 1e6:
+            break
+        out.append(t)
+        n += len(t.encode("utf-8"))
     return out
 
 
@@ -183,7 +199,7 @@ def main() -> int:
         }
         train_mix, evals = [], {}
         for name, (p, flt) in sources.items():
-            docs = read_texts(p, args.source_mb * 1.25, field_filter=flt)
+            docs = sample_texts(p, args.source_mb * 1.25, field_filter=flt)
             cut = max(1, int(len(docs) * 0.8))
             train_mix += docs[:cut]
             evals[name] = docs[cut:]
