@@ -8,9 +8,10 @@ Run the plain way (first characters of the raw text, newlines as spaces), lid.17
 misled by what technical text is full of: command lines, option names, paths, identifiers,
 numbers, words hyphenated across line breaks. So the text is prepared first:
 1. words hyphenated across a line break are joined again ("ent-\\n  halten" -> "enthalten");
-2. tokens that are not words of any language are removed: anything with a path or markup
-   character (/ \\ @ _ = < > { } [ ] | # $ % ^ * ~ `), URLs, option flags (-x, --long-name),
-   tokens holding digits, manual references like ls(1);
+2. whitespace-delimited tokens that are not words of any language are removed: those with
+   a path or markup character (/ \\ @ _ = < > { } [ ] | # $ % ^ * ~ `), so paths, URLs,
+   e-mail addresses and identifiers; those holding digits; calls and manual references
+   like f(x) or ls(1); option flags (-x, --long-name);
 3. whitespace is collapsed and the first `max_chars` characters are scored.
 
 Decision: the model's top language and its probability. One rule on top: when the top
@@ -107,20 +108,21 @@ def model_languages(model: Any) -> set[str]:
 # --------------------------------------------------------------------------------------------
 # text preparation and prediction
 
-_HYPHENATED = re.compile(r"([^\W\d_])[\u2010\u00ad-]\n[ \t]*([^\W\d_])")
-_NOT_WORDS = re.compile(
-    r"\S*(?:[/\\@_=<>{}\[\]|#$%^*~`]|://)\S*"  # paths, URLs, e-mails, identifiers, markup
-    r"|(?<!\w)--?\w[\w-]*"  # option flags
-    r"|\b\w*\d\w*\b"  # tokens with digits
-    r"|\w+\(\d\w*\)"  # manual references: ls(1)
-)
+_HYPHEN_BREAK = re.compile(r"[\u2010\u00ad-]\n[ \t]*(?=[^\W\d_])")  # the letter before is checked in _join
+# a whitespace-delimited token that is not a word: it holds a path/markup character or a digit,
+# or a word directly followed by "(" (ls(1), f(x)), or it is an option flag (-x, --long-name)
+_NOT_A_WORD = re.compile(r"(?<!\S)(?:(?=\S*(?:[/\\@_=<>{}\[\]|#$%^*~`\d]|\w\())\S+|--?\w\S*)")
+
+
+def _join(m: re.Match) -> str:
+    i = m.start()
+    return "" if i and m.string[i - 1].isalpha() else m.group(0)
 
 
 def prepare_text(text: str, max_chars: int = 20_000) -> str:
     """The words of `text` that are evidence of a language (see the module docstring)."""
-    raw = text[: max_chars * 2]
-    raw = _HYPHENATED.sub(r"\1\2", raw)
-    return " ".join(_NOT_WORDS.sub(" ", raw).split())[:max_chars]
+    raw = _HYPHEN_BREAK.sub(_join, text[: max_chars * 2])
+    return " ".join(_NOT_A_WORD.sub(" ", raw).split())[:max_chars]
 
 
 def predict(model: Any, text: str, max_chars: int = 20_000, runner_up_min: float = 0.1) -> tuple[str, float]:
