@@ -69,5 +69,5 @@ def trained_dir(tmp_path_factory, sample_corpus_dir) -> Path:
     from lmforge.tokenizer.train_bpe import train_from_corpus
 
     out = tmp_path_factory.mktemp("tok")
-    train_from_corpus(corpus_shards(sample_corpus_dir), out, TokenizerConfig(vocab_size=1024), seed=1)
+    train_from_corpus(corpus_shards(sample_corpus_dir), out, TokenizerConfig(vocab_size=1024, train_bytes=1_000_000), seed=1)
     return out

@@ -96,7 +96,7 @@ def test_special_tokens_and_files(trained_dir):
     assert tok.decode([tok.bos_id] + tok.encode("hello")) == "<|bos|>hello"
 
 
-def _real_texts(sample_dir, n=120):
+def _real_texts(sample_dir, n=80):
     docs = sample_docs(sample_dir, limit=n)
     return [d.text for ds in docs.values() for d in ds] + TRICKY
 
@@ -110,7 +110,7 @@ def test_ids_identical_hf_tiktoken_transformers(trained_dir, sample_dir):
     tf = PreTrainedTokenizerFast(tokenizer_file=str(trained_dir / "tokenizer.json"))
     texts = _real_texts(sample_dir)
     # code, man pages in 7 languages, fortunes, dictionary entries, and the edge cases above
-    assert len(texts) > 400
+    assert len(texts) > 300
     ours = tok.encode_batch(texts)
     assert ours == [tok.encode(t) for t in texts]
     clean = [t for t in texts if "<|" not in t]  # HF treats special-token strings inside text as specials

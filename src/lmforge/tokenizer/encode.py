@@ -206,7 +206,7 @@ def _encode_all(shards: list[Path], tokenizer_file: Path, work: Path, workers: i
     for i, s in enumerate(shards):
         key = _shard_key(s, sha)
         m = read_json(_marker(work, i))
-        if m and all(m.get(k) == v for k, v in key.items()) and (work / f"enc_{i:05d}.bin").exists():
+        if m and all(m.get(k) == v for k, v in key.items()) and all((work / f"enc_{i:05d}{ext}").exists() for ext in (".bin", ".docs.npy", ".counts.npy")):
             markers[i] = m
         else:
             todo.append(_Task(i, str(s), str(tokenizer_file), str(work), batch_docs, threads, key))
@@ -296,7 +296,10 @@ def encode_corpus(
         counts += np.load(work / f"enc_{i:05d}.counts.npy")
         binf = work / f"enc_{i:05d}.bin"
         maps.append(np.memmap(binf, dtype="<u4", mode="r") if binf.stat().st_size else np.zeros(0, dtype="<u4"))
-        remap = np.array([src_names.index(s) if s in src_names else (src_names.append(s) or len(src_names) - 1) for s in m["sources"]] or [0], dtype=np.int32)
+        for name in m["sources"]:
+            if name not in src_names:
+                src_names.append(name)
+        remap = np.array([src_names.index(name) for name in m["sources"]] or [0], dtype=np.int32)  # shard-local -> global
         starts = np.concatenate([[0], np.cumsum(docs["tokens"])[:-1]]) if len(docs) else np.zeros(0, dtype=np.int64)
         parts["shard"].append(np.full(len(docs), i, dtype=np.int32))
         parts["start"].append(starts.astype(np.int64))
