@@ -52,6 +52,8 @@ def test_stage_writes_the_contract(tmp_path, sample_corpus_dir):
     assert all(1.0 < v["bytes_per_token"] < 6.0 for v in stats["sources"].values())
     assert stats["basis"] == "corpus" and stats["training"]["docs"] > 0
     assert len(stats["longest_tokens"]) == 20 and len(stats["least_frequent_tokens"]) == 20
+    assert [t["id"] for t in stats["last_learned_tokens"]] == list(range(599, 579, -1))  # the last merges
+    assert "Last learned tokens" in rd.report.read_text()
     lengths = [t["bytes"] for t in stats["longest_tokens"]]
     assert lengths == sorted(lengths, reverse=True)
     counts = [t["count"] for t in stats["least_frequent_tokens"]]

@@ -49,7 +49,7 @@ def vocab_profile(tok: Tokenizer) -> dict:
 
 
 def tokenizer_stats(tok: Tokenizer, sources: dict[str, dict], counts: np.ndarray | None, top: int = 20, basis: str = "corpus") -> dict:
-    """stats.json: bytes/token per source, longest tokens, least (and most) frequent tokens."""
+    """stats.json: bytes/token per source, longest tokens, last learned merges, least (and most) frequent tokens."""
     special = set(tok.special_tokens.values())
     normal = [i for i in range(tok.vocab_size) if i not in special]
     lengths = {i: len(tok.token_bytes(i)) for i in normal}
@@ -65,6 +65,8 @@ def tokenizer_stats(tok: Tokenizer, sources: dict[str, dict], counts: np.ndarray
         "sources": {k: dict(v, bytes_per_token=round(v["bytes"] / max(v["tokens"], 1), 4)) for k, v in sorted(sources.items())},
         "mean_token_bytes": round(float(np.mean(list(lengths.values()))), 3) if lengths else 0.0,
         "longest_tokens": [{"id": i, "bytes": lengths[i], "text": show_token(tok, i)} for i in longest],
+        # the last merges BPE learned: the least frequent pairs of the training sample, where odd data shows first
+        "last_learned_tokens": [{"id": i, "text": show_token(tok, i)} for i in sorted(normal, reverse=True)[:top]],
         "profile": vocab_profile(tok),
     }
     if counts is not None:
@@ -100,6 +102,8 @@ def stats_markdown(stats: dict, plot: str | None = None) -> str:
     if plot:
         lines += ["", f"![tokenizer]({plot})"]
     lines += ["", "Longest tokens: " + ", ".join(f"{_cell(t['text'])} ({t['bytes']})" for t in stats["longest_tokens"])]
+    lines += ["", "Last learned tokens (rarest merges of the training sample): "
+              + ", ".join(_cell(t["text"]) for t in stats.get("last_learned_tokens", []))]
     if "least_frequent_tokens" in stats:
         lines += ["", f"{stats['unused_tokens']} ids never used in the {stats['basis']} ({stats['unused_byte_tokens']} of them single bytes). "
                   "Least frequent learned tokens: "
