@@ -70,7 +70,7 @@ def resolve_labels(docs: list[dict]) -> int:
 
 
 def is_dev(doc_id: str) -> bool:
-    return xxhash.xxh64_intdigest(doc_id) % 10 == 0
+    return xxhash.xxh64_intdigest(doc_id.encode("utf-8")) % 10 == 0
 
 
 def evaluate(name: str, fn, docs: list[dict]) -> dict:
