@@ -142,7 +142,7 @@ _CURRENCY_PREFIX = re.compile(r"^(?:US|C|A)\$")
 # Abbreviations and other chunks that stay one token although they end in a period.
 _ABBREVIATIONS = frozenset(
     """
-    a.m. p.m. e.g. i.e. E.g. I.e. E.G. I.E. vs. v.s. Mr. Mrs. Ms. Dr. Prof. St. Mt. Jr. Sr. Inc. Ltd. Co. co.
+    a.m. p.m. e.g. i.e. E.g. I.e. E.G. I.E. vs. v.s. Mr. Mrs. Ms. Dr. Prof. St. Mt. Jr. Inc. Ltd. Co. co.
     Corp. Bros. Gen. Gov. Rep. Sen. Rev. Adm. Messrs. Ph.D. D.C. N.Y. N.J. N.C. N.D. N.H. N.M. S.C. U.S. U.K.
     Jan. Feb. Mar. Apr. Jun. Jul. Aug. Sep. Sept. Oct. Nov. Dec.
     Ala. Ariz. Ark. Calif. Colo. Conn. Del. Fla. Ga. Ill. Ind. Ia. Id. Kan. Kans. Ky. La. Md. Mass. Mich. Minn.
@@ -316,18 +316,32 @@ def split_words(text: str) -> list[str]:
     return out
 
 
+_WS_CHUNK = re.compile(r"(\s*)(\S+)")
+
+
 def count_sentences(text: str, limit: int = 0) -> int:
-    """Number of sentences in `text` (1 for any non-empty text); stops counting at `limit` if > 0."""
+    """Number of sentences in `text` (1 for any non-empty text); stops counting at `limit` if > 0.
+
+    A sentence ends at a `.`/`!`/`?` token; the next one starts at the first following token
+    that is not punctuation, or at extra whitespace (more than one space, a tab), which the
+    reference tokenizer keeps as a token of its own."""
     n = 1
     seen_end = False
-    for tok in split_words(text):
-        if tok in SENTENCE_END:
-            seen_end = True
-        elif seen_end and not is_punct_token(tok):
+    for m in _WS_CHUNK.finditer(text):
+        ws = m.group(1)
+        if seen_end and ws and ws != " " and m.start() > 0:
             n += 1
             seen_end = False
             if limit and n >= limit:
                 return n
+        for tok in split_words(m.group(2)):
+            if tok in SENTENCE_END:
+                seen_end = True
+            elif seen_end and not is_punct_token(tok):
+                n += 1
+                seen_end = False
+                if limit and n >= limit:
+                    return n
     return n
 
 
