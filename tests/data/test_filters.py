@@ -62,6 +62,8 @@ def test_count_and_split_sentences():
     assert count_sentences("Hello world. This is it! Is it? Yes.") == 4
     assert count_sentences("Mr. Smith arrived, e.g. at noon.") == 1  # abbreviations do not end sentences
     assert count_sentences("One. Two. Three. Four.", limit=2) == 2
+    assert count_sentences("it ends here.  ;)") == 2  # extra whitespace after an end starts a sentence
+    assert count_sentences("it ends here. ;)") == 1
     assert split_sentences("First one. Second one! Third") == ["First one.", "Second one!", "Third"]
 
 
