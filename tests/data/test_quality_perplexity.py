@@ -37,7 +37,7 @@ def dict_model(tmp_path_factory):
 
 
 def _ids(tokens, bos=True):
-    ids = ([int(P._BOS)] if bos else []) + [xxhash.xxh64_intdigest(t) for t in tokens]
+    ids = ([int(P._BOS)] if bos else []) + [xxhash.xxh64_intdigest(t.encode("utf-8")) for t in tokens]
     return np.array(ids, dtype=np.uint64)
 
 

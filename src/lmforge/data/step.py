@@ -25,7 +25,7 @@ from lmforge.data.document import Document
 
 def doc_uniform(doc_id: str, salt: str) -> float:
     """A deterministic uniform [0,1) number for (document, salt): same on every machine and run."""
-    return xxhash.xxh64_intdigest(f"{salt}\x00{doc_id}") / 2.0**64
+    return xxhash.xxh64_intdigest(f"{salt}\x00{doc_id}".encode("utf-8", "surrogatepass")) / 2.0**64
 
 
 @dataclass
@@ -81,7 +81,7 @@ class RemovedSample:
     def add(self, reason: str, doc: Document) -> None:
         if self.k <= 0:
             return
-        h = -xxhash.xxh64_intdigest(doc.id)  # max-heap on hash: pop the largest to keep the k smallest
+        h = -xxhash.xxh64_intdigest(doc.id.encode("utf-8", "surrogatepass"))  # max-heap on hash: pop the largest to keep the k smallest
         heap = self.heaps.setdefault(reason, [])
         if len(heap) < self.k:
             heapq.heappush(heap, (h, doc.id, self._rec(doc)))

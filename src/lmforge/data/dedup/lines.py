@@ -88,7 +88,7 @@ def unit_hashes(text: str, unit: str, min_chars: int) -> list[int | None]:
     out = []
     for body, _ in split_units(text, unit):
         n = normalize_unit(body)
-        out.append(xxhash.xxh3_64_intdigest(n) if n and len(n) >= min_chars else None)
+        out.append(xxhash.xxh3_64_intdigest(n.encode("utf-8", "surrogatepass")) if n and len(n) >= min_chars else None)
     return out
 
 
