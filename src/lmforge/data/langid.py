@@ -125,12 +125,20 @@ def prepare_text(text: str, max_chars: int = 20_000) -> str:
     return " ".join(_NOT_A_WORD.sub(" ", raw).split())[:max_chars]
 
 
+def _ft_predict(model: Any, text: str, k: int) -> tuple[list[str], list[float]]:
+    """Top-k (labels, probabilities) through the C++ binding directly: the Python wrappers of the
+    two fastText builds on PyPI (fasttext-wheel, fasttext-predict) share a module name and one of
+    them breaks under NumPy 2, so which one a fresh install ends up with must not matter."""
+    pairs = model.f.predict(text.replace("\n", " ") + "\n", k, 0.0, "replace")
+    return [lab for _, lab in pairs], [p for p, _ in pairs]
+
+
 def predict(model: Any, text: str, max_chars: int = 20_000, runner_up_min: float = 0.1) -> tuple[str, float]:
     """(language, score) of one text; ("und", 0.0) when nothing is left to score."""
     clean = prepare_text(text, max_chars)
     if not any(c.isalpha() for c in clean):
         return UNDETERMINED, 0.0
-    labels, probs = model.predict(clean, k=3)
+    labels, probs = _ft_predict(model, clean, 3)
     ranked = [(lab.removeprefix("__label__"), min(1.0, float(p))) for lab, p in zip(labels, probs)]
     lang, score = ranked[0]
     if lang == "en" and runner_up_min < 1.0:
@@ -142,7 +150,7 @@ def predict(model: Any, text: str, max_chars: int = 20_000, runner_up_min: float
 
 def predict_plain(model: Any, text: str, max_chars: int = 5_000) -> tuple[str, float]:
     """The plain way, for comparison: the first `max_chars` of the raw text, newlines as spaces."""
-    labels, probs = model.predict(text[:max_chars].replace("\n", " "), k=1)
+    labels, probs = _ft_predict(model, text[:max_chars], 1)
     return labels[0].removeprefix("__label__"), min(1.0, float(probs[0]))
 
 
