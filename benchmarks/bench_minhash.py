@@ -54,7 +54,8 @@ def load(path: Path, n: int | None) -> list[dict]:
     with gzip.open(path, "rt", encoding="utf-8") as f:
         for line in f:
             r = json.loads(line)
-            out.append({"id": str(r["id"]), "text": r["text"]})
+            # lone surrogates (a few entries have them) make datatrove's hashing fail: same clean text for both
+            out.append({"id": str(r["id"]), "text": r["text"].encode("utf-8", "replace").decode("utf-8")})
             if n and len(out) >= n:
                 break
     return out

@@ -14,9 +14,13 @@ Stages, each a set of resumable executor tasks whose outputs live on disk under 
 3. verify (optional): candidate pairs are checked by exact Jaccard of their shingle sets
    (recomputed from the shard texts for the documents involved), or by the fraction of equal
    MinHash values (`estimate`), or not at all.
-4. cluster: union of the verified pairs (connected components, scipy); one document per
-   cluster is kept by a deterministic rule (longest text, ties by smaller position; or
-   first in corpus order), never by processing order. Cluster-size histogram in the stats.
+4. cluster: connected components of the verified pairs (scipy's union-find equivalent),
+   then, by default, "star" clusters inside each component: documents in a deterministic
+   priority order (longest text first, ties by corpus position; or corpus order), each
+   removed for the first kept document it is verified-similar to, else kept. So no document
+   is removed for one it does not resemble (components alone would chain A~B~C). Never
+   depends on processing order. Cluster-size histogram in the stats; each removed
+   document's metadata names its keeper (`duplicate_of`: "shard#position").
 5. filter (one task per shard): write each shard without its removed documents.
 
 Documents with fewer than `min_shingles` distinct shingles are left out of LSH: their
@@ -338,6 +342,7 @@ class MinhashConfig:
     verify: Literal["exact", "estimate", "none"] = "exact"  # check candidate pairs
     threshold: float = 0.8  # Jaccard a verified pair must reach
     keep: Literal["longest", "first"] = "longest"  # which document of a cluster survives
+    clustering: Literal["star", "components"] = "star"  # see MinhashDedupPass._cluster
     index: str = ""  # directory of an index (`lmforge data dedup index`) to dedup against
     key_ranges: int = 4  # bucket tasks per band (bounds memory: one key range at a time)
     batch_shingles: int = 4096  # shingles per vectorised signature block
@@ -490,10 +495,11 @@ class MinhashDedupPass(CorpusPass):
 
         t0 = time.perf_counter()
         c = self.cfg
+        self._sets = {}
         shards = check_shards(in_shards)
         out_dir = Path(out_dir)
         index = load_index(self.resolve(c.index), c) if c.index else None
-        fp = fingerprint({"cfg": c.params(), "verify": c.verify, "t": c.threshold, "keep": c.keep,
+        fp = fingerprint({"cfg": c.params(), "verify": c.verify, "t": c.threshold, "keep": c.keep, "clustering": c.clustering,
                           "index": str(self.resolve(c.index)) if c.index else "",
                           "shards": [p.name for p in shards]})
         wd = Path(work_dir) / f"minhash-{fp}"
@@ -546,10 +552,11 @@ class MinhashDedupPass(CorpusPass):
         stats.counters["short_docs_skipped"] = sum(s["short"] for s in sig_info)
         hist = Counter(clusters)
         extra = {
-            "params": c.params() | {"verify": c.verify, "threshold": c.threshold, "keep": c.keep},
+            "params": c.params() | {"verify": c.verify, "threshold": c.threshold, "keep": c.keep, "clustering": c.clustering},
             "candidate_pairs": n_candidates,
             "verified_pairs": int(len(edges)),
             "clusters": len(clusters),
+            "components": getattr(self, "_components", 0),
             "cluster_sizes": {str(k): v for k, v in sorted(hist.items())},
         }
         if jac is not None and len(jac):
@@ -595,6 +602,7 @@ class MinhashDedupPass(CorpusPass):
                 j = 0.0  # a record that could not be read again
             jac[e] = j
             keep[e] = j >= c.threshold
+        self._sets = sets
         return edges[keep], jac
 
     def _verify_estimate(self, edges, all_dirs):
@@ -609,12 +617,32 @@ class MinhashDedupPass(CorpusPass):
         return edges[keep], jac
 
     # -- clustering
+    def _similarity(self, all_dirs):
+        """Pair similarity for clustering: exact Jaccard where the shingle sets were loaded (verify =
+        "exact"), else the share of equal MinHash values."""
+        sets = getattr(self, "_sets", {})
+        sigs = [np.load(Path(d) / "sig.npy", mmap_mode="r") for d in all_dirs]
+
+        def sim(x: int, y: int) -> float:
+            if x in sets and y in sets:
+                return _jaccard(sets[x], sets[y])
+            return _sig_agreement(sigs, x, y)
+
+        return sim
+
     def _cluster(self, edges, all_dirs, n_corpus, names) -> tuple[dict[int, dict[int, list]], list[int]]:
-        """Connected components of the verified pairs; per removed document [reason, "shard#position"
-        of the document kept for its cluster]. Also returns the cluster sizes."""
+        """Clusters of the verified pairs; per removed document [reason, "shard#position" of the
+        document kept for it]. Also returns the cluster sizes (keeper + removed documents).
+
+        `components`: connected components (union-find), one keeper each, the rest removed: a
+        chain A~B~C removes C for A even when A and C are not alike. `star` (default): within
+        each component, documents in priority order; one that is verified-similar to an
+        already kept document is removed for it, else kept. So every removed document is a
+        verified near-duplicate of its keeper, and a component may keep several documents."""
         from scipy.sparse import coo_matrix
         from scipy.sparse.csgraph import connected_components
 
+        self._components = 0
         if len(edges) == 0:
             return {}, []
         nodes, inv = np.unique(edges.ravel(), return_inverse=True)
@@ -634,22 +662,59 @@ class MinhashDedupPass(CorpusPass):
             prio = -length
         else:
             prio = np.zeros(len(nodes), np.int64)
-        # index documents always win (they are already in the reference corpus)
+        # index documents always win (they are already in the reference corpus), then priority
         order = np.lexsort((nodes, prio, ~in_index, label))
-        first = np.ones(len(order), bool)
-        first[1:] = label[order][1:] != label[order][:-1]
-        keeper = np.zeros(len(nodes), bool)
-        keeper[order[first]] = True
-        sizes = np.bincount(label, minlength=ncomp)
-        keeper_of = np.zeros(ncomp, np.int64)
-        keeper_of[label[order[first]]] = order[first]
+        if self.cfg.clustering == "components":
+            first = np.ones(len(order), bool)
+            first[1:] = label[order][1:] != label[order][:-1]
+            keep_of = np.full(len(nodes), -1, np.int64)
+            heads = order[first]
+            comp_head = np.zeros(ncomp, np.int64)
+            comp_head[label[heads]] = heads
+            keep_of[:] = comp_head[label]
+            keep_of[heads] = -1
+        else:
+            # star clusters: walk each component in priority order; a document next to (verified
+            # similar to) an already kept one goes, with that one as its keeper; otherwise it is kept
+            from scipy.sparse import csr_matrix
+
+            n = len(nodes)
+            adj = csr_matrix((np.ones(2 * len(inv), np.int8), (np.concatenate([inv[:, 0], inv[:, 1]]), np.concatenate([inv[:, 1], inv[:, 0]]))), shape=(n, n))
+            rank = np.empty(n, np.int64)
+            rank[order] = np.arange(n)
+            kept = np.zeros(n, bool)
+            keep_of = np.full(n, -1, np.int64)
+            ptr, ind = adj.indptr, adj.indices
+            kept_in: dict[int, list[int]] = {}  # component -> its kept documents, in priority order
+            sim = self._similarity(all_dirs)
+            for i in order.tolist():
+                if not in_index[i]:
+                    nb = ind[ptr[i] : ptr[i + 1]]
+                    nb = nb[kept[nb]]
+                    if len(nb):
+                        keep_of[i] = nb[np.argmin(rank[nb])]
+                        continue
+                    # LSH lists only some pairs of a bucket: compare with the component's keepers too
+                    k = next((k for k in kept_in.get(label[i], []) if sim(int(nodes[i]), int(nodes[k])) >= self.cfg.threshold), -1)
+                    if k >= 0:
+                        keep_of[i] = k
+                        continue
+                kept[i] = True
+                kept_in.setdefault(label[i], []).append(i)
+        removed_idx = np.flatnonzero((keep_of >= 0) & ~in_index)
+        sizes = np.bincount(keep_of[removed_idx], minlength=len(nodes))
+        sizes = sizes[sizes > 0] + 1  # a keeper and the documents removed for it
         remove: dict[int, dict[int, list]] = {}
-        has_index = np.bincount(label, weights=in_index, minlength=ncomp) > 0
-        for i in np.nonzero(~keeper & ~in_index)[0]:
-            k = keeper_of[label[i]]
-            reason = "near_duplicate_of_index" if has_index[label[i]] else "near_duplicate"
+        for i in removed_idx.tolist():
+            k = keep_of[i]
+            reason = "near_duplicate_of_index" if in_index[k] else "near_duplicate"
             remove.setdefault(int(sid[i]), {})[int(pos[i])] = [reason, f"{names[sid[k]]}#{pos[k]}"]
+        self._components = int(ncomp)
         return remove, sizes.tolist()
+
+
+def _sig_agreement(sigs, x: int, y: int) -> float:
+    return float(np.mean(sigs[x >> 32][x & 0xFFFFFFFF] == sigs[y >> 32][y & 0xFFFFFFFF]))
 
 
 def _filter_task(task: dict) -> dict:

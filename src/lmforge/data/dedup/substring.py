@@ -12,8 +12,8 @@ occurrence of any repeated span survives whole, later ones are cut out. Windows 
 a document boundary are ignored. Cuts are made on bytes and the rest is decoded with partial
 characters dropped; a document left with fewer than `min_doc_chars` characters is dropped.
 
-Memory: the whole corpus is sorted in one process: about 12 bytes per corpus byte at the
-peak (text 1, suffix array 4, LCP 4, masks; int32 indices
+Memory: the whole corpus is sorted in one process: about 13 bytes per corpus byte at the
+peak (text 1, suffix array 4, LCP 4 and Kasai's rank array 4; int32 indices
 up to 2 GiB of text), plus the documents' Python strings while the corpus is read.
 `max_bytes` (default 128 MiB) turns a larger corpus into a clear error instead of an
 out-of-memory kill: use line-level dedup (`lines`), or dedup parts of the corpus, for more.
@@ -38,7 +38,7 @@ from lmforge.log import logger
 from lmforge.rundir import atomic_file, atomic_write_json, fingerprint, read_json
 
 SEP = 0xFF
-BYTES_PER_BYTE = 12  # peak memory per corpus byte, measured (see docs/dedup.md)
+BYTES_PER_BYTE = 13  # peak memory per corpus byte, measured (see docs/dedup.md)
 
 
 @dataclass
@@ -46,7 +46,7 @@ class SubstringConfig:
     enabled: bool = False
     min_bytes: int = 50  # shortest repeated span removed (Lee et al.: 50 tokens ~ 100+ bytes; 50 bytes here)
     min_doc_chars: int = 1  # documents left shorter than this are dropped
-    max_bytes: int = 128 * 2**20  # refuse corpora larger than this (memory: ~12 bytes per byte)
+    max_bytes: int = 128 * 2**20  # refuse corpora larger than this (memory: ~13 bytes per byte)
 
     def validate(self) -> None:
         if self.min_bytes < 8:
@@ -72,22 +72,23 @@ def repeated_spans(buf: np.ndarray, min_bytes: int) -> np.ndarray:
     # only suffixes in a run of >= 2 matter (usually a small share): work on those alone
     member = link.copy()
     member[1:] |= link[:-1]
-    idx = np.flatnonzero(member)
+    idx = np.flatnonzero(member).astype(np.int32)  # int32 throughout: n < 2**31
     del member
     if len(idx) == 0:
         return np.zeros((0, 2), np.int64)
     starts_run = np.ones(len(idx), bool)
     inner = idx > 0
     starts_run[inner] = ~link[idx[inner] - 1]
-    del link
+    del link, inner
     pos = sa[idx]
     del sa, idx
-    heads = np.flatnonzero(starts_run)
-    run_min = np.minimum.reduceat(pos, heads)
-    run_id = np.cumsum(starts_run) - 1
+    run_min = np.minimum.reduceat(pos, np.flatnonzero(starts_run))
+    run_id = np.cumsum(starts_run, dtype=np.int32)
+    run_id -= 1
+    del starts_run
     marked = pos[pos != run_min[run_id]]
-    del pos, run_min, run_id, starts_run
-    marked = marked[marked <= n - min_bytes].astype(np.int64)
+    del pos, run_min, run_id
+    marked = marked[marked <= n - min_bytes]
     if len(marked) == 0:
         return np.zeros((0, 2), np.int64)
     seps = np.flatnonzero(buf == SEP)
@@ -104,7 +105,7 @@ def repeated_spans(buf: np.ndarray, min_bytes: int) -> np.ndarray:
     new[1:] = marked[1:] > run_end[:-1]
     first = np.flatnonzero(new)
     last = np.append(first[1:] - 1, len(marked) - 1)
-    return np.stack([marked[first], run_end[last]], axis=1)
+    return np.stack([marked[first], run_end[last]], axis=1).astype(np.int64)
 
 
 def _load_corpus(shards: list[Path], max_bytes: int) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
