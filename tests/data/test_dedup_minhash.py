@@ -237,3 +237,19 @@ def test_real_dictionary_duplicates(shared_corpus, tmp_path):
     assert removed > 100
     jq = r.extra["verified_jaccard_quantiles"]
     assert jq[0] >= 0.8  # exact check: every removed document is >= 0.8 Jaccard to its keeper
+
+
+def test_star_clustering_does_not_chain(tmp_path, sample_dir):
+    """A ~ B and B ~ C (Jaccard ~0.86) but A !~ C (~0.73): components remove C for A, star keeps C."""
+    base = " ".join(" ".join(real_texts(sample_dir, 3)).split()[:200]).split()
+    b, c = list(base), list(base)
+    for i in (10, 40, 70):
+        b[i] = c[i] = f"xx{i}"
+    for i in (120, 150, 180):
+        c[i] = f"yy{i}"
+    docs = [Document("A", " ".join(base)), Document("B", " ".join(b)), Document("C", " ".join(c))]
+    p = write(tmp_path / "in", "s.jsonl.zst", docs)
+    star = MinhashDedupPass(MinhashConfig(keep="first")).run([p], tmp_path / "o1", tmp_path / "w1", LocalExecutor(1), 0, 5)
+    comp = MinhashDedupPass(MinhashConfig(keep="first", clustering="components")).run([p], tmp_path / "o2", tmp_path / "w2", LocalExecutor(1), 0, 5)
+    assert kept_ids(star.shards) == {"A", "C"} and star.extra["cluster_sizes"] == {"2": 1}
+    assert kept_ids(comp.shards) == {"A"} and comp.extra["cluster_sizes"] == {"3": 1}
