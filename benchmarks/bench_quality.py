@@ -71,8 +71,12 @@ def jsonl_gz(path: Path, n: int | None = None) -> list[dict]:
 # ------------------------------------------------------------------ data
 
 
-def boilerplate_set(pages: int) -> tuple[list[str], list[str]]:
+def boilerplate_set(pages: int, cache: str = "") -> tuple[list[str], list[str]]:
     """(good, bad) chunks from the Python-docs crawl: main content vs the rest of the page."""
+    if cache and Path(cache).is_file():
+        d = json.loads(Path(cache).read_text())
+        if d.get("pages") == pages:
+            return d["good"], d["bad"]
     import lxml.html
 
     from lmforge.data.extract import extract_text
@@ -102,6 +106,8 @@ def boilerplate_set(pages: int) -> tuple[list[str], list[str]]:
                 c = "\n".join(lines[i : i + 6])
                 if len(c) >= 40:
                     chunks.append(c)
+    if cache:
+        Path(cache).write_text(json.dumps({"pages": pages, "good": good, "bad": bad}))
     return good, bad
 
 
@@ -115,7 +121,7 @@ def part_fasttext(args, data) -> None:
     tmp = Path(args.tmp)
     model = tmp / "ft_quality.bin"
     t0 = time.perf_counter()
-    m = train_fasttext(good, bad, model, seed=0, epoch=10)
+    m = train_fasttext(good, bad, model, seed=0)
     train_s = time.perf_counter() - t0
     h = m["heldout"]
     print(f"\ngood/bad set: {len(good)} main-content chunks, {len(bad)} boilerplate chunks from {args.pages} crawled pages; "
@@ -219,9 +225,18 @@ def part_perplexity(args) -> None:
           f"{np.median(ppl_held):.1f}, manual pages {np.median(ppl_man):.1f}")
 
     # peer: NLTK on a slice small enough for it (pure Python), same tokens and sentences, order 3
-    small_ref = ref[:600]
-    test = [t for t in held[1000:1100]]
-    sents = [words(l) for t in small_ref for l in t.splitlines() if words(l)]
+    # both models get the same closed vocabulary: words seen once in the slice become one unknown-word token
+    from collections import Counter
+
+    small_ref = ref[: args.nltk_docs]
+    test = held[1000 : 1000 + max(10, args.nltk_docs // 10)]
+    freq = Counter(w for t in small_ref for w in words(t))
+
+    def closed(t):
+        return "\n".join(" ".join(w if freq[w] >= 2 else "zzunk" for w in words(l)) for l in t.splitlines() if words(l))
+
+    small_ref, test = [closed(t) for t in small_ref], [closed(t) for t in test]
+    sents = [l.split() for t in small_ref for l in t.splitlines()]
     t0 = time.perf_counter()
     P.train_kn(small_ref, Path(args.tmp) / "kn3.npz", order=3, calibrate=[])
     ours_small_train = time.perf_counter() - t0
@@ -237,7 +252,7 @@ def part_perplexity(args) -> None:
     t0 = time.perf_counter()
     peer_ppl = []
     for t in test:
-        grams = [g for l in t.splitlines() if words(l) for g in ngrams(pad_both_ends(words(l), n=3), 3)]
+        grams = [g for l in t.splitlines() for g in ngrams(pad_both_ends(l.split(), n=3), 3)]
         peer_ppl.append(nltk_lm.perplexity(grams) if grams else float("inf"))
     peer_score = time.perf_counter() - t0
     peer_ppl = np.array(peer_ppl)
@@ -374,8 +389,10 @@ def main() -> int:
     ap.add_argument("--pages", type=int, default=200, help="crawled pages for the good/bad set")
     ap.add_argument("--docs", type=int, default=1000, help="manual pages scored for throughput")
     ap.add_argument("--embed-docs", type=int, default=300, help="chunks embedded for the embedding and topic parts")
+    ap.add_argument("--nltk-docs", type=int, default=200, help="dictionary entries for the NLTK comparison (NLTK's KN is very slow)")
     ap.add_argument("--only", default="", help="comma-separated parts: fasttext,embedding,perplexity,toxicity,topics,search")
     ap.add_argument("--json", help="also write the figures to this JSON file")
+    ap.add_argument("--cache", default="", help="JSON file caching the extracted good/bad set between runs")
     args = ap.parse_args()
     if not SHARED.is_dir():
         print(f"needs the shared corpus at {SHARED}")
@@ -385,7 +402,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         args.tmp = tmp
         print(f"# lmforge quality benchmark ({time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs)")
-        data = boilerplate_set(args.pages) if only & {"fasttext", "embedding", "topics"} else None
+        data = boilerplate_set(args.pages, args.cache) if only & {"fasttext", "embedding", "topics"} else None
         if "fasttext" in only:
             part_fasttext(args, data)
         emb = part_embedding(args, data) if "embedding" in only else None

@@ -102,8 +102,8 @@ def train_fasttext(
     *,
     valid_fraction: float = 0.1,
     seed: int = 0,
-    epoch: int = 10,
-    lr: float = 0.5,
+    epoch: int = 20,
+    lr: float = 0.1,
     dim: int = 64,
     word_ngrams: int = 2,
     min_count: int = 2,
@@ -126,10 +126,13 @@ def train_fasttext(
         with open(tf, "w", encoding="utf-8") as f:
             for label, line in train:
                 f.write(f"__label__{label} {line}\n")
-        model = fasttext.train_supervised(
-            str(tf), epoch=epoch, lr=lr, dim=dim, wordNgrams=word_ngrams, minCount=min_count,
-            loss="softmax", seed=seed, thread=1, verbose=0, bucket=200_000,
-        )
+        try:
+            model = fasttext.train_supervised(
+                str(tf), epoch=epoch, lr=lr, dim=dim, wordNgrams=word_ngrams, minCount=min_count,
+                loss="softmax", seed=seed, thread=1, verbose=0, bucket=200_000,
+            )
+        except RuntimeError as e:  # fastText diverged ("Encountered NaN")
+            raise ConfigError(f"fastText training failed ({e}); lower the learning rate (--lr, now {lr})") from None
         tmp_model = Path(tmp) / "model.bin"
         model.save_model(str(tmp_model))
         os.replace(tmp_model, out_path)
