@@ -126,8 +126,8 @@ def cluster_pairs(groups: list[list[int]]) -> set:
     return out
 
 
-def lmforge_pairs(texts: list[str], tmp: Path, cfg: MinhashConfig) -> tuple[set, set]:
-    """(all pairs inside a cluster, (removed, keeper) pairs)."""
+def lmforge_pairs(texts: list[str], tmp: Path, cfg: MinhashConfig) -> tuple[set, set, set]:
+    """(all pairs inside a cluster, (removed, keeper) pairs, removed documents)."""
     shard = tmp / "in" / "q.jsonl.zst"
     if not shard.exists():
         write_shard(shard, [Document(str(i), t) for i, t in enumerate(texts)])
@@ -143,7 +143,8 @@ def lmforge_pairs(texts: list[str], tmp: Path, cfg: MinhashConfig) -> tuple[set,
             keeper = pos_to_id[rec["metadata"]["duplicate_of"]]
             groups[keeper].update([keeper, int(rec["id"])])
             direct.add((keeper, int(rec["id"])))
-    return cluster_pairs([list(g) for g in groups.values()]), direct
+    removed = {int(rec["id"]) for recs in r.removed.values() for rec in recs}
+    return cluster_pairs([list(g) for g in groups.values()]), direct, removed
 
 
 def datasketch_pairs(texts: list[str]) -> set:
@@ -204,14 +205,16 @@ def main() -> None:
         methods = {k: v[0] for k, v in runs.items()}
         methods["datasketch MinHashLSH 14x8"] = ds
         direct = {k: v[1] for k, v in runs.items()}
+        removed = {k: v[2] for k, v in runs.items()}
         direct["datasketch MinHashLSH 14x8"] = ds
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     res = {"documents": len(texts), "true_pairs": len(truth), "methods": {}}
     print("\nprecision: share of predicted pairs whose true Jaccard >= 0.8, counting every pair inside a cluster")
     print("(strict: two copies removed for the same keeper are a pair too) and only (removed, keeper) pairs")
-    print("(datasketch: its query hits); recall: share of true pairs that end up inside one cluster")
-    print(f"\n{'method':<34}{'pairs':>8}{'precision':>11}{'prec (removed,keeper)':>23}{'recall':>8}")
+    print("(datasketch: its query hits); recall: share of true pairs that end up inside one cluster;")
+    print("resolved: share of true pairs of which at least one document was removed (not both left in the output)")
+    print(f"\n{'method':<34}{'pairs':>8}{'precision':>11}{'prec (removed,keeper)':>23}{'recall':>8}{'resolved':>10}")
     for name, pred in methods.items():
         pred = {tuple(sorted(p)) for p in pred}
         dpred = {tuple(sorted(p)) for p in direct[name]}
@@ -219,9 +222,12 @@ def main() -> None:
         prec = tp / len(pred) if pred else 1.0
         dprec = len(dpred & truth) / len(dpred) if dpred else 1.0
         rec = tp / len(truth) if truth else 1.0
+        rm = removed.get(name)
+        resolved = sum(a in rm or b in rm for a, b in truth) / len(truth) if rm is not None and truth else None
         res["methods"][name] = {"pairs": len(pred), "precision": prec, "precision_removed_keeper": dprec, "recall": rec,
+                                "resolved": resolved,
                                 "false_positive_jaccard_max": max((jac.get(p, 0.0) for p in pred - truth), default=None)}
-        print(f"{name:<34}{len(pred):>8,}{prec:>11.3f}{dprec:>23.3f}{rec:>8.3f}")
+        print(f"{name:<34}{len(pred):>8,}{prec:>11.3f}{dprec:>23.3f}{rec:>8.3f}" + (f"{resolved:>10.3f}" if resolved is not None else f"{'-':>10}"))
     print(f"\ndetection of the planted copies per condition (mean true Jaccard; share detected):")
     print(f"{'edit':<10}{'level':>6}{'mean J':>8}" + "".join(f"{n.split(' (')[0][:22]:>24}" for n in methods))
     per = {}

@@ -55,3 +55,16 @@ def test_user_errors_exit_2(tmp_path, sample_dir, capsys):
     assert "minhash.rowz" in capsys.readouterr().err
     assert main(["data", "dedup", "run", src, "-o", str(tmp_path / "o"), "--index", str(tmp_path / "noindex"), "--limit", "10"]) == 2
     assert "index not found" in capsys.readouterr().err
+
+
+def test_config_file_and_cluster_plot(tmp_path, sample_dir):
+    cfg = tmp_path / "dedup.toml"
+    cfg.write_text('[dedup]\nexact = { enabled = false }\n[dedup.minhash]\nkeep = "first"\nmin_shingles = 3\n')
+    out = tmp_path / "o"
+    assert main(["data", "dedup", "run", str(sample_dir / "dictionary" / "gcide-sample.jsonl.gz"), "-o", str(out),
+                 "--limit", "600", "--config", str(cfg)]) == 0
+    st = json.loads((out / "stats.json").read_text())
+    (mh,) = st["passes"]  # exact is off in the file, minhash (repeated dictionary entries) does the work
+    assert mh["extra"]["params"]["keep"] == "first" and mh["stats"]["dropped"]["near_duplicate"] > 0
+    assert (out / "minhash_clusters.png").stat().st_size > 1000
+    assert main(["data", "dedup", "run", str(sample_dir / "dictionary" / "gcide-sample.jsonl.gz"), "-o", str(out), "--limit", "5"]) == 2
