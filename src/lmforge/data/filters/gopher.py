@@ -74,25 +74,47 @@ class WordArrays:
 def top_ngram_chars(wa: WordArrays, n: int) -> int:
     """Characters covered by the most frequent word n-gram (words joined by spaces) times its
     count. Ties go to the n-gram that appears first."""
-    if wa.n < n:
+    m = wa.n - n + 1
+    if m <= 0:
         return 0
-    _, first, counts = np.unique(wa.ngram_hashes(n), return_index=True, return_counts=True)
+    h = wa.ngram_hashes(n)
+    order = np.argsort(h, kind="stable")  # equal hashes stay in position order
+    sh = h[order]
+    starts = np.flatnonzero(np.concatenate(([True], sh[1:] != sh[:-1])))
+    counts = np.diff(np.append(starts, m))
     best = counts.max()
-    i = int(first[counts == best].min())
+    i = int(order[starts[counts == best]].min())  # first position of each group; earliest wins
     return int(wa.chars(i, n) + n - 1) * int(best)
+
+
+def _repeated_positions(h: np.ndarray) -> np.ndarray:
+    """Sorted positions whose value occurs more than once in `h`."""
+    order = np.argsort(h)
+    sh = h[order]
+    eq = sh[1:] == sh[:-1]
+    if not eq.any():
+        return order[:0]
+    mask = np.zeros(len(h), dtype=bool)
+    mask[1:] |= eq
+    mask[:-1] |= eq
+    return np.sort(order[mask])
 
 
 def duplicated_ngram_chars(wa: WordArrays, n: int, stop_above: float = 0) -> int:
     """Characters (words joined without spaces) in n-grams that repeat an earlier n-gram, scanning
     left to right and jumping past each repeat (so overlapping repeats are not counted twice).
     Stops early once the count exceeds `stop_above` (if > 0)."""
+    return _duplicated(wa, n, stop_above)[0]
+
+
+def _duplicated(wa: WordArrays, n: int, stop_above: float = 0) -> tuple[int, bool]:
+    """(duplicated characters, whether any n-gram occurs twice)."""
     if wa.n < n:
-        return 0
+        return 0, False
     hashes = wa.ngram_hashes(n)
-    _, inverse, counts = np.unique(hashes, return_inverse=True, return_counts=True)
-    multi = np.flatnonzero(counts[inverse] > 1)  # positions whose n-gram occurs more than once
+    multi = _repeated_positions(hashes)  # positions whose n-gram occurs more than once
     if not len(multi):
-        return 0
+        return 0, False
     # Only those positions can be repeats or make later ones repeats: scan them in order.
     chars = wa.chars(multi, n).tolist()
     seen: set[int] = set()
@@ -105,11 +127,11 @@ def duplicated_ngram_chars(wa: WordArrays, n: int, stop_above: float = 0) -> int
         if h in seen:
             rep += c
             if stop_above and rep > stop_above:
-                return rep
+                return rep, True
             next_free = p + n
         else:
             add(h)
-    return rep
+    return rep, True
 
 
 @dataclass
@@ -170,9 +192,15 @@ class GopherRepetitionFilter(Filter):
         for n, frac in self.top:
             if wa.n >= n and top_ngram_chars(wa, n) / size > frac:
                 return f"top_{n}_gram"
+        no_repeat_from = None  # no n-gram of this length repeats, hence no longer one either
         for n, frac in self.dup:
-            if duplicated_ngram_chars(wa, n, stop_above=frac * size) / size > frac:
+            if no_repeat_from is not None and n >= no_repeat_from:
+                continue
+            rep, any_repeat = _duplicated(wa, n, stop_above=frac * size)
+            if rep / size > frac:
                 return f"duplicated_{n}_n_grams"
+            if not any_repeat and (no_repeat_from is None or n < no_repeat_from):
+                no_repeat_from = n
         return None
 
 
