@@ -111,3 +111,28 @@ def test_optional_classifier(tmp_path):
     flagged_scores = [d.metadata["toxicity_score"] for d in docs if d.metadata["toxicity_hits"]]
     clean_scores = [d.metadata["toxicity_score"] for d in docs if not d.metadata["toxicity_hits"]]
     assert sum(flagged_scores) / len(flagged_scores) > sum(clean_scores) / len(clean_scores)
+
+
+def test_runs_inside_the_data_stage(tmp_path):
+    """The recipe's [data.quality] section reaches the pipeline: stats, removed samples, metadata."""
+    from lmforge.data.corpus_io import iter_corpus
+    from lmforge.recipe import run_recipe
+
+    rows = fortunes()
+    flags = flag_texts([r["text"] for r in rows])
+    rows = [r for r, fl in zip(rows, flags) if fl] + [r for r, fl in zip(rows, flags) if not fl][:100]
+    with open(tmp_path / "fortunes.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps({"text": r["text"], "lang": r["lang"]}, ensure_ascii=False) + "\n")
+    (tmp_path / "recipe.toml").write_text(
+        '[run]\nname = "q"\ndir = "runs"\nstages = ["data"]\nworkers = 1\n\n'
+        '[data]\ninputs = [{ path = "fortunes.jsonl", source = "fortunes", skip = ["langid", "filters"] }]\n\n'
+        '[data.quality]\nenabled = true\n\n[data.quality.toxicity]\nenabled = true\nkeep_fraction = 0.0\n'
+    )
+    rd = run_recipe(tmp_path / "recipe.toml", run_dir=tmp_path / "runs" / "q")
+    stats = json.loads((rd.corpus / "stats.json").read_text())
+    tox = next(s for s in stats["steps"] if s["name"] == "toxicity")
+    assert tox["docs_in"] == len(rows) and tox["dropped"]["toxic_words"] == len(rows) - 100
+    assert (rd.corpus / "removed" / "toxicity.jsonl").is_file()
+    docs = list(iter_corpus(rd.corpus))
+    assert docs and all(d.metadata["toxicity_hits"] == 0 for d in docs)
