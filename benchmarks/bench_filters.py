@@ -10,7 +10,7 @@ and once with lmforge's; every filter sees every document (the decision of one d
 hide documents from the next), C4 works on a copy since it rewrites text. The time of each
 filter call is measured; both sides run in one process on one core.
 
-    python benchmarks/bench_filters.py [--web N] [--manpages N] [--dictionary N] [--fortunes N]
+    python benchmarks/bench_filters.py [--web N] [--manpages N] [--dictionary N] [--fortunes N] [--words | --words-only]
 
 Prints documents/s per core for each filter and side, the speed ratio, and the decision
 agreement per filter; writes the disagreements to benchmarks/out/filters_disagreements.jsonl
@@ -73,13 +73,38 @@ def load_docs(args) -> list[dict]:
     return docs
 
 
+def word_agreement(docs: list[dict]) -> None:
+    """Share of whitespace chunks (by occurrence) that lmforge splits into exactly the same
+    tokens as the spaCy English tokenizer datatrove uses, with the most frequent differences."""
+    from collections import Counter
+
+    import spacy
+
+    from lmforge.data.filters.text import split_words
+
+    tok = spacy.blank("en").tokenizer
+    chunks = Counter(c for d in docs for c in d["text"].split())
+    diff = Counter()
+    for c, k in chunks.items():
+        if [t.text for t in tok(c)] != split_words(c):
+            diff[c] = k
+    total = sum(chunks.values())
+    print(f"\nword splitting: {1 - sum(diff.values()) / total:.3%} of {total} chunks ({len(chunks)} distinct) split as spaCy does")
+    print("most frequent differences:", ", ".join(f"{c!r} x{k}" for c, k in diff.most_common(8)))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--web", type=int, default=10_000, help="python-docs pages (all: 516 extracted)")
     ap.add_argument("--manpages", type=int, default=400, help="English manpages (plus a quarter as many others)")
     ap.add_argument("--dictionary", type=int, default=1500)
     ap.add_argument("--fortunes", type=int, default=1500)
+    ap.add_argument("--words", action="store_true", help="also compare word splitting with spaCy's English tokenizer, chunk by chunk")
+    ap.add_argument("--words-only", action="store_true", help="only the word-splitting comparison")
     args = ap.parse_args()
+    if args.words_only:
+        word_agreement(load_docs(args))
+        return 0
 
     from datatrove.data import Document as DTDoc
     from datatrove.pipeline.filters import C4QualityFilter, FineWebQualityFilter, GopherQualityFilter, GopherRepetitionFilter
@@ -144,6 +169,8 @@ def main() -> int:
     a, b = n / sum(t_dt), n / sum(t_lm)
     print(f"{'all four':<20}{a:>18.1f}{b:>16.1f}{b / a:>9.1f}x")
     print(f"\nC4: identical rewritten text on {c4_text_same}/{c4_both_kept} documents both sides keep")
+    if args.words:
+        word_agreement(docs)
     OUT.mkdir(parents=True, exist_ok=True)
     with open(OUT / "filters_disagreements.jsonl", "w") as f:
         for r in disagreements:
