@@ -105,3 +105,15 @@ def test_cli_errors_are_one_line(tmp_path, sample_corpus_dir, capsys):
     assert "too small" in capsys.readouterr().err
     assert main(["tokenizer", "inspect", str(tmp_path)]) == 2
     assert "tokenizer not found" in capsys.readouterr().err
+
+
+def test_demo_recipe_tokenizer_section(tmp_path, sample_corpus_dir):
+    """The bundled demo lists the tokenizer stage; its [tokenizer] settings run (here on a prepared corpus)."""
+    from lmforge.recipe import DEMO_RECIPE, load_recipe
+
+    raw, _ = load_recipe(DEMO_RECIPE)
+    assert "tokenizer" in raw["run"]["stages"] and raw["tokenizer"]["vocab_size"] == 4096
+    rd = run_recipe(DEMO_RECIPE, overrides=[f"tokenizer.corpus={sample_corpus_dir}", "tokenizer.train_bytes=600000", "run.workers=1"],
+                    run_dir=tmp_path / "demo", only=["tokenizer"])
+    index = read_json(rd.tokens / "index.json")
+    assert index["vocab_size"] == load_tokenizer(rd.tokenizer).vocab_size and index["totals"]["val_docs"] > 0
