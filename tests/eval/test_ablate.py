@@ -45,16 +45,16 @@ out = "ab"
 seeds = [1, 2]
 tasks = ["perplexity", "dictionary"]
 eval_docs = ["clean.jsonl"]
-eval_every = 4
-limit = 8
+eval_every = 2
+limit = 6
 docs_per_source = 3
 heldout_per_mille = 100
 [ablate.pretrain]
-max_steps = 8
+max_steps = 4
 seq_len = 64
 batch_size = 4
-checkpoint_every = 4
-model = {{ d_model = 32, n_heads = 2, n_kv_heads = 2, max_seq_len = 64 }}
+checkpoint_every = 2
+model = {{ d_model = 32, n_layers = 1, n_heads = 2, n_kv_heads = 2, max_seq_len = 64 }}
 ''')
     assert main(["ablate", str(tmp_path / "ab.toml")]) == 0
     out = tmp_path / "ab"
@@ -64,7 +64,7 @@ model = {{ d_model = 32, n_heads = 2, n_kv_heads = 2, max_seq_len = 64 }}
     for r in res["tasks"]:
         assert r["better"] in ("clean", "noisy") and r["seed_std"] >= 0
     s = res["series"]["perplexity/bpb"]["runs"]
-    assert set(s) == {"clean", "noisy"} and all([p[0] for p in v] == [4, 8] for runs in s.values() for v in runs.values())
+    assert set(s) == {"clean", "noisy"} and all([p[0] for p in v] == [2, 4] for runs in s.values() for v in runs.values())
     assert res["corpora"]["clean"]["excluded_eval_docs"] > 0
     assert (out / "ablation_curves.png").is_file() and (out / "ablation_signal.png").is_file()
     assert "| rank | task/metric" in capsys.readouterr().out

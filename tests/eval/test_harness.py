@@ -12,13 +12,17 @@ from .conftest import make_model
 
 def test_lmforge_eval_cli_over_checkpoints(ckpt_dir, tok_dir, tmp_path, capsys):
     out = tmp_path / "ev"
-    rc = main(["eval", str(ckpt_dir), "--tokenizer", str(tok_dir), "--tasks", "perplexity,dictionary,cloze",
+    (tmp_path / "mine.jsonl").write_text("".join(json.dumps({"query": f"Question {i}: the sky is", "choices": ["blue", "green", "loud"], "gold": 0}) + "\n" for i in range(6)))
+    (tmp_path / "mine.toml").write_text('name = "mine"\ndata = "mine.jsonl"\nnum_fewshot = 1\nmetrics = ["acc", "acc_tok"]\n')
+    rc = main(["eval", str(ckpt_dir), "--tokenizer", str(tok_dir), "--tasks", f"perplexity,dictionary,cloze,{tmp_path / 'mine.toml'}",
                "--limit", "12", "--out", str(out), "--eval.docs_per_source=2", "--eval.bootstrap=50"])
     assert rc == 0
     for step in ("step_000010", "step_000020"):
         for task in ("perplexity", "dictionary", "cloze"):
             r = json.loads((out / step / f"{task}.json").read_text())
             assert r["task"] == task and r["step"] == int(step[5:])
+    mine = json.loads((out / "step_000020" / "mine.json").read_text())
+    assert mine["n"] == 3 and set(mine["metrics"]) == {"acc", "acc_tok"} and abs(mine["random"] - 1 / 3) < 1e-9
     d = json.loads((out / "step_000020" / "dictionary.json").read_text())
     assert d["n"] == 12 and set(d["metrics"]) == {"acc", "acc_norm", "acc_tok", "acc_pmi"} and d["random"] == 0.25
     p = json.loads((out / "step_000010" / "perplexity.json").read_text())

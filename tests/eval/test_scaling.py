@@ -43,11 +43,11 @@ def test_unusable_budgets_are_reported_not_fitted():
 
 def test_lmforge_scale_grid_then_fit_from_run_logs(tokens_dir, tmp_path, capsys):
     out = tmp_path / "scale"
-    rc = main(["scale", "--tokens", str(tokens_dir), "--widths", "16,32,48", "--budgets", "4e8,8e8", "--out", str(out),
+    rc = main(["scale", "--tokens", str(tokens_dir), "--widths", "16,32,48", "--budgets", "2e8,4e8", "--out", str(out),
                "--target", "1e15", "--scale.seq_len=64", "--scale.batch_size=4"])
     assert rc == 0
     fit = json.loads((out / "scaling_fit.json").read_text())
-    assert len(fit["points"]) == 6 and {p["budget"] for p in fit["points"]} == {4e8, 8e8}
+    assert len(fit["points"]) == 6 and {p["budget"] for p in fit["points"]} == {2e8, 4e8}
     for p in fit["points"]:
         assert abs(p["flops"] - p["budget"]) / p["budget"] < 0.35 and p["loss"] > 0
     assert (out / "scaling.png").is_file() and "budget C" in capsys.readouterr().out

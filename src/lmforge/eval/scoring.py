@@ -91,7 +91,7 @@ def score_trees(model: Transformer, requests: list[TreeRequest], batch_tokens: i
     room: list[int] = []
     for i in order:
         s = sizes[i]
-        for r in range(len(rows)):
+        for r in range(max(0, len(rows) - 16), len(rows)):  # first fit among the newest rows (linear time)
             if room[r] >= s:
                 rows[r].append(i)
                 room[r] -= s

@@ -230,15 +230,18 @@ def points_from_runs(run_dirs: list[Path], budgets: list[float] | None = None, s
         mc = ModelConfig.from_dict(json.loads(cfgs[-1].read_text()))
         recs = [r for r in _read_metrics(mpath) if r.get("kind", "train") == "train" and "loss" in r and "tokens" in r]
         if len(recs) < 2:
-            raise InputError(f"{mpath}: fewer than 2 train records with tokens and loss")
+            logger.warning("%s: fewer than 2 train records with tokens and loss, run skipped", mpath)
+            continue
         toks = np.array([r["tokens"] for r in recs], float)
         loss = np.array([r["loss"] for r in recs], float)
-        if smooth > 1:
-            k = min(smooth, len(loss))
+        k = min(smooth, len(loss) // 2)
+        if k > 1:
             loss = np.convolve(loss, np.ones(k) / k, mode="valid")
             toks = toks[k - 1 :]
         fpt = mc.flops_per_token()  # the training loop sets max_seq_len to the training seq_len
         runs.append((rd.name, model_size(mc), fpt, toks, loss))
+    if not runs:
+        raise InputError("none of the runs has at least 2 train records with tokens and loss in metrics.jsonl")
     if budgets is None:
         lo = max(r[2] * r[3][0] for r in runs)
         hi = max(r[2] * r[3][-1] for r in runs)
