@@ -319,7 +319,7 @@ def run_grid(cfg: ScaleConfig) -> list[Point]:
             fpt = probe.flops_per_token(cfg.seq_len)
             steps = max(1, round(budget / (fpt * cfg.seq_len * cfg.batch_size)))
             d = steps * cfg.seq_len * cfg.batch_size
-            name = f"C{budget:.0e}_d{w}".replace("+", "")
+            name = f"C{budget:.3g}_d{w}".replace("+", "")
             rdir = out / "runs" / name
             done = read_json(rdir / "point.json")
             if not done:
