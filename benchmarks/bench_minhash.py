@@ -54,8 +54,7 @@ def load(path: Path, n: int | None) -> list[dict]:
     with gzip.open(path, "rt", encoding="utf-8") as f:
         for line in f:
             r = json.loads(line)
-            # lone surrogates (a few entries have them) make datatrove's hashing fail: same clean text for both
-            out.append({"id": str(r["id"]), "text": r["text"].encode("utf-8", "replace").decode("utf-8")})
+            out.append({"id": str(r["id"]), "text": r["text"]})
             if n and len(out) >= n:
                 break
     return out
@@ -103,7 +102,15 @@ def run_datatrove(jsonl_gz: Path, work: Path) -> tuple[float, int, dict]:
     from datatrove.pipeline.writers import JsonlWriter
     from datatrove.utils.hashing import HashConfig
 
+    import xxhash
     from loguru import logger as dt_logger
+
+    import datatrove.utils.hashes.xxhash as dt_xx
+
+    # datatrove 0.10 hands str to xxhash, which xxhash >= 4 refuses; encode first (xxhash 3 did
+    # the same UTF-8 encoding internally, so the cost is unchanged)
+    dt_xx.xxhash64 = lambda d: xxhash.xxh64_intdigest(d.encode("utf-8") if isinstance(d, str) else d)
+    dt_xx.xxhash32 = lambda d: xxhash.xxh32_intdigest(d.encode("utf-8") if isinstance(d, str) else d)
 
     dt_logger.remove()  # datatrove's per-task log tables would drown the results
     cfg = DTConfig(hash_config=HashConfig(precision=64), num_buckets=14, hashes_per_bucket=8, n_grams=5)

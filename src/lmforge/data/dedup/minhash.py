@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Iterator, Literal
 
 import numpy as np
-import xxhash
 import zstandard
 
 from lmforge.data.document import Document

@@ -14,7 +14,8 @@ characters dropped; a document left with fewer than `min_doc_chars` characters i
 
 Memory: the whole corpus is sorted in one process: about 13 bytes per corpus byte at the
 peak (text 1, suffix array 4, LCP 4 and Kasai's rank array 4; int32 indices
-up to 2 GiB of text), plus the documents' Python strings while the corpus is read.
+up to 2 GiB of text); the whole pass, with its document table and the list of cut spans,
+measured ~20 bytes per byte on the dictionary (many repeats).
 `max_bytes` (default 128 MiB) turns a larger corpus into a clear error instead of an
 out-of-memory kill: use line-level dedup (`lines`), or dedup parts of the corpus, for more.
 The measured figure is in docs/dedup.md. The rewrite of the shards is parallel and resumable;
@@ -38,7 +39,7 @@ from lmforge.log import logger
 from lmforge.rundir import atomic_file, atomic_write_json, fingerprint, read_json
 
 SEP = 0xFF
-BYTES_PER_BYTE = 13  # peak memory per corpus byte, measured (see docs/dedup.md)
+BYTES_PER_BYTE = 20  # peak memory of the whole pass per corpus byte, measured (see docs/dedup.md)
 
 
 @dataclass
@@ -46,7 +47,7 @@ class SubstringConfig:
     enabled: bool = False
     min_bytes: int = 50  # shortest repeated span removed (Lee et al.: 50 tokens ~ 100+ bytes; 50 bytes here)
     min_doc_chars: int = 1  # documents left shorter than this are dropped
-    max_bytes: int = 128 * 2**20  # refuse corpora larger than this (memory: ~13 bytes per byte)
+    max_bytes: int = 128 * 2**20  # refuse corpora larger than this (memory: ~20 bytes per byte)
 
     def validate(self) -> None:
         if self.min_bytes < 8:
