@@ -2,12 +2,12 @@
 
 Stages, each a set of resumable executor tasks whose outputs live on disk under the work dir:
 
-1. signatures (one task per shard): normalise text (lower case, `\\w+` words), hash words
-   with xxh64, combine word n-grams (default 5) into 64-bit shingle hashes, and compute
-   `bands * rows` MinHash values per document in one vectorised numpy pass per batch of
-   documents (`h -> a*h + b mod 2**64` with odd random `a`: a bijection of 64-bit space, so the
-   minimum over well-mixed shingle hashes is a min-wise hash). Writes the signatures
-   (memmap-able .npy), and per band a sorted (band key, document) array.
+1. signatures (one task per shard): normalise text (lower case, words split at ASCII
+   punctuation and spaces), hash words and word n-grams (default 5) to 64 bits
+   (`batch_shingles`), and compute `bands * rows` MinHash values per document, vectorised
+   over blocks of many documents (`signatures`: x -> a*x + b mod 2**32 with odd a, a
+   bijection, on the folded shingle hashes; min per document). Writes the signatures
+   (memmap-able .npy, 4 bytes per value) and per band a sorted (band key, document) array.
 2. buckets (one task per band and key range): merge the sorted band arrays of every shard
    (and of a reference index, if given) by key range; documents sharing a key are candidate
    pairs. Memory is bounded by one key range, not by the corpus.
@@ -22,6 +22,10 @@ Stages, each a set of resumable executor tasks whose outputs live on disk under 
    depends on processing order. Cluster-size histogram in the stats; each removed
    document's metadata names its keeper (`duplicate_of`: "shard#position").
 5. filter (one task per shard): write each shard without its removed documents.
+
+An index (`build_index`, `lmforge data dedup index`) is the signature stage's output for a
+reference corpus plus the shingle sets of its documents; a corpus deduplicated against it
+adds the index's band arrays to every bucket task, and its documents always win.
 
 Documents with fewer than `min_shingles` distinct shingles are left out of LSH: their
 signatures carry too little information to estimate similarity (exact dedup handles exact
