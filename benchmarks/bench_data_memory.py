@@ -116,18 +116,19 @@ from datatrove.pipeline.extractors import Trafilatura
 from datatrove.pipeline.filters import (LanguageFilter, GopherRepetitionFilter, GopherQualityFilter,
                                         C4QualityFilter, FineWebQualityFilter)
 from datatrove.pipeline.writers import JsonlWriter
-src, out, logs, workers = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-pipeline = [
-    WarcReader(str(Path(src).parent), glob_pattern=Path(src).name),
-    Trafilatura(favour_precision=True, timeout=1.0),
-    LanguageFilter(languages=["en"]),
-    GopherRepetitionFilter(),
-    GopherQualityFilter(),
-    C4QualityFilter(filter_no_terminal_punct=False),
-    FineWebQualityFilter(),
-    JsonlWriter(out),
-]
-LocalPipelineExecutor(pipeline=pipeline, tasks=workers, workers=workers, logging_dir=logs).run()
+if __name__ == "__main__":  # worker processes import this file again
+    src, out, logs, workers = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    pipeline = [
+        WarcReader(str(Path(src).parent), glob_pattern=Path(src).name),
+        Trafilatura(favour_precision=True, timeout=1.0),
+        LanguageFilter(languages=["en"]),
+        GopherRepetitionFilter(),
+        GopherQualityFilter(),
+        C4QualityFilter(filter_no_terminal_punct=False),
+        FineWebQualityFilter(),
+        JsonlWriter(out),
+    ]
+    LocalPipelineExecutor(pipeline=pipeline, tasks=workers, workers=workers, logging_dir=logs).run()
 """
 
 
