@@ -8,6 +8,7 @@ own loop (loader, schedule, metrics, final checkpoint) on its Llama-style model.
 
     python benchmarks/bench_train_cpu.py                     # 4 layers x 256, vocab 8192, seq 256, batch 16
     python benchmarks/bench_train_cpu.py --steps 6 --rounds 1   # quicker
+    python benchmarks/bench_train_cpu.py --compile              # adds a torch.compile row (needs a C++ compiler)
 
 Timing: per-step wall time after `--warmup` steps, median over steps, best of `--rounds`
 interleaved rounds (the machine is shared; interleaving keeps both sides under the same load).
@@ -109,7 +110,7 @@ def reference_run(tokens: np.ndarray, a, steps: int) -> list[float]:
     return times
 
 
-def lmforge_run(tokens_dir: Path, a, steps: int, optimizer: str, packing: str, out: Path) -> list[float]:
+def lmforge_run(tokens_dir: Path, a, steps: int, optimizer: str, packing: str, out: Path, compile: bool = False) -> list[float]:
     from lmforge.config import build
     from lmforge.train.config import TrainConfig
     from lmforge.train.loop import train
@@ -120,14 +121,14 @@ def lmforge_run(tokens_dir: Path, a, steps: int, optimizer: str, packing: str, o
                   "vocab_size": a.vocab},
         "seq_len": a.seq, "batch_size": a.batch, "max_steps": steps, "optimizer": optimizer, "packing": packing,
         "log_every": 1, "eval_every": 0, "checkpoint_every": 0, "sample_prompts": [], "warmup_steps": 2, "seed": 0,
-        "peak_flops": 1e12, "resume": False,
+        "peak_flops": 1e12, "resume": False, "device": "cpu", "compile": compile,
     }, "pretrain")
     train(cfg, tokens_dir, out)
     recs = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
     return [a.batch * a.seq / r["tokens_per_s"] for r in recs]
 
 
-def make_tokens(root: Path, vocab: int, chars: int) -> tuple[Path, np.ndarray]:
+def make_tokens(root: Path, vocab: int, chars: int, val_frac: float = 0.0) -> tuple[Path, np.ndarray]:
     """Real text (GCIDE dictionary sample + CPython stdlib sample) -> byte-level BPE -> token shards."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -146,8 +147,9 @@ def make_tokens(root: Path, vocab: int, chars: int) -> tuple[Path, np.ndarray]:
     tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|bos|>", "<|eos|>"],
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     docs = [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
-    write_token_shards(root / "tokens", {"train": docs}, vocab_size=vocab)
-    flat = np.concatenate([np.asarray([0] + d, dtype=np.uint16) for d in docs])
+    n_val = int(len(docs) * val_frac)
+    write_token_shards(root / "tokens", {"train": docs[n_val:], "val": docs[:n_val]}, vocab_size=vocab)
+    flat = np.concatenate([np.asarray([0] + d, dtype=np.uint16) for d in docs[n_val:]])
     return root / "tokens", flat
 
 
@@ -164,6 +166,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--chars", type=int, default=2_500_000)
+    ap.add_argument("--compile", action="store_true", help="add a row with pretrain.compile = true (first steps compile)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -181,6 +184,8 @@ def main() -> None:
         "lmforge train() default (Muon+AdamW, doc_mask)": lambda r: lmforge_run(tokens_dir, a, total, "muon", "doc_mask", tmp / f"m{r}"),
         "lmforge train() (AdamW, separator packing)": lambda r: lmforge_run(tokens_dir, a, total, "adamw", "separator", tmp / f"a{r}"),
     }
+    if a.compile:
+        sides["lmforge train() default + torch.compile"] = lambda r: lmforge_run(tokens_dir, a, total, "muon", "doc_mask", tmp / f"c{r}", True)
     best: dict[str, float] = {}
     for r in range(a.rounds):
         for name, fn in sides.items():
