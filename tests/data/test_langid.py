@@ -60,6 +60,7 @@ def test_filter_writes_metadata_and_keeps_english(multilingual):
 
 
 def test_keep_list_and_threshold(multilingual):
+    multilingual = multilingual[1::2]
     f = LangIdFilter(C.build(LangIdConfig, {"languages": ["de", "ru"], "threshold": 0.5}, "langid"))
     out = list(f(multilingual))
     assert out and {d.metadata["language"] for d in out} == {"de", "ru"}
