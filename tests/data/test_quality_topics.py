@@ -33,6 +33,9 @@ def test_kmeans_recovers_separated_blobs():
     assert inertia < 150 * 3
     with pytest.raises(ConfigError, match="k must be"):
         kmeans(x, 500)
+    # restarts keep the best of several seeds
+    noisy = rng.normal(size=(200, 5))
+    assert kmeans(noisy, 6, seed=0, n_init=4)[2] <= min(kmeans(noisy, 6, seed=s)[2] for s in range(4)) + 1e-6
 
 
 def test_top_terms_name_clusters_by_distinctive_words():

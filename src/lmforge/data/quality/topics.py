@@ -59,8 +59,12 @@ class TopicConfig:
 # ---------------------------------------------------------------- k-means
 
 
-def kmeans(x: np.ndarray, k: int, seed: int = 0, iters: int = 100, tol: float = 1e-6) -> tuple[np.ndarray, np.ndarray, float]:
-    """k-means++ seeding + Lloyd iterations. Returns (centroids [k,d], labels [n], inertia)."""
+def kmeans(x: np.ndarray, k: int, seed: int = 0, iters: int = 100, tol: float = 1e-6, n_init: int = 1) -> tuple[np.ndarray, np.ndarray, float]:
+    """k-means++ seeding + Lloyd iterations, best of `n_init` seeded restarts.
+    Returns (centroids [k,d], labels [n], inertia)."""
+    if n_init > 1:
+        runs = [kmeans(x, k, seed + i, iters, tol) for i in range(n_init)]
+        return min(runs, key=lambda r: r[2])
     n = len(x)
     if not 1 <= k <= n:
         raise ConfigError(f"k must be between 1 and the number of documents ({n}), got {k}")
@@ -175,7 +179,8 @@ def corpus_dir_of(path: str | Path) -> Path:
 
 
 def compute_topics(corpus: str | Path, out_dir: str | Path | None = None, k: int = 12, sample: int = 2000, seed: int = 0,
-                   batch_size: int = 32, max_chars: int = 2000, n_terms: int = 6, n_examples: int = 3, model_dir: str = "") -> dict:
+                   batch_size: int = 32, max_chars: int = 2000, n_terms: int = 6, n_examples: int = 3, model_dir: str = "",
+                   n_init: int = 1) -> dict:
     """Cluster a sample of `corpus` into k topics; write topics.json, centroids, map, assignments."""
     from lmforge.data.quality.embedding import embed
 
@@ -188,7 +193,7 @@ def compute_topics(corpus: str | Path, out_dir: str | Path | None = None, k: int
         raise InputError(f"{cdir}: {len(docs)} documents sampled, fewer than k={k} clusters")
     logger.info("topics: embedding %d documents", len(docs))
     x = embed([d.text for d in docs], batch_size, max_chars, model_dir, show_progress=True)
-    cent, labels, inertia = kmeans(x, k, seed)
+    cent, labels, inertia = kmeans(x, k, seed, n_init=n_init)
     cent_unit = cent / np.maximum(np.linalg.norm(cent, axis=1, keepdims=True), 1e-12)
     terms = top_terms([d.text for d in docs], labels, k, n_terms)
     names = [", ".join(t[:3]) or f"cluster {c}" for c, t in enumerate(terms)]
@@ -251,7 +256,7 @@ class TopicFilter(ScoreFilter):
         self.cfg = cfg
         self.centroids_path = Path(centroids_path)
         self.model_dir = model_dir
-        self.batch_size = cfg.batch_size
+        self.batch_size = cfg.batch_size * 8  # 8 encoder batches per scoring call (length-sorted, less padding)
         cent, self.names = load_centroids(self.centroids_path)
         self.cent = cent
         bad = [c for c in cfg.clusters if not 0 <= c < len(cent)]
