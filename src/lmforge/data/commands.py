@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-EXTENSIONS = ["lmforge.data.extract", "lmforge.data.dedup.commands", "lmforge.data.quality.commands"]
+EXTENSIONS = ["lmforge.data.extract", "lmforge.data.langid", "lmforge.data.dedup.commands", "lmforge.data.quality.commands"]
 
 
 def _recipe_for(path: str, run_dir: str | None, overrides: list[str]) -> tuple[str, list[str], str | None]:

@@ -93,7 +93,7 @@ def build_stream_steps(cfg: DataConfig, seed: int, resolve: Callable[[str], Path
         steps.append(("extract", cls(cfg.extract, k)))
     filters: list[Step] = []
     if _enabled(cfg.filters) and (fn := _optional("lmforge.data.filters", "build_filters")):
-        filters = list(fn(cfg.filters, seed, k))
+        filters = list(fn(cfg.filters, seed, k, resolve(".") if resolve else None))  # list files resolve against the recipe
     steps += [("filters", s) for s in filters if "url" in s.name]
     if _enabled(cfg.langid) and (cls := _optional("lmforge.data.langid", "LangIdFilter")):
         steps.append(("langid", cls(cfg.langid, seed, k)))
