@@ -12,6 +12,8 @@ Unreadable lines are counted, logged once with their location, and skipped.
 
 from __future__ import annotations
 
+import abc
+
 import glob
 import gzip
 import io
@@ -104,7 +106,7 @@ def iter_texts(paths: Iterable[Path], stats: dict | None = None) -> Iterator[str
             logger.warning("%s: stopped reading: %s", p, e)
 
 
-class ScoreFilter(Filter):
+class ScoreFilter(Filter, abc.ABC):
     """A filter that scores documents in batches (`score_batch`) and drops those whose
     score fails `passes`. The score is written to `metadata[self.key]` for every document."""
 
@@ -112,11 +114,13 @@ class ScoreFilter(Filter):
     reason = "low_score"
     batch_size = 64
 
-    def score_batch(self, docs: list[Document]) -> list[float]:  # pragma: no cover - overridden
-        raise NotImplementedError
+    @abc.abstractmethod
+    def score_batch(self, docs: list[Document]) -> list[float]:
+        """One score per document of the batch."""
 
-    def passes(self, score: float, doc: Document) -> bool:  # pragma: no cover - overridden
-        raise NotImplementedError
+    @abc.abstractmethod
+    def passes(self, score: float, doc: Document) -> bool:
+        """Whether a document with this score is kept."""
 
     def decide(self, doc: Document) -> str | None:
         return None if self.passes(doc.metadata[self.key], doc) else self.reason
