@@ -1,0 +1,99 @@
+"""Context (sequence) parallelism, all-gather flavour (as Llama 3 trained long contexts):
+each rank holds a contiguous chunk of every sequence, computes queries for its own tokens and
+attends to the keys/values of the whole sequence, gathered with an autograd-aware all-gather
+(its backward returns each rank's share of the key/value gradients, summed over ranks). RoPE positions and the
+causal mask are offset by the chunk's start. Works on any backend (gloo on CPU, nccl on GPU);
+torch's experimental ring-attention `context_parallel` is the GPU alternative.
+
+The single-process model is untouched: `cp_forward` runs the same modules with the chunked
+attention, and `cp_sync_grads` averages parameter gradients over the context-parallel group.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from lmforge.errors import ConfigError
+from lmforge.model.transformer import Attention, Transformer, apply_rope
+
+
+class _GatherSeq(torch.autograd.Function):
+    """All-gather along the sequence dim (2); backward sums every rank's gradient for the gathered
+    tensor and returns this rank's slice (an all-reduce of contiguous buffers: correct on every
+    backend, where gloo's all-to-all path of torch.distributed.nn mishandles strided gradients)."""
+
+    @staticmethod
+    def forward(ctx, t, group):
+        t = t.contiguous()
+        ctx.group, ctx.n = group, t.shape[2]
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, t, group=group)
+        return torch.cat(parts, dim=2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        r = dist.get_rank(ctx.group)
+        return grad[:, :, r * ctx.n : (r + 1) * ctx.n].contiguous(), None
+
+
+def _gather_seq(t: torch.Tensor, group) -> torch.Tensor:
+    return _GatherSeq.apply(t, group)
+
+
+def _attention(attn: Attention, x: torch.Tensor, cos, sin, offset: int, group) -> torch.Tensor:
+    B, T, _ = x.shape
+    q = attn.wq(x).view(B, T, -1, attn.hd).transpose(1, 2)
+    k = attn.wk(x).view(B, T, -1, attn.hd).transpose(1, 2)
+    v = attn.wv(x).view(B, T, -1, attn.hd).transpose(1, 2)
+    if attn.q_norm is not None:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k, v = _gather_seq(k, group), _gather_seq(v, group)
+    S = k.shape[2]
+    qpos = offset + torch.arange(T, device=x.device)
+    mask = torch.arange(S, device=x.device)[None, :] <= qpos[:, None]
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+    return attn.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def cp_forward(model: Transformer, idx: torch.Tensor, targets: torch.Tensor | None = None, group=None):
+    """Forward on this rank's chunk `idx` (B, T_local) of sequences split evenly across the group.
+    Returns (local logits, loss) where loss is the mean over the whole sequence (identical on every rank)."""
+    world = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    T = idx.shape[1]
+    offset = rank * T
+    if offset + T > model.cfg.max_seq_len or world * T > model.cfg.max_seq_len:
+        raise ConfigError(f"sequence of {world * T} tokens is longer than the model's context ({model.cfg.max_seq_len})")
+    if model.cfg.moe_experts:
+        raise ConfigError("context parallelism is not supported for mixture-of-experts models")
+    cos, sin = model.rope_cos[offset : offset + T], model.rope_sin[offset : offset + T]
+    x = model.tok_emb(idx)
+    for layer in model.layers:
+        x = x + _attention(layer.attn, layer.attn_norm(x), cos, sin, offset, group)
+        x = x + layer.mlp(layer.mlp_norm(x))
+    logits = model.lm_head(model.norm(x))
+    if targets is None:
+        return logits, None
+    local = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+    # equal chunks: the sequence mean is the mean of the chunk means; the reported value is global,
+    # the gradient flows through this rank's term and is combined by cp_sync_grads
+    with torch.no_grad():
+        total = local.detach().clone()
+        dist.all_reduce(total, group=group)
+        total /= world
+    return logits, local + (total - local.detach())
+
+
+def cp_sync_grads(model: Transformer, group=None) -> None:
+    """Average parameter gradients over the context-parallel group (each rank back-propagated its
+    chunk's loss, including the key/value paths into the other ranks' chunks)."""
+    world = dist.get_world_size(group)
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad, group=group)
+            p.grad /= world
