@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from lmforge.model import Transformer, preset
+from lmforge.train import parallel as P
 from lmforge.train.context_parallel import cp_forward, cp_sync_grads
 
 
@@ -42,7 +43,7 @@ def main() -> None:
     if not cp or dist.get_rank() == 0:
         json.dump({"losses": losses, "grad0": grad0}, open(out, "w"))
     if cp:
-        dist.destroy_process_group()
+        P.destroy()
 
 
 if __name__ == "__main__":

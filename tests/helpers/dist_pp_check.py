@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from lmforge.model import Transformer, preset
+from lmforge.train import parallel as P
 from lmforge.train.pipeline_parallel import build_pipeline
 
 
@@ -53,7 +54,7 @@ def main() -> None:
     if not pp or dist.get_rank() == 0:
         json.dump({"losses": losses, "checksum": float(checksum)}, open(out, "w"))
     if pp:
-        dist.destroy_process_group()
+        P.destroy()
 
 
 if __name__ == "__main__":

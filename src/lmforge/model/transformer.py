@@ -70,7 +70,8 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.hd, cfg.norm_eps) if cfg.qk_norm else None
         self.cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, mask=None, pos: int = 0):
+    def project(self, x, cos, sin):
+        """Queries, keys and values (B, heads, T, head_dim) with QK-norm and RoPE applied."""
         B, T, _ = x.shape
         # heads are derived from the weight shapes so a tensor-parallel shard works unchanged
         q = self.wq(x).view(B, T, -1, self.hd).transpose(1, 2)
@@ -78,7 +79,11 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, -1, self.hd).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, x, cos, sin, mask=None, pos: int = 0):
+        B, T, _ = x.shape
+        q, k, v = self.project(x, cos, sin)
         if self.cache is not None:
             k, v = self.cache.update(pos, k, v)
         gqa = q.shape[1] != k.shape[1]

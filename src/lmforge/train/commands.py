@@ -47,9 +47,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError("give either a RECIPE or --tokens, not both")
     if not args.recipe and not args.tokens:
         raise ConfigError("lmforge train needs a RECIPE (runs its pretrain stage) or --tokens DIR")
-    if args.recipe:
-        return _train_recipe(args)
-    return _train_tokens(args)
+    from lmforge.train import parallel as P
+
+    try:
+        rc = _train_recipe(args) if args.recipe else _train_tokens(args)
+    except BaseException:
+        P.destroy(wait=False)  # a failed rank must not wait for the others at a barrier
+        raise
+    P.destroy()  # under torchrun: every rank leaves together, process groups torn down before exit
+    return rc
 
 
 def _train_recipe(args) -> int:

@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from lmforge.errors import ConfigError
-from lmforge.model.transformer import Attention, Transformer, apply_rope
+from lmforge.model.transformer import Attention, Transformer
 
 
 class _GatherSeq(torch.autograd.Function):
@@ -46,12 +46,7 @@ def _gather_seq(t: torch.Tensor, group) -> torch.Tensor:
 
 def _attention(attn: Attention, x: torch.Tensor, cos, sin, offset: int, group) -> torch.Tensor:
     B, T, _ = x.shape
-    q = attn.wq(x).view(B, T, -1, attn.hd).transpose(1, 2)
-    k = attn.wk(x).view(B, T, -1, attn.hd).transpose(1, 2)
-    v = attn.wv(x).view(B, T, -1, attn.hd).transpose(1, 2)
-    if attn.q_norm is not None:
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k, v = attn.project(x, cos, sin)
     k, v = _gather_seq(k, group), _gather_seq(v, group)
     S = k.shape[2]
     qpos = offset + torch.arange(T, device=x.device)

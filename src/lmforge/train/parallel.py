@@ -212,6 +212,11 @@ def barrier() -> None:
         dist.barrier()
 
 
-def destroy() -> None:
+def destroy(wait: bool = True) -> None:
+    """Wait for every rank, then tear the process groups down while the interpreter is whole.
+    A process that exits with live gloo groups can abort in their worker threads during
+    interpreter shutdown ("terminate called without an active exception")."""
     if dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
