@@ -44,19 +44,29 @@ def _gather_seq(t: torch.Tensor, group) -> torch.Tensor:
     return _GatherSeq.apply(t, group)
 
 
-def _attention(attn: Attention, x: torch.Tensor, cos, sin, offset: int, group) -> torch.Tensor:
+def _chunk_mask(T: int, S: int, offset: int, doc_ids: torch.Tensor | None, device) -> torch.Tensor:
+    """Causal mask of this rank's queries (positions offset .. offset+T) over all S keys; with
+    `doc_ids` (B, S) of the whole sequence, also restricted to the query's own document."""
+    qpos = offset + torch.arange(T, device=device)
+    mask = torch.arange(S, device=device)[None, :] <= qpos[:, None]
+    if doc_ids is None:
+        return mask
+    same = doc_ids[:, offset : offset + T, None] == doc_ids[:, None, :]
+    return (same & mask)[:, None]
+
+
+def _attention(attn: Attention, x: torch.Tensor, cos, sin, mask: torch.Tensor, group) -> torch.Tensor:
     B, T, _ = x.shape
     q, k, v = attn.project(x, cos, sin)
     k, v = _gather_seq(k, group), _gather_seq(v, group)
-    S = k.shape[2]
-    qpos = offset + torch.arange(T, device=x.device)
-    mask = torch.arange(S, device=x.device)[None, :] <= qpos[:, None]
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
     return attn.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
-def cp_forward(model: Transformer, idx: torch.Tensor, targets: torch.Tensor | None = None, group=None):
+def cp_forward(model: Transformer, idx: torch.Tensor, targets: torch.Tensor | None = None, group=None,
+               doc_ids: torch.Tensor | None = None):
     """Forward on this rank's chunk `idx` (B, T_local) of sequences split evenly across the group.
+    `doc_ids` (B, T_local * world): document ids of the whole sequences (doc_mask packing).
     Returns (local logits, loss) where loss is the mean over the whole sequence (identical on every rank)."""
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
@@ -67,9 +77,10 @@ def cp_forward(model: Transformer, idx: torch.Tensor, targets: torch.Tensor | No
     if model.cfg.moe_experts:
         raise ConfigError("context parallelism is not supported for mixture-of-experts models")
     cos, sin = model.rope_cos[offset : offset + T], model.rope_sin[offset : offset + T]
+    mask = _chunk_mask(T, world * T, offset, doc_ids, idx.device)
     x = model.tok_emb(idx)
     for layer in model.layers:
-        x = x + _attention(layer.attn, layer.attn_norm(x), cos, sin, offset, group)
+        x = x + _attention(layer.attn, layer.attn_norm(x), cos, sin, mask, group)
         x = x + layer.mlp(layer.mlp_norm(x))
     logits = model.lm_head(model.norm(x))
     if targets is None:
@@ -92,3 +103,26 @@ def cp_sync_grads(model: Transformer, group=None) -> None:
         if p.grad is not None:
             dist.all_reduce(p.grad, group=group)
             p.grad /= world
+
+
+def cp_chunk(t: torch.Tensor | None, rank: int, world: int) -> torch.Tensor | None:
+    """This rank's contiguous slice of the sequence dimension (1) of a (B, T) batch tensor."""
+    if t is None:
+        return None
+    T = t.shape[1]
+    if T % world:
+        raise ConfigError(f"pretrain.seq_len = {T} must be divisible by parallel.cp = {world}")
+    n = T // world
+    return t[:, rank * n : (rank + 1) * n]
+
+
+def cp_train_step(model: Transformer, batches, group, rank: int, world: int) -> torch.Tensor:
+    """Forward and backward of one optimizer step's micro-batches on this rank's sequence chunk.
+    Returns the step's mean loss over the whole sequences (detached, the same on every rank of the
+    group). Gradients are left for the caller to average over all ranks (context x data parallel)."""
+    total = None
+    for b in batches:
+        _, loss = cp_forward(model, cp_chunk(b.x, rank, world), cp_chunk(b.y, rank, world), group=group, doc_ids=b.doc_ids)
+        (loss / len(batches)).backward()
+        total = loss.detach() / len(batches) if total is None else total + loss.detach() / len(batches)
+    return total

@@ -33,9 +33,11 @@ from lmforge.log import log_once, logger, progress
 from lmforge.rundir import fingerprint, read_json
 from lmforge.train import checkpoint as ck
 from lmforge.train.config import TrainConfig
+from lmforge.train.context_parallel import cp_train_step
 from lmforge.train.data import BatchLoader, TokenStream, read_index, val_batches
 from lmforge.train.metrics import MetricsLog, device_peak_flops, plot_metrics
 from lmforge.train.optim import build_optimizers, set_lr
+from lmforge.train.pipeline_parallel import pp_clip_grad_norm, pp_merge_optimizer_states, pp_sync_weights, pp_train_step
 from lmforge.train.schedule import schedule_from_config
 
 
@@ -145,7 +147,8 @@ def train(
     raw = Transformer(mcfg).to(device)
     raw.gradient_checkpointing = cfg.activation_checkpointing
     dp_model = P.parallelize(raw, cfg.parallel, info)
-    fwd = torch.compile(dp_model) if cfg.compile else dp_model
+    sched, stage_mod, pp_group, cp_group = _model_parallel_setup(raw, cfg, info, device)
+    fwd = torch.compile(dp_model) if cfg.compile and sched is None and cp_group is None else dp_model
     optimizers = build_optimizers(raw, cfg)
     sharded = info.distributed and (cfg.parallel.dp == "fsdp" or info.tp_size > 1)
     lr_at = schedule_from_config(cfg)
@@ -230,6 +233,8 @@ def train(
         return out
 
     def eval_and_sample(step: int) -> None:
+        if sched is not None:
+            pp_sync_weights(raw, info.pp_size, pp_group)
         rec = {"kind": "eval", "step": step, "tokens": tokens_seen, **evaluate()}
         if on_eval is not None:
             rec.update(on_eval(step, raw) or {})
@@ -248,10 +253,15 @@ def train(
             P.barrier()
 
     def save(step: int) -> Path | None:
+        if sched is not None:
+            pp_sync_weights(raw, info.pp_size, pp_group)
         weights = P.full_state_dict(dp_model)
         if mcfg.tie_embeddings:
             weights.pop("lm_head.weight", None)
-        opt_states = _optimizer_states(raw, optimizers, sharded)
+        if sched is not None:
+            opt_states = pp_merge_optimizer_states(optimizers, pp_group)
+        else:
+            opt_states = _optimizer_states(raw, optimizers, sharded)
         path = None
         if info.is_main:
             state = {
@@ -272,18 +282,33 @@ def train(
     bar = progress(range(start_step, cfg.max_steps), desc="pretrain", total=cfg.max_steps, unit="step", initial=start_step)
     for step in bar:
         set_lr(optimizers, lr_at(step))
-        loss_acc = torch.zeros((), device=device)
-        for micro in range(cfg.grad_accum):
-            b = loader.next_batch()
-            with _grad_sync(dp_model, micro == cfg.grad_accum - 1):
-                with autocast():
-                    _, loss = fwd(b.x, b.y, doc_ids=b.doc_ids)
-                (loss / cfg.grad_accum).backward()
-            loss_acc += loss.detach() / cfg.grad_accum
+        if sched is not None or cp_group is not None:
+            batches = [loader.next_batch() for _ in range(cfg.grad_accum)]
+            with autocast():
+                if sched is not None:
+                    loss_acc = pp_train_step(sched, batches, info.pp_rank, info.pp_size, pp_group)
+                else:
+                    loss_acc = cp_train_step(raw, batches, cp_group, info.cp_rank, info.cp_size)
+            # pipeline: each stage's gradients averaged over its data-parallel replicas; context:
+            # every rank's chunk gradient averaged over all ranks (the mean of the chunk losses)
+            P.average_gradients(stage_mod.parameters() if sched is not None else raw.parameters(),
+                                info.group("dp") if sched is not None else None)
+        else:
+            loss_acc = torch.zeros((), device=device)
+            for micro in range(cfg.grad_accum):
+                b = loader.next_batch()
+                with _grad_sync(dp_model, micro == cfg.grad_accum - 1):
+                    with autocast():
+                        _, loss = fwd(b.x, b.y, doc_ids=b.doc_ids)
+                    (loss / cfg.grad_accum).backward()
+                loss_acc += loss.detach() / cfg.grad_accum
         if info.distributed:
             loss_acc = P.all_reduce_mean(loss_acc)
         loss_f = float(loss_acc)
-        gn = P.clip_grad_norm(dp_model, cfg.grad_clip)
+        if sched is not None:
+            gn = pp_clip_grad_norm(list(stage_mod.parameters()), cfg.grad_clip, pp_group)
+        else:
+            gn = P.clip_grad_norm(dp_model, cfg.grad_clip)
         if not (math.isfinite(loss_f) and math.isfinite(gn)):
             what = f"loss {loss_f}" if not math.isfinite(loss_f) else f"gradient norm {gn}"
             last = ck.list_checkpoints(out_dir)
@@ -337,6 +362,38 @@ def train(
         result.plot_path = plot_metrics(out_dir / "metrics.jsonl", out_dir / "loss.png", title=f"pretraining ({cfg.model.preset}, {cfg.optimizer}, {cfg.schedule})")
     result.wall_time_s = time.time() - t_start
     return result
+
+
+def _model_parallel_setup(raw, cfg: TrainConfig, info, device):
+    """Pipeline stage + schedule (parallel.pp > 1) or the context-parallel group (parallel.cp > 1).
+    Returns (schedule, stage module, pipeline group, context group); all None without them."""
+    if info.pp_size > 1:
+        from lmforge.train.pipeline_parallel import build_pipeline
+
+        if cfg.packing != "separator":
+            raise ConfigError("parallel.pp > 1 needs pretrain.packing = 'separator': document ids do not travel between pipeline stages")
+        if cfg.batch_size % cfg.parallel.pp_microbatches:
+            raise ConfigError(f"pretrain.batch_size = {cfg.batch_size} must be divisible by parallel.pp_microbatches = {cfg.parallel.pp_microbatches}")
+        _warn_unsupported(cfg, "pipeline")
+        group = info.group("pp")
+        stage, sched = build_pipeline(raw, info.pp_size, info.pp_rank, cfg.parallel.pp_microbatches * cfg.grad_accum,
+                                      cfg.parallel.pp_schedule, device, group=group)
+        return sched, stage, group, None
+    if info.cp_size > 1:
+        if cfg.seq_len % info.cp_size:
+            raise ConfigError(f"pretrain.seq_len = {cfg.seq_len} must be divisible by parallel.cp = {info.cp_size}")
+        if raw.cfg.moe_experts:
+            raise ConfigError("context parallelism is not supported for mixture-of-experts models")
+        _warn_unsupported(cfg, "context")
+        return None, None, None, info.group("cp")
+    return None, None, None, None
+
+
+def _warn_unsupported(cfg: TrainConfig, what: str) -> None:
+    if cfg.compile:
+        log_once(f"train.{what}.compile", f"pretrain.compile is not applied with {what} parallelism (eager execution)")
+    if cfg.activation_checkpointing:
+        log_once(f"train.{what}.ac", f"pretrain.activation_checkpointing is not applied with {what} parallelism")
 
 
 def _optimizer_states(raw, optimizers, sharded: bool) -> list[dict]:

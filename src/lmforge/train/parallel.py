@@ -24,13 +24,28 @@ from lmforge.errors import ConfigError
 
 @dataclass
 class ParallelConfig:
-    dp: Literal["none", "ddp", "fsdp"] = "ddp"  # data parallelism used when world_size / tp > 1
+    dp: Literal["none", "ddp", "fsdp"] = "ddp"  # data parallelism used when world_size / (tp * pp * cp) > 1
     tp: int = 1  # tensor-parallel degree (must divide world size, n_heads and n_kv_heads)
+    pp: int = 1  # pipeline-parallel degree: layers split into pp stages (train/pipeline_parallel.py)
+    pp_schedule: Literal["1f1b", "gpipe"] = "1f1b"
+    pp_microbatches: int = 4  # microbatches per optimizer step and pipeline (x grad_accum); must divide batch_size * grad_accum
+    cp: int = 1  # context-parallel degree: each sequence split into cp chunks (train/context_parallel.py)
     backend: Literal["auto", "nccl", "gloo"] = "auto"
 
     def validate(self) -> None:
-        if self.tp < 1:
-            raise ValueError("parallel.tp must be >= 1")
+        for k in ("tp", "pp", "cp", "pp_microbatches"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"parallel.{k} must be >= 1")
+        if sum(x > 1 for x in (self.tp, self.pp, self.cp)) > 1:
+            raise ValueError("combine data parallelism with one of tp, pp or cp; more than one of them at once is not supported yet")
+
+    @property
+    def inner(self) -> tuple[str, int]:
+        """The model-parallel mesh dimension (name, size) paired with data parallelism."""
+        for name in ("tp", "pp", "cp"):
+            if getattr(self, name) > 1:
+                return name, getattr(self, name)
+        return "tp", 1
 
 
 @dataclass
@@ -43,6 +58,14 @@ class DistInfo:
     dp_rank: int = 0
     dp_size: int = 1
     tp_size: int = 1
+    pp_size: int = 1
+    pp_rank: int = 0
+    cp_size: int = 1
+    cp_rank: int = 0
+
+    def group(self, name: str):
+        """The process group of mesh dimension `name` ("dp", or the model-parallel one)."""
+        return self.mesh[name].get_group() if self.mesh is not None and name in self.mesh.mesh_dim_names else None
 
     @property
     def is_main(self) -> bool:
@@ -60,8 +83,9 @@ def init_distributed(pcfg: ParallelConfig | None = None, device: str | None = No
     want_cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
     if world <= 1:
         dev = torch.device(device or ("cuda" if want_cuda else "cpu"))
-        if pcfg.tp > 1:
-            raise ConfigError(f"parallel.tp = {pcfg.tp} needs that many processes: launch with torchrun --nproc_per_node {pcfg.tp}")
+        name, n = pcfg.inner
+        if n > 1:
+            raise ConfigError(f"parallel.{name} = {n} needs that many processes: launch with torchrun --nproc_per_node {n}")
         return DistInfo(device=dev)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     backend = pcfg.backend if pcfg.backend != "auto" else ("nccl" if want_cuda else "gloo")
@@ -72,14 +96,17 @@ def init_distributed(pcfg: ParallelConfig | None = None, device: str | None = No
         dev = torch.device("cpu")
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
-    if world % pcfg.tp:
-        raise ConfigError(f"parallel.tp = {pcfg.tp} must divide the world size {world}")
+    name, n = pcfg.inner
+    if world % n:
+        raise ConfigError(f"parallel.{name} = {n} must divide the world size {world}")
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh(dev.type, (world // pcfg.tp, pcfg.tp), mesh_dim_names=("dp", "tp"))
+    mesh = init_device_mesh(dev.type, (world // n, n), mesh_dim_names=("dp", name))
+    inner_rank = mesh[name].get_local_rank()
     return DistInfo(
         rank=rank, world_size=world, local_rank=local_rank, device=dev, mesh=mesh,
-        dp_rank=mesh["dp"].get_local_rank(), dp_size=world // pcfg.tp, tp_size=pcfg.tp,
+        dp_rank=mesh["dp"].get_local_rank(), dp_size=world // n, tp_size=pcfg.tp,
+        pp_size=pcfg.pp, pp_rank=inner_rank if name == "pp" else 0, cp_size=pcfg.cp, cp_rank=inner_rank if name == "cp" else 0,
     )
 
 
@@ -104,6 +131,12 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
 def parallelize(model: nn.Module, pcfg: ParallelConfig, info: DistInfo) -> nn.Module:
     """Apply TP (if tp > 1) then DP (DDP or FSDP2) to `model` (already on info.device)."""
     if not info.distributed:
+        return model
+    if info.pp_size > 1 or info.cp_size > 1:
+        # pipeline / context parallelism keep the plain module; gradients are averaged over the
+        # data-parallel ranks by average_gradients (the loop calls it), as DDP would
+        if info.dp_size > 1 and pcfg.dp != "ddp":
+            raise ConfigError("pipeline and context parallelism combine with parallel.dp = 'ddp' only")
         return model
     if info.tp_size > 1:
         apply_tensor_parallel(model, info.mesh["tp"])
@@ -205,6 +238,27 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer | None, path
         state = {"model": get_model_state_dict(m)}
         dcp.load(state, checkpoint_id=str(path))
         set_model_state_dict(m, state["model"])
+
+
+def average_gradients(params, group=None) -> None:
+    """Mean of each gradient over `group` (all ranks when None), one flat all-reduce per dtype."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    n = dist.get_world_size(group)
+    if n == 1:
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=group)
+        flat /= n
+        off = 0
+        for g in grads:
+            g.copy_(flat[off : off + g.numel()].view_as(g))
+            off += g.numel()
 
 
 def barrier() -> None:

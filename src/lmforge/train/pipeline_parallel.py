@@ -72,3 +72,80 @@ def build_pipeline(model: Transformer, pp_size: int, rank: int, n_microbatches: 
     stage = PipelineStage(mod, rank, pp_size, torch.device(device), group=group)
     cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule]
     return mod, cls(stage, n_microbatches=n_microbatches, loss_fn=lm_loss)
+
+
+# ---- training-loop helpers (lmforge.train.loop uses these when parallel.pp > 1) ---------------
+def stage_of(name: str, n_layers: int, pp_size: int) -> int:
+    """The stage that owns the full-model parameter `name` (tok_emb.*, layers.N.*, norm.*, lm_head.*)."""
+    if name.startswith("tok_emb"):
+        return 0
+    if name.startswith("layers."):
+        i = int(name.split(".")[1])
+        return next(r for r in range(pp_size) if stage_bounds(n_layers, pp_size, r)[0] <= i < stage_bounds(n_layers, pp_size, r)[1])
+    return pp_size - 1
+
+
+def pp_train_step(sched, batches, rank: int, pp_size: int, group) -> torch.Tensor:
+    """One optimizer step's forward/backward through the pipeline: the step's micro-batches are
+    concatenated and the schedule splits them into its microbatches. Returns the mean loss, on
+    every stage (broadcast from the last)."""
+    import torch.distributed as dist
+
+    x = torch.cat([b.x for b in batches])
+    y = torch.cat([b.y for b in batches])
+    losses: list[torch.Tensor] = []
+    if rank == 0:
+        sched.step(x)
+    elif rank == pp_size - 1:
+        sched.step(target=y, losses=losses)
+    else:
+        sched.step()
+    loss = torch.stack([l.detach().float() for l in losses]).mean() if losses else torch.zeros((), device=x.device)
+    dist.broadcast(loss, src=dist.get_global_rank(group, pp_size - 1), group=group)
+    return loss
+
+
+def pp_clip_grad_norm(params, max_norm: float, group) -> float:
+    """Clip by the global norm over every stage's gradients (squared norms summed over the group)."""
+    import torch.distributed as dist
+
+    grads = [p.grad for p in params if p.grad is not None]
+    sq = torch.nn.utils.get_total_norm(grads, 2.0).double() ** 2 if grads else torch.zeros((), dtype=torch.float64)
+    sq = sq.to(grads[0].device if grads else "cpu")
+    dist.all_reduce(sq, group=group)
+    total = float(sq.sqrt())
+    if max_norm > 0 and total > max_norm and grads:
+        torch._foreach_mul_(grads, max_norm / (total + 1e-6))
+    return total
+
+
+@torch.no_grad()
+def pp_sync_weights(model: Transformer, pp_size: int, group) -> None:
+    """Give every stage the current weights of the whole model (each parameter broadcast from the
+    stage that trains it), for evaluation, sampling and full checkpoints."""
+    import torch.distributed as dist
+
+    for name, p in model.named_parameters():
+        if model.cfg.tie_embeddings and name == "lm_head.weight":
+            continue
+        owner = stage_of(name, model.cfg.n_layers, pp_size)
+        dist.broadcast(p.data, src=dist.get_global_rank(group, owner), group=group)
+
+
+def pp_merge_optimizer_states(optimizers, group) -> list[dict]:
+    """Optimizer state dicts with every stage's per-parameter state (each stage steps only its own
+    parameters, indexed the same way on every rank because every rank built the whole model)."""
+    import torch.distributed as dist
+
+    mine = [o.state_dict() for o in optimizers]
+    mine = [{"state": {k: {n: (t.cpu() if torch.is_tensor(t) else t) for n, t in v.items()} for k, v in sd["state"].items()},
+             "param_groups": sd["param_groups"]} for sd in mine]
+    every: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, mine, group=group)
+    merged = []
+    for i, sd in enumerate(mine):
+        state = {}
+        for other in every:
+            state.update(other[i]["state"])
+        merged.append({"state": state, "param_groups": sd["param_groups"]})
+    return merged
