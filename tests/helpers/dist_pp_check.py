@@ -3,13 +3,14 @@ with the layers split over a torchrun group (pipeline parallelism, microbatched)
 
 import json
 import sys
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 
 from lmforge.model import Transformer, preset
 from lmforge.train import parallel as P
-from lmforge.train.pipeline_parallel import build_pipeline
+from lmforge.train.pipeline_parallel import build_pipeline, pp_train_step
 
 
 def main() -> None:
@@ -33,15 +34,7 @@ def main() -> None:
         x = torch.randint(0, 512, (8, 33), generator=g)
         inp, tgt = x[:, :-1], x[:, 1:]
         if pp:
-            mb_losses = []
-            if rank == 0:
-                sched.step(inp)
-            elif rank == world - 1:
-                sched.step(target=tgt, losses=mb_losses)
-            else:
-                sched.step()
-            loss = torch.stack(mb_losses).mean() if mb_losses else torch.zeros(())
-            dist.broadcast(loss, src=world - 1)
+            loss = pp_train_step(sched, [SimpleNamespace(x=inp, y=tgt)], rank, world, dist.group.WORLD)
         else:
             _, loss = model(inp, tgt)
             loss.backward()
