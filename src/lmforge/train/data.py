@@ -119,8 +119,11 @@ def make_batch(rows: np.ndarray, bos_id: int, packing: str, device) -> Batch:
     doc = None
     if packing == "doc_mask":
         doc = torch.from_numpy(np.cumsum(rows[:, :-1] == bos_id, axis=1))
-    nb = device.type == "cuda"
-    return Batch(x.to(device, non_blocking=nb), y.to(device, non_blocking=nb), doc.to(device, non_blocking=nb) if doc is not None else None)
+    if device.type != "cuda":
+        return Batch(x, y, doc)
+    # pinned host memory makes the copies truly asynchronous (no stall of the GPU queue per step)
+    move = lambda t: t.pin_memory().to(device, non_blocking=True)  # noqa: E731
+    return Batch(move(x), move(y), move(doc) if doc is not None else None)
 
 
 class BatchLoader:
