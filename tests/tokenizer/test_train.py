@@ -21,6 +21,7 @@ TRICKY = [
     "Unicode: café naïve Ærøskøbing Straße 日本語のテキスト Привет мир 😀😀 👩‍👩‍👧 ﬁ 𝔘",
     "Whitespace: a\u00a0\u00a0b \u2028c\u0085d \u3000e  \r\n\r\n  \t \n   end   ",
     "Contractions: I'll don't WE'RE it's she'd they've O'Neil '''quoted''' \"x\"",
+    "Hard-wrapped prose: the \u2018elif\u2019 part is\noptional.  You\u2019re\n\u201cquoted\u201d\n\n(aside)\n- item\r\nline\n1913",
     "Punctuation!!! ??? ... --- === >>> <<< ::: (((a))) {{b}} [[c]] <|bos|> <|eos|>",
     "",
     " ",
@@ -52,6 +53,9 @@ def test_digit_splitting(digits, expected):
     # a newline and the indentation after it stay one piece (code), one space stays with the next word
     assert [p for p, _ in pre.pre_tokenize_str("x\n        y  z")] == ["x", "\n       ", " y", " ", " z"]
     assert [p for p, _ in pre.pre_tokenize_str("f(a):\n\treturn")] == ["f", "(a", "):\n", "\treturn"]
+    # hard-wrapped prose: a word at the start of a line takes the line break, as a word takes its space
+    assert [p for p, _ in pre.pre_tokenize_str("wrapped\nline. Next\n\nPara")] == ["wrapped", "\nline", ".", " Next", "\n", "\nPara"]
+    assert [p for p, _ in pre.pre_tokenize_str("a\r\nb\u2019s\n7")] == ["a", "\r", "\nb", "\u2019s", "\n", "7"]
 
 
 def test_sample_is_seeded_uniform_and_within_budget(sample_corpus_dir):
