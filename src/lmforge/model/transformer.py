@@ -4,6 +4,18 @@ experts, optional QK-norm and tied embeddings.
 
 RoPE uses the rotate-half layout (first half / second half of each head), the same as
 Hugging Face's Llama, so weights export to that format without permutation.
+
+Fast paths (each tested equal to the plain computation in tests/test_model_fast_paths.py):
+- training with `targets` computes the output head and the cross-entropy together, block by block
+  (`linear_cross_entropy`), without keeping the (tokens x vocab) logits, their log-softmax and
+  its gradient alive; `forward` then returns (None, loss). Any device; off under torch.compile
+  (which fuses the loss itself) and for sharded (DTensor) heads; `model.fused_loss = False`
+  turns it off.
+- eager fp32 on CPU (`_cpu_fast`): one GEMM for the query/key/value projections when the three
+  weights are plain tensors (not tensor-parallel shards), RMSNorm and RoPE as hand-written
+  autograd functions (a few passes over memory instead of autograd's composite ops), document
+  masks as an additive float mask built once per forward (SDPA's CPU kernel would convert a
+  boolean mask in every layer) and dropped when each row holds a single document.
 """
 
 from __future__ import annotations
@@ -17,6 +29,42 @@ import torch.nn.functional as F
 from lmforge.model.config import ModelConfig
 
 
+def _cpu_fast(x: torch.Tensor) -> bool:
+    """Eager fp32 on CPU without autocast: the hand-written kernels below are used there. On GPU
+    (fused library kernels) and under torch.compile (which fuses the plain ops) they are not."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling())
+
+
+def _plain(*tensors: torch.Tensor) -> bool:
+    """True when none of the tensors is a DTensor (tensor-parallel or FSDP shard) or other subclass."""
+    return all(type(t) in (torch.Tensor, nn.Parameter) for t in tensors)
+
+
+class _RMSNormFn(torch.autograd.Function):
+    """y = x * r * w with r = 1 / sqrt(mean(x^2) + eps) per row. Saves x * r (the normalised
+    input) and r; backward: dx = r * (g w - xhat * mean(g w xhat)), dw = sum over rows of g xhat."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        r = torch.linalg.vecdot(x, x).unsqueeze(-1).div_(x.shape[-1]).add_(eps).rsqrt_()
+        xhat = x * r
+        ctx.save_for_backward(xhat, r, weight)
+        return xhat * weight
+
+    @staticmethod
+    def backward(ctx, g):
+        xhat, r, weight = ctx.saved_tensors
+        dx = dw = None
+        if ctx.needs_input_grad[1]:
+            dw = (g * xhat).reshape(-1, xhat.shape[-1]).sum(0)
+        if ctx.needs_input_grad[0]:
+            gw = g * weight
+            dot = torch.linalg.vecdot(gw, xhat).unsqueeze(-1).div_(xhat.shape[-1])
+            dx = gw.addcmul_(xhat, dot, value=-1.0).mul_(r)
+        return dx, dw, None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -24,6 +72,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _cpu_fast(x) and _plain(x, self.weight):
+            return _RMSNormFn.apply(x, self.weight, self.eps)
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
@@ -41,6 +91,37 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x1, x2 = x[..., :h], x[..., h:]
     rot = torch.cat([-x2, x1], dim=-1)
     return (x * cos + rot * sin).to(x.dtype)
+
+
+class _RopeFn(torch.autograd.Function):
+    """Rotate-half RoPE: out1 = x1 c - x2 s, out2 = x2 c + x1 s, as x * cos over the full width
+    (both halves of a table row are equal) plus one multiply-add per half. The map is a rotation,
+    so the backward is the inverse rotation of the gradient; nothing but the tables is saved."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin_h):
+        h = x.shape[-1] // 2
+        out = torch.mul(x, cos)
+        out[..., :h].addcmul_(x[..., h:], sin_h, value=-1.0)
+        out[..., h:].addcmul_(x[..., :h], sin_h)
+        ctx.save_for_backward(cos, sin_h)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        cos, sin_h = ctx.saved_tensors
+        h = g.shape[-1] // 2
+        dx = torch.mul(g, cos)
+        dx[..., :h].addcmul_(g[..., h:], sin_h)
+        dx[..., h:].addcmul_(g[..., :h], sin_h, value=-1.0)
+        return dx, None, None
+
+
+def rope_bthd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on a (..., T, heads, head_dim) tensor with (T, head_dim) tables (rotate-half layout,
+    so the two halves of each table row are equal and only the first half of `sin` is read)."""
+    extra = (None,) * (x.dim() - 3)  # the heads axis, and a q/k axis when both are rotated at once
+    return _RopeFn.apply(x, cos[(slice(None),) + extra], sin[(slice(None),) + extra + (slice(0, x.shape[-1] // 2),)])
 
 
 class KVCache(nn.Module):
@@ -72,6 +153,8 @@ class Attention(nn.Module):
 
     def project(self, x, cos, sin):
         """Queries, keys and values (B, heads, T, head_dim) with QK-norm and RoPE applied."""
+        if cos.dim() == 2 and _cpu_fast(x) and self._fusable():
+            return self._project_fused(x, cos, sin)
         B, T, _ = x.shape
         # heads are derived from the weight shapes so a tensor-parallel shard works unchanged
         q = self.wq(x).view(B, T, -1, self.hd).transpose(1, 2)
@@ -80,6 +163,31 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def _fusable(self) -> bool:
+        """The three projections are plain modules (no tensor-parallel hooks or DTensor weights)."""
+        mods = (self.wq, self.wk, self.wv)
+        return all(not (m._forward_hooks or m._forward_pre_hooks) and m.bias is None for m in mods) and _plain(
+            *(m.weight for m in mods))
+
+    def _project_fused(self, x, cos, sin):
+        """`project` with one GEMM against the concatenated weights and the RoPE kernel; the same
+        values as the three separate projections."""
+        B, T, _ = x.shape
+        nq, nk = self.wq.weight.shape[0], self.wk.weight.shape[0]
+        qkv = F.linear(x, torch.cat([self.wq.weight, self.wk.weight, self.wv.weight]))
+        # split / unbind rather than slicing: their backward concatenates the pieces' gradients
+        # instead of scattering each into a zero-filled full-size tensor
+        if nq == nk and self.q_norm is None:  # queries and keys rotated by one call
+            qk, v = qkv.split([nq + nk, nk], dim=-1)
+            q, k = rope_bthd(qk.view(B, T, 2, -1, self.hd), cos, sin).unbind(2)
+            v = v.view(B, T, -1, self.hd)
+        else:
+            q, k, v = (t.view(B, T, -1, self.hd) for t in qkv.split([nq, nk, nk], dim=-1))
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = rope_bthd(q, cos, sin), rope_bthd(k, cos, sin)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(self, x, cos, sin, mask=None, pos: int = 0):
         B, T, _ = x.shape
@@ -165,6 +273,101 @@ def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     return (same & causal)[:, None]
 
 
+def attention_mask(doc_ids: torch.Tensor | None, fast: bool) -> torch.Tensor | None:
+    """The mask the layers get for `doc_ids`: None (plain causal attention) without document ids.
+    With `fast` (CPU; the test reads document ids without a device sync): also None when every
+    row holds one document (the mask would be the causal one), else the document mask as an
+    additive float mask (0 / -inf), which SDPA's CPU kernel takes as is; else the boolean mask."""
+    if doc_ids is None:
+        return None
+    if not fast:
+        return document_mask(doc_ids)
+    if bool((doc_ids == doc_ids[:, :1]).all()):
+        return None
+    bias = torch.zeros(doc_ids.shape[0], 1, doc_ids.shape[1], doc_ids.shape[1], device=doc_ids.device)
+    return bias.masked_fill_(~document_mask(doc_ids), float("-inf"))
+
+
+_CE_BLOCK_BYTES = 1 << 30  # fp32 logits of one block of rows in linear_cross_entropy
+_CE_CPU_SUB_ROWS = 32  # rows per pass of the softmax on CPU: 32 x vocab floats stay in cache
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of logits = x @ weight.T against `targets`, rows equal to `ignore_index`
+    left out. The gradient is formed in the forward, one block of rows at a time, while that
+    block's logits are at hand: p = softmax(z) - onehot(target), scaled by 1 / (number of counted
+    rows); dx = p @ weight, dweight = p.T @ x. The backward only multiplies them by the incoming
+    gradient. Under autocast the three matmuls run in the autocast dtype (as F.linear would) and
+    the softmax in fp32."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, ignore_index: int, dtype, workspace):
+        N, V = x.shape[0], weight.shape[0]
+        cpu = x.device.type == "cpu"
+        with torch.autocast(x.device.type, enabled=False):
+            valid = targets != ignore_index
+            n_valid = valid.sum()
+            scale = (valid.to(torch.float32) / n_valid).unsqueeze(1)  # (N, 1): 1 / n, or 0 when left out
+            tgt = torch.where(valid, targets, 0).unsqueeze(1)
+            w = weight.to(dtype)
+            xs = x.to(dtype)
+            dx = torch.empty(N, x.shape[1], dtype=dtype, device=x.device)
+            dw = None
+            lse = torch.empty(N, dtype=torch.float32, device=x.device)
+            picked = torch.empty(N, dtype=torch.float32, device=x.device)
+            block = max(1, min(N, _CE_BLOCK_BYTES // (4 * V)))
+            sub = _CE_CPU_SUB_ROWS if cpu else block
+            buf = None
+            if cpu and dtype == torch.float32 and workspace is not None:
+                # a logits buffer kept from call to call: a fresh allocation this large is
+                # mapped anew each time and page-faults on first touch (~25% of the matmul)
+                buf = workspace.get("logits")
+                if buf is None or buf.shape[0] < block or buf.shape[1] != V:
+                    buf = workspace["logits"] = torch.empty(block, V, dtype=torch.float32)
+            minus_one = torch.full((min(sub, N), 1), -1.0, device=x.device)
+            for s in range(0, N, block):
+                e = min(N, s + block)
+                if buf is not None:
+                    z = torch.mm(xs[s:e], w.t(), out=buf[: e - s])
+                else:
+                    z = torch.mm(xs[s:e], w.t()).float()  # (rows, V)
+                for u in range(0, e - s, sub):
+                    zc = z[u : u + sub]
+                    rows = slice(s + u, s + u + zc.shape[0])
+                    tc = tgt[rows]
+                    torch.gather(zc, 1, tc, out=picked[rows, None])
+                    top = zc.amax(1, keepdim=True)
+                    total = zc.sub_(top).exp_().sum(1, keepdim=True)  # one exp pass for loss and softmax
+                    zc.mul_(total.reciprocal())  # softmax
+                    torch.add(total.log_().squeeze(1), top.squeeze(1), out=lse[rows])  # log-sum-exp
+                    zc.scatter_add_(1, tc, minus_one[: zc.shape[0]])  # - onehot
+                p = z.to(dtype)
+                # row scales applied to the thin (rows x d) operands, not to the (rows x V) block
+                torch.mm(p, w, out=dx[s:e]).mul_(scale[s:e])
+                part = torch.mm(p.t(), xs[s:e] * scale[s:e].to(dtype))
+                dw = part.float() if dw is None else dw.add_(part)
+            loss = ((lse - picked) * valid).sum() / n_valid
+        ctx.save_for_backward(dx.to(x.dtype), dw.to(weight.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        dx, dw = ctx.saved_tensors
+        return (dx * g if ctx.needs_input_grad[0] else None, dw * g if ctx.needs_input_grad[1] else None,
+                None, None, None, None)
+
+
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                         workspace: dict | None = None) -> torch.Tensor:
+    """F.cross_entropy(F.linear(x, weight).float(), targets, ignore_index=ignore_index) for x (N, d),
+    weight (V, d), targets (N,), without materialising the whole (N, V) logits and their gradient
+    (see _LinearCrossEntropy). Meant for training: it computes the gradients even if no backward
+    follows. `workspace`: a dict the caller keeps between calls, where the CPU path keeps its
+    logits buffer (one block of rows)."""
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    return _LinearCrossEntropy.apply(x, weight, targets, ignore_index, dtype, workspace)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -180,6 +383,8 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.gradient_checkpointing = False
+        self.fused_loss = True  # training with targets: head + cross-entropy fused, logits not returned
+        self._loss_workspace: dict = {}  # linear_cross_entropy's CPU logits buffer, reused every step
         self.reset_parameters()
 
     @torch.no_grad()
@@ -210,26 +415,39 @@ class Transformer(nn.Module):
     ):
         """idx (B, T) token ids. With `targets`, returns (logits, loss) where loss includes the MoE
         load-balancing term; else (logits, None). `doc_ids` (B, T) restricts attention to
-        tokens of the same packed document."""
+        tokens of the same packed document. With `targets` and autograd on, the head and the loss
+        are fused (see `linear_cross_entropy`) and logits come back as None, unless
+        `self.fused_loss` is False."""
         B, T = idx.shape
         if pos + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {pos + T} tokens is longer than the model's context ({self.cfg.max_seq_len})")
         cos, sin = self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]
-        mask = document_mask(doc_ids) if doc_ids is not None else None
         x = self.tok_emb(idx)
+        mask = attention_mask(doc_ids, _cpu_fast(x))
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, pos, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, pos)
         x = self.norm(x)
-        logits = self.lm_head(x)
-        if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=ignore_index)
+        if targets is not None and self._fuse_loss(x):
+            logits = None
+            loss = linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.lm_head.weight, targets.reshape(-1), ignore_index,
+                                        self._loss_workspace)
+        else:
+            logits = self.lm_head(x)
+            if targets is None:
+                return logits, None
+            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=ignore_index)
         if self.cfg.moe_experts:
             loss = loss + self.cfg.moe_aux_loss_coef * self.aux_loss()
         return logits, loss
+
+    def _fuse_loss(self, x: torch.Tensor) -> bool:
+        head = self.lm_head
+        return (self.fused_loss and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and (x.requires_grad or head.weight.requires_grad) and head.bias is None
+                and not (head._forward_hooks or head._forward_pre_hooks) and _plain(x, head.weight))
 
     def aux_loss(self) -> torch.Tensor:
         losses = [l.mlp.aux_loss for l in self.layers if isinstance(l.mlp, MoE)]
