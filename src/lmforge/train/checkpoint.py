@@ -63,8 +63,10 @@ def set_rng_state(s: dict) -> None:
 
 def save_checkpoint(out_dir: str | Path, step: int, weights: dict[str, torch.Tensor], model_config: dict,
                     optimizer_states: list[dict], state: dict, keep_last: int = 3,
-                    tokenizer_file: Path | None = None) -> Path:
-    """Write one checkpoint atomically, point `latest` at it, prune old ones. Main rank only."""
+                    tokenizer_file: Path | None = None, extra_files: dict[str, bytes] | None = None) -> Path:
+    """Write one checkpoint atomically, point `latest` at it, prune old ones. Main rank only.
+    `extra_files` (name -> bytes, e.g. a LoRA stage's adapter.safetensors) are written beside the
+    weights and checksummed like them."""
     from safetensors.torch import save
 
     out_dir = Path(out_dir)
@@ -77,7 +79,9 @@ def save_checkpoint(out_dir: str | Path, step: int, weights: dict[str, torch.Ten
         atomic_write_bytes(tmp / "optimizer.pt", buf.getvalue())
         if tokenizer_file is not None and Path(tokenizer_file).is_file():
             shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
-        sums = {n: sha256_file(tmp / n) for n in CHECKSUMMED if (tmp / n).is_file()}
+        for name, blob in (extra_files or {}).items():
+            atomic_write_bytes(tmp / name, blob)
+        sums = {n: sha256_file(tmp / n) for n in (*CHECKSUMMED, *(extra_files or {})) if (tmp / n).is_file()}
         atomic_write_json(tmp / "state.json", {**state, "step": step, "checksums": sums})
     atomic_write_text(out_dir / "latest", final.name + "\n")
     prune(out_dir, keep_last, protect=final.name)
