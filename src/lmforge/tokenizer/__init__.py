@@ -1,17 +1,13 @@
-"""Tokenizer stage: byte-level BPE training (HF `tokenizers`), fast identical-id encoding
-(tiktoken), corpus -> shuffled train/val token shards, and vocabulary inspection.
+"""Tokenizer stage: byte-level BPE training (HF `tokenizers`), corpus -> shuffled train/val
+token shards, vocabulary inspection — and the one tokenizer runtime every stage uses.
 
-Public entry for other stages: `load_tokenizer(tokenizer_dir)`.
+Public entries for other stages: `Tokenizer` (`Tokenizer.from_file(path)`: tiktoken for lmforge's
+byte-level BPE, HF `tokenizers` for any other tokenizer.json, same methods either way) and
+`load_tokenizer(path)` (the same constructor).
 """
 
 from __future__ import annotations
 
+from lmforge.tokenizer.runtime import Tokenizer, load_tokenizer
 
-def load_tokenizer(tokenizer_dir):
-    """Load `<tokenizer_dir>/tokenizer.json`: encode / encode_batch / decode, vocab_size, bos_id, eos_id, pad_id, special_tokens."""
-    from lmforge.tokenizer.encode import load_tokenizer as _load
-
-    return _load(tokenizer_dir)
-
-
-__all__ = ["load_tokenizer"]
+__all__ = ["Tokenizer", "load_tokenizer"]

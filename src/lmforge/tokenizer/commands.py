@@ -74,7 +74,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from lmforge.rundir import read_json
-    from lmforge.tokenizer.encode import load_tokenizer
+    from lmforge.tokenizer.runtime import load_tokenizer
     from lmforge.tokenizer.inspect import show_token, stats_markdown, tokenizer_stats, vocab_profile
 
     tok = load_tokenizer(args.tokenizer)

@@ -1,10 +1,5 @@
-"""Fast encoding with ids identical to the HF tokenizer, and corpus -> token shards.
-
-`load_tokenizer(dir)` reads lmforge's tokenizer.json and builds a tiktoken `Encoding` from
-the same vocabulary (byte strings ranked by id) and the same pre-tokenizer regex. Because
-merges are applied in id order and a piece that is already a vocabulary entry is taken
-whole (`ignore_merges`, set at training), tiktoken and HF `tokenizers` produce the same ids;
-tiktoken is several times faster and releases the GIL, so batches run on threads.
+"""Corpus -> token shards, through the one tokenizer runtime (`lmforge.tokenizer.runtime`:
+tiktoken with the ids of tokenizer.json for lmforge's BPE, HF `tokenizers` for a foreign file).
 
 `encode_corpus` writes the trainer's input (docs/ARTIFACTS.md "tokenizer/ and tokens/"):
   1. every corpus shard is encoded (in parallel: one process per shard, threads inside) into
@@ -19,7 +14,6 @@ tiktoken is several times faster and releases the GIL, so batches run on threads
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import time
@@ -32,88 +26,10 @@ import numpy as np
 from lmforge.errors import InputError
 from lmforge.log import logger, progress
 from lmforge.rundir import atomic_dir, atomic_file, atomic_write_json, read_json
+from lmforge.tokenizer.runtime import load_tokenizer
+from lmforge.tokenizer.runtime import tokenizer_file as _tokenizer_file
 
 INDEX = "index.json"
-
-
-class Tokenizer:
-    """lmforge's tokenizer at inference speed (tiktoken), with the ids of tokenizer.json."""
-
-    def __init__(self, encoding, special_tokens: dict[str, int], path: Path | None = None, pattern: str = ""):
-        self._enc = encoding
-        self.special_tokens = dict(special_tokens)
-        self.path = path
-        self.pattern = pattern
-        self.vocab_size = encoding.max_token_value + 1
-        self.bos_id = self.special_tokens["<|bos|>"]
-        self.eos_id = self.special_tokens["<|eos|>"]
-        self.pad_id = self.special_tokens["<|pad|>"]
-
-    def encode(self, text: str, allow_special: bool = False) -> list[int]:
-        """Token ids of `text`; special-token strings in it are plain text unless `allow_special`."""
-        if allow_special:
-            return self._enc.encode(text, allowed_special="all")
-        return self._enc.encode_ordinary(text)
-
-    def encode_batch(self, texts: list[str], num_threads: int = 0, allow_special: bool = False) -> list[list[int]]:
-        n = num_threads or min(8, os.cpu_count() or 1)
-        if allow_special:
-            return self._enc.encode_batch(texts, num_threads=n, allowed_special="all")
-        return self._enc.encode_ordinary_batch(texts, num_threads=n)
-
-    def decode(self, ids) -> str:
-        return self._enc.decode([int(i) for i in ids], errors="replace")
-
-    def token_bytes(self, token_id: int) -> bytes:
-        return self._enc.decode_single_token_bytes(int(token_id))
-
-    def __len__(self) -> int:
-        return self.vocab_size
-
-    def __repr__(self) -> str:
-        return f"Tokenizer(vocab_size={self.vocab_size}, path={str(self.path)!r})"
-
-
-def _tokenizer_file(path: str | Path) -> Path:
-    p = Path(path)
-    f = p / "tokenizer.json" if p.is_dir() else p
-    if not f.is_file():
-        raise InputError(f"tokenizer not found: {f} (train one with `lmforge tokenizer train` or the tokenizer stage)")
-    return f
-
-
-def load_tokenizer(tokenizer_dir: str | Path) -> Tokenizer:
-    """Load `<dir>/tokenizer.json` (written by the tokenizer stage) as a fast tiktoken-backed Tokenizer."""
-    import tiktoken
-
-    from lmforge.tokenizer.train_bpe import byte_to_unicode
-
-    f = _tokenizer_file(tokenizer_dir)
-    try:
-        spec = json.loads(f.read_text(encoding="utf-8"))
-        model = spec["model"]
-        vocab: dict[str, int] = model["vocab"]
-        pre = spec["pre_tokenizer"]
-        pattern = pre["pretokenizers"][0]["pattern"]["Regex"]
-        added = {t["content"]: int(t["id"]) for t in spec.get("added_tokens", [])}
-    except (ValueError, KeyError, TypeError, IndexError) as e:
-        raise InputError(f"{f}: not an lmforge byte-level BPE tokenizer.json ({type(e).__name__}: {e})") from None
-    if model.get("type") != "BPE":
-        raise InputError(f"{f}: model type {model.get('type')!r} is not BPE")
-    for name in ("<|bos|>", "<|eos|>", "<|pad|>"):
-        if name not in added:
-            raise InputError(f"{f}: special token {name} is missing")
-    decoder = {c: b for b, c in byte_to_unicode().items()}
-    ranks: dict[bytes, int] = {}
-    try:
-        for s, i in vocab.items():
-            if s in added:
-                continue
-            ranks[bytes(decoder[c] for c in s)] = int(i)
-    except KeyError as e:
-        raise InputError(f"{f}: vocabulary entry outside the byte-level alphabet ({e})") from None
-    enc = tiktoken.Encoding(name=f"lmforge-{f.parent.name}", pat_str=pattern, mergeable_ranks=ranks, special_tokens=added)
-    return Tokenizer(enc, added, path=f, pattern=pattern)
 
 
 def file_sha(path: str | Path) -> str:
@@ -279,6 +195,8 @@ def encode_corpus(
     t0 = time.time()
     tok_file = _tokenizer_file(tokenizer_dir)
     tok = load_tokenizer(tok_file)
+    if tok.bos_id is None:
+        raise InputError(f"{tok_file}: no <|bos|> token (token shards put one before each document)")
     np_dtype = np.dtype("<u2") if (dtype == "uint16" or (dtype == "auto" and tok.vocab_size <= 65536)) else np.dtype("<u4")
     if np_dtype == np.dtype("<u2") and tok.vocab_size > 65536:
         raise InputError(f"dtype uint16 cannot hold a vocabulary of {tok.vocab_size} ids")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lmforge.tokenizer.encode import Tokenizer
+from lmforge.tokenizer.runtime import Tokenizer
 
 
 def show_token(tok: Tokenizer, i: int) -> str:

@@ -28,7 +28,8 @@ def build_tokenizer(
 ) -> tuple[dict, dict]:
     """Train (or reuse) the tokenizer in `out`; encode into `tokens_dir` when given. Returns (stats, index)."""
     from lmforge.log import logger
-    from lmforge.tokenizer.encode import encode_corpus, load_tokenizer
+    from lmforge.tokenizer.encode import encode_corpus
+    from lmforge.tokenizer.runtime import load_tokenizer
     from lmforge.tokenizer.inspect import plot_stats, sample_compression, stats_markdown, tokenizer_stats
     from lmforge.tokenizer.train_bpe import train_from_corpus
 

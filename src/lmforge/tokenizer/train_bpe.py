@@ -28,6 +28,7 @@ from lmforge.log import logger, progress
 from lmforge.rundir import atomic_write_json, atomic_write_text
 from lmforge.tokenizer.config import TokenizerConfig
 from lmforge.tokenizer.corpus import ReadStats, iter_docs
+from lmforge.tokenizer.runtime import byte_to_unicode  # noqa: F401  (re-exported: the alphabet lives with the runtime)
 
 # `{digits}` is `\p{N}` (one digit per piece) or `\p{N}{1,3}` (up to three).
 # Possessive quantifiers keep the HF (Oniguruma) and tiktoken (fancy-regex) engines in agreement.
@@ -42,22 +43,6 @@ def split_pattern(digits: str) -> str:
     if digits not in ("single", "group3"):
         raise ValueError(f"digits must be 'single' or 'group3', got {digits!r}")
     return _PATTERN.replace("{digits}", r"\p{N}" if digits == "single" else r"\p{N}{1,3}")
-
-
-def byte_to_unicode() -> dict[int, str]:
-    """The byte-level alphabet: each byte value -> one printable character (the table HF ByteLevel uses).
-
-    Printable Latin-1 bytes map to themselves; the other 68 bytes (controls, space, a few
-    Latin-1 gaps) map, in byte order, to the characters from U+0100 upward.
-    """
-    keep = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    table = {b: chr(b) for b in keep}
-    extra = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(0x100 + extra)
-            extra += 1
-    return table
 
 
 @dataclass
