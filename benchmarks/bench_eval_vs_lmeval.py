@@ -80,7 +80,7 @@ def main() -> int:
         ck = Path(args.checkpoint)
     else:
         torch.manual_seed(0)
-        ck = save_model(Transformer(preset(args.preset, vocab_size=max(4096, tok.hf.get_vocab_size()))), out / "model")
+        ck = save_model(Transformer(preset(args.preset, vocab_size=max(4096, tok.vocab_size))), out / "model")
     hf_dir = export_hf(ck, out / "hf", tok_dir)
 
     # the task, once, in lmforge's JSONL format; both tools read this file

@@ -132,7 +132,7 @@ def prepare_tokens(paths: list[Path], tok: harness.Tok, out: Path, exclude: set[
     flush()
     if not train_docs or not val_docs:
         raise InputError(f"corpus {', '.join(map(str, paths))}: too few documents for train and validation splits")
-    write_token_shards(out, {"train": train_docs, "val": val_docs}, vocab_size=tok.hf.get_vocab_size(), bos_id=tok.bos_id, eos_id=tok.eos_id)
+    write_token_shards(out, {"train": train_docs, "val": val_docs}, vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id)
     info = {"docs_train": len(train_docs), "docs_val": len(val_docs), "tokens_train": sum(map(len, train_docs)) + len(train_docs),
             "excluded_eval_docs": skipped}
     atomic_write_json(out / "prepared.json", info)

@@ -12,7 +12,6 @@ import json
 import math
 import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,57 +23,21 @@ from lmforge.eval import builtin, scoring
 from lmforge.eval.tasks import GenExample, MCExample, Task, gen_prompt, load_task, mc_pairs
 from lmforge.log import logger, progress
 from lmforge.rundir import atomic_write_json, read_json
+from lmforge.tokenizer import Tokenizer
 
 # ---- tokenizer ------------------------------------------------------------------------------
 
 
-@dataclass
-class Tok:
-    """The subset of a tokenizer evaluation needs, over an HF `tokenizers` tokenizer.json."""
-
-    hf: Any
-    bos_id: int
-    eos_id: int | None
-
-    def encode(self, text: str) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
-
-    def decode(self, ids: list[int]) -> str:
-        return self.hf.decode(ids, skip_special_tokens=True)
+Tok = Tokenizer  # the one tokenizer runtime (lmforge.tokenizer); the old name stays for annotations
 
 
-def _special_id(hf, directory: Path, names: tuple[str, ...]) -> int | None:
-    table = read_json(directory / "special_tokens.json", {}) or {}
-    for n in names:
-        if isinstance(table.get(n), int):
-            return table[n]
-        i = hf.token_to_id(n)
-        if i is not None:
-            return i
-    return None
-
-
-def load_tok(path: str | Path) -> Tok:
-    """Load `tokenizer.json` (a tokenizer directory or the file itself)."""
-    from tokenizers import Tokenizer
-
-    path = Path(path)
-    f = path / "tokenizer.json" if path.is_dir() else path
-    if not f.is_file():
-        raise InputError(f"no tokenizer at {f}")
-    try:
-        hf = Tokenizer.from_file(str(f))
-    except Exception as e:
-        raise InputError(f"cannot read tokenizer {f}: {e}") from None
-    d = f.parent
-    bos = _special_id(hf, d, ("<|bos|>", "bos", "<s>", "<|endoftext|>"))
-    eos = _special_id(hf, d, ("<|eos|>", "eos", "</s>", "<|endoftext|>"))
-    if bos is None:
-        raise InputError(f"tokenizer {f} has no <|bos|> token")
-    return Tok(hf, bos, eos)
+def load_tok(path: str | Path) -> Tokenizer:
+    """Load a tokenizer directory or tokenizer.json (lmforge's or a foreign one) for evaluation,
+    which needs a beginning-of-text id to score from."""
+    tok = Tokenizer.from_file(path)
+    if tok.bos_id is None:
+        raise InputError(f"tokenizer {tok.path} has no <|bos|> token")
+    return tok
 
 
 # ---- checkpoints ----------------------------------------------------------------------------
@@ -348,8 +311,8 @@ def evaluate_checkpoints(checkpoints: list[tuple[str, Path]], tok: Tok, tasks: l
         row = summary.setdefault(label, {})
         if todo:
             model = load_model(ckpt, device=dev)
-            if model.cfg.vocab_size < tok.hf.get_vocab_size():
-                raise InputError(f"tokenizer has {tok.hf.get_vocab_size()} tokens but the model {ckpt} only {model.cfg.vocab_size}")
+            if model.cfg.vocab_size < tok.vocab_size:
+                raise InputError(f"tokenizer has {tok.vocab_size} tokens but the model {ckpt} only {model.cfg.vocab_size}")
             logger.info("eval %s (%s): %s", label, ckpt, ", ".join(t[0] if isinstance(t, tuple) else t.name for t in todo))
             res = evaluate(model, tok, todo, batch_tokens, bootstrap, seed)
             state = read_json(ckpt / "state.json", {}) or {}

@@ -1,9 +1,8 @@
 """The tokenizer as training uses it: bytes per token (for bits per byte), prompts and samples.
 
-Bits per byte needs the number of UTF-8 bytes each target token stands for. For a byte-level
-BPE vocabulary every character of a token's string stands for exactly one byte (the printable
-bytes map to themselves, the other 68 to code points 256..323), so the count is the string
-length; special tokens count 0 bytes and are left out of the bits-per-byte sums.
+Everything goes through the one tokenizer runtime (`lmforge.tokenizer.Tokenizer`). Bits per byte
+needs the number of UTF-8 bytes each target token stands for: `Tokenizer.token_byte_lengths()`
+(special tokens count 0 bytes and are left out of the bits-per-byte sums).
 """
 
 from __future__ import annotations
@@ -15,44 +14,27 @@ import numpy as np
 import torch
 
 from lmforge.errors import InputError
+from lmforge.tokenizer import Tokenizer
 
 
-def _byte_alphabet() -> set[str]:
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
-    return {chr(b) for b in printable} | {chr(256 + i) for i in range(256 - len(printable))}
-
-
-def load_tokenizer(path: str | Path | None):
-    """A `tokenizers.Tokenizer` from a tokenizer directory or tokenizer.json, or None if absent."""
+def load_tokenizer(path: str | Path | None) -> Tokenizer | None:
+    """The tokenizer of a tokenizer directory or tokenizer.json, or None if there is none."""
     if path is None:
         return None
     p = Path(path)
     f = p / "tokenizer.json" if p.is_dir() else p
     if not f.is_file():
         return None
-    from tokenizers import Tokenizer
-
-    try:
-        return Tokenizer.from_file(str(f))
-    except Exception as e:  # tokenizers raises its own exception type on bad JSON
-        raise InputError(f"cannot load tokenizer {f}: {e}") from None
+    return Tokenizer.from_file(f)
 
 
-def token_byte_lengths(tok, vocab_size: int) -> np.ndarray:
-    """UTF-8 bytes per token id (0 for special tokens and ids the tokenizer does not have)."""
-    alphabet = _byte_alphabet()
-    special = set(tok.get_added_tokens_decoder().keys()) if hasattr(tok, "get_added_tokens_decoder") else set()
+def token_byte_lengths(tok: Tokenizer, vocab_size: int) -> np.ndarray:
+    """UTF-8 bytes per token id for a model vocabulary of `vocab_size` (0 for special tokens and
+    ids the tokenizer does not have)."""
     out = np.zeros(vocab_size, dtype=np.int64)
-    for i in range(min(vocab_size, tok.get_vocab_size(with_added_tokens=True))):
-        if i in special:
-            continue
-        s = tok.id_to_token(i)
-        if s is None:
-            continue
-        if all(c in alphabet for c in s):
-            out[i] = len(s)
-        else:
-            out[i] = len(tok.decode([i], skip_special_tokens=False).encode("utf-8"))
+    lens = tok.token_byte_lengths()
+    n = min(vocab_size, len(lens))
+    out[:n] = lens[:n]
     return out
 
 
@@ -78,9 +60,8 @@ def bytes_per_token_from_stats(tokenizer_dir: str | Path | None) -> float | None
     return None
 
 
-def special_id(tok, name: str, default: int | None = None) -> int | None:
-    i = tok.token_to_id(name) if tok is not None else None
-    return default if i is None else i
+def special_id(tok: Tokenizer | None, name: str, default: int | None = None) -> int | None:
+    return tok.special_tokens.get(name, default) if tok is not None else default
 
 
 @torch.no_grad()
