@@ -34,12 +34,15 @@ def test_kv_cache_matches_full_forward(kw):
 
 
 def test_greedy_generate_is_deterministic_and_respects_context():
+    from lmforge.infer.engine import SamplingParams, generate
+
     m = _model()
-    x = torch.randint(0, 256, (1, 5))
-    a = m.generate(x, 20, temperature=0)
-    b = m.generate(x, 20, temperature=0)
-    assert torch.equal(a, b) and a.shape == (1, 25)
-    assert m.generate(x, 500, temperature=0).shape[1] == 64  # capped at max_seq_len
+    x = torch.randint(0, 256, (5,)).tolist()
+    a = generate(m, [x], SamplingParams(max_new_tokens=20, temperature=0, stop_token_ids=[]))[0]
+    b = generate(m, [x], SamplingParams(max_new_tokens=20, temperature=0, stop_token_ids=[]))[0]
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 20
+    c = generate(m, [x], SamplingParams(max_new_tokens=500, temperature=0, stop_token_ids=[]))[0]
+    assert len(x) + len(c.token_ids) == 64 and c.finish_reason == "context"  # capped at max_seq_len, and said so
 
 
 def test_loss_and_gradients_flow_moe_aux():

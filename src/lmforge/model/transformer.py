@@ -1,6 +1,15 @@
 """Decoder-only transformer, Llama-style: RMSNorm, RoPE, grouped-query attention through
-`F.scaled_dot_product_attention` (Flash kernels on GPU), SwiGLU MLP or a top-k mixture of
-experts, optional QK-norm and tied embeddings.
+`F.scaled_dot_product_attention` (Flash kernels on GPU; FlexAttention block masks for packed
+documents on CUDA), SwiGLU MLP or a top-k mixture of experts, optional QK-norm and tied embeddings.
+
+One layer loop (`run_layers`) serves every forward pass: the whole model, a pipeline stage, a
+context-parallel chunk (which passes its own key/value-gathering `attend` hook) and KV-cache
+decoding with per-row positions (the cache protocol is `KVCache.update`; the inference engine,
+lmforge.infer.engine, owns caches and masks). `hidden_states` gives the final hidden states,
+`token_logprobs` the per-token log-probs (reduction "none") from the fused head in one pass.
+
+Modules swapped in from outside (LoRA, quantized linears) are always called as modules: the fast
+paths below read `.weight` only of a plain `nn.Linear` (`plain_linear`).
 
 RoPE uses the rotate-half layout (first half / second half of each head), the same as
 Hugging Face's Llama, so weights export to that format without permutation.
@@ -125,18 +134,51 @@ def rope_bthd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
 
 
 class KVCache(nn.Module):
-    """Pre-allocated key/value cache for one layer: (B, n_kv_heads, max_len, head_dim)."""
+    """Pre-allocated key/value cache for one layer: (B, n_kv_heads, max_len, head_dim).
+
+    The cache protocol the model expects of `Attention.cache` (the inference engine in
+    `lmforge.infer.engine` owns the caches and the masks):
+    - `update(k, v, pos)` writes keys/values (b, heads, T, head_dim) for the first b rows and
+      returns the keys/values that attention reads. `pos` is an int (every row writes slots
+      pos .. pos+T-1; returns slots [0, pos+T)) or a (b, T) tensor of per-row slots (returns the
+      whole max_len axis, static shapes for `torch.compile`; the caller's mask says which slots
+      each query sees).
+    """
 
     def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device):
         super().__init__()
         self.register_buffer("k", torch.zeros(batch, n_kv_heads, max_len, head_dim, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(batch, n_kv_heads, max_len, head_dim, dtype=dtype, device=device), persistent=False)
 
-    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        T = k.shape[2]
-        self.k[:, :, pos : pos + T] = k
-        self.v[:, :, pos : pos + T] = v
-        return self.k[:, :, : pos + T], self.v[:, :, : pos + T]
+    def update(self, k: torch.Tensor, v: torch.Tensor, pos: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, T = k.shape[0], k.shape[2]
+        if isinstance(pos, int):
+            self.k[:b, :, pos : pos + T] = k
+            self.v[:b, :, pos : pos + T] = v
+            return self.k[:b, :, : pos + T], self.v[:b, :, : pos + T]
+        idx = pos[:, None, :, None].expand(b, k.shape[1], T, k.shape[3])
+        self.k[:b].scatter_(2, idx, k.to(self.k.dtype))
+        self.v[:b].scatter_(2, idx, v.to(self.v.dtype))
+        return self.k[:b], self.v[:b]
+
+
+def sdpa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+    """The attention core: softmax(q k^T / sqrt(d)) v over (B, heads, T, head_dim) tensors, keys and
+    values with fewer (grouped) heads than the queries. `mask`: None (causal), a boolean / additive
+    float mask broadcastable to (B, heads, T, S), or a FlexAttention BlockMask (document masking on
+    GPU, lmforge.model.flex)."""
+    gqa = q.shape[1] != k.shape[1]
+    if mask is None:
+        if q.shape[2] == k.shape[2]:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        # queries are the last T of S positions (decoding after a cache prefix): query i sees keys <= S - T + i
+        T, S = q.shape[2], k.shape[2]
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+    elif not isinstance(mask, torch.Tensor):  # a BlockMask
+        from lmforge.model.flex import flex_document_attention
+
+        return flex_document_attention(q, k, v, mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
 class Attention(nn.Module):
@@ -152,7 +194,8 @@ class Attention(nn.Module):
         self.cache: KVCache | None = None
 
     def project(self, x, cos, sin):
-        """Queries, keys and values (B, heads, T, head_dim) with QK-norm and RoPE applied."""
+        """Queries, keys and values (B, heads, T, head_dim) with QK-norm and RoPE applied. `cos`/`sin`:
+        (T, head_dim) tables, or (B, 1, T, head_dim) for per-row positions."""
         if cos.dim() == 2 and _cpu_fast(x) and self._fusable():
             return self._project_fused(x, cos, sin)
         B, T, _ = x.shape
@@ -165,10 +208,10 @@ class Attention(nn.Module):
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def _fusable(self) -> bool:
-        """The three projections are plain modules (no tensor-parallel hooks or DTensor weights)."""
-        mods = (self.wq, self.wk, self.wv)
-        return all(not (m._forward_hooks or m._forward_pre_hooks) and m.bias is None for m in mods) and _plain(
-            *(m.weight for m in mods))
+        """The three projections are plain `nn.Linear` modules (not a LoRA or quantized module swapped
+        in from outside, no tensor-parallel hooks or DTensor weights): only then may their weights be
+        read directly."""
+        return all(plain_linear(m) for m in (self.wq, self.wk, self.wv))
 
     def _project_fused(self, x, cos, sin):
         """`project` with one GEMM against the concatenated weights and the RoPE kernel; the same
@@ -189,20 +232,24 @@ class Attention(nn.Module):
             q, k = rope_bthd(q, cos, sin), rope_bthd(k, cos, sin)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
-    def forward(self, x, cos, sin, mask=None, pos: int = 0):
+    def forward(self, x, cos, sin, mask=None, pos: int | torch.Tensor = 0, attend=None):
+        """`pos`: where this chunk's keys/values go in `self.cache` (when one is set up). `attend`:
+        the attention core (q, k, v, mask) -> y, `sdpa_attend` by default; context parallelism passes
+        one that gathers keys/values across ranks."""
         B, T, _ = x.shape
         q, k, v = self.project(x, cos, sin)
         if self.cache is not None:
-            k, v = self.cache.update(pos, k, v)
-        gqa = q.shape[1] != k.shape[1]
-        if mask is None and self.cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        else:
-            if mask is None:  # decoding with a cache: query i sees keys <= pos + i
-                S = k.shape[2]
-                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            k, v = self.cache.update(k, v, pos)
+        y = (attend or sdpa_attend)(q, k, v, mask)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def plain_linear(m: nn.Module) -> bool:
+    """A plain `nn.Linear` (exact type: a LoRA or quantized subclass does not count) without bias,
+    forward hooks (tensor parallelism) or sharded weights. The model's fused fast paths read
+    `.weight` directly, which is only right for these; every other module is called as a module."""
+    return (type(m) is nn.Linear and m.bias is None and not (m._forward_hooks or m._forward_pre_hooks)
+            and _plain(m.weight))
 
 
 class SwiGLU(nn.Module):
@@ -260,9 +307,22 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MoE(cfg) if cfg.moe_experts else SwiGLU(cfg.d_model, cfg.ffn_hidden)
 
-    def forward(self, x, cos, sin, mask=None, pos: int = 0):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, pos)
+    def forward(self, x, cos, sin, mask=None, pos: int | torch.Tensor = 0, attend=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, pos, attend)
         return x + self.mlp(self.mlp_norm(x))
+
+
+def run_layers(layers, x: torch.Tensor, cos, sin, mask=None, pos: int | torch.Tensor = 0, attend=None,
+               checkpointing: bool = False) -> torch.Tensor:
+    """The layer loop every forward pass runs: the whole model, one pipeline stage's layers, or
+    a context-parallel chunk (with its key/value-gathering `attend`). `checkpointing`: recompute
+    each layer's activations in the backward (activation checkpointing)."""
+    for layer in layers:
+        if checkpointing:
+            x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, pos, attend, use_reentrant=False)
+        else:
+            x = layer(x, cos, sin, mask, pos, attend)
+    return x
 
 
 def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -368,6 +428,64 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     return _LinearCrossEntropy.apply(x, weight, targets, ignore_index, dtype, workspace)
 
 
+class _LinearLogprobs(torch.autograd.Function):
+    """Per-row log-probabilities log softmax(x @ weight.T)[target] (0 where target == ignore_index),
+    block by block, without keeping the (N, V) logits: the forward keeps only each row's
+    log-sum-exp; the backward recomputes one block of logits at a time, with
+    d logprob / d logits = onehot(target) - softmax. What DPO, RL and reward models need (per-token
+    log-probs with `reduction="none"`), at the memory of the fused training loss."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, ignore_index: int, dtype):
+        N, V = x.shape[0], weight.shape[0]
+        with torch.autocast(x.device.type, enabled=False):
+            valid = targets != ignore_index
+            tgt = torch.where(valid, targets, 0).unsqueeze(1)
+            w, xs = weight.to(dtype), x.to(dtype)
+            lse = torch.empty(N, dtype=torch.float32, device=x.device)
+            picked = torch.empty(N, dtype=torch.float32, device=x.device)
+            block = max(1, min(N, _CE_BLOCK_BYTES // (4 * V)))
+            for s in range(0, N, block):
+                z = torch.mm(xs[s : s + block], w.t()).float()
+                picked[s : s + block] = z.gather(1, tgt[s : s + block]).squeeze(1)
+                lse[s : s + block] = torch.logsumexp(z, dim=1)
+            out = (picked - lse) * valid
+        ctx.save_for_backward(x, weight, tgt, valid, lse)
+        ctx.dtype, ctx.block = dtype, block
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, tgt, valid, lse = ctx.saved_tensors
+        dtype, block = ctx.dtype, ctx.block
+        with torch.autocast(x.device.type, enabled=False):
+            w, xs = weight.to(dtype), x.to(dtype)
+            gs = (g.float() * valid).unsqueeze(1)  # (N, 1)
+            dx = torch.empty(x.shape[0], x.shape[1], dtype=dtype, device=x.device) if ctx.needs_input_grad[0] else None
+            dw = None
+            for s in range(0, x.shape[0], block):
+                e = min(x.shape[0], s + block)
+                z = torch.mm(xs[s:e], w.t()).float()
+                p = z.sub_(lse[s:e, None]).exp_().neg_()  # - softmax
+                p.scatter_add_(1, tgt[s:e], torch.ones(e - s, 1, device=x.device))  # + onehot
+                p.mul_(gs[s:e])
+                pd = p.to(dtype)
+                if dx is not None:
+                    torch.mm(pd, w, out=dx[s:e])
+                if ctx.needs_input_grad[1]:
+                    part = torch.mm(pd.t(), xs[s:e]).float()
+                    dw = part if dw is None else dw.add_(part)
+        return (dx.to(x.dtype) if dx is not None else None, dw.to(weight.dtype) if dw is not None else None,
+                None, None, None)
+
+
+def linear_logprobs(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """log_softmax(F.linear(x, weight).float(), -1).gather(targets) per row for x (N, d), 0 where
+    `targets == ignore_index`, differentiable, without materialising the (N, V) logits."""
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    return _LinearLogprobs.apply(x, weight, targets, ignore_index, dtype)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -384,6 +502,7 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.gradient_checkpointing = False
         self.fused_loss = True  # training with targets: head + cross-entropy fused, logits not returned
+        self.flex_attention = True  # document masks on CUDA through FlexAttention (lmforge.model.flex)
         self._loss_workspace: dict = {}  # linear_cross_entropy's CPU logits buffer, reused every step
         self.reset_parameters()
 
@@ -405,31 +524,55 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, device=self.tok_emb.weight.device)
         self.rope_cos, self.rope_sin = cos, sin
 
+    def rope(self, pos: int | torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE tables for T positions from `pos` (an int: (T, head_dim)), or for per-row positions
+        `pos` (B, T) (gathered: (B, 1, T, head_dim))."""
+        if isinstance(pos, int):
+            if pos + T > self.cfg.max_seq_len:
+                raise ValueError(f"sequence of {pos + T} tokens is longer than the model's context ({self.cfg.max_seq_len})")
+            return self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]
+        return self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)
+
+    def hidden_states(self, idx: torch.Tensor, doc_ids: torch.Tensor | None = None, pos: int | torch.Tensor = 0,
+                      mask=None) -> torch.Tensor:
+        """The final hidden states (B, T, d_model), after the last norm, before the output head: the
+        input of the head, a reward model's scalar head or a value head. `doc_ids` (B, T) restricts
+        attention to tokens of the same packed document. With a KV cache set up, `pos` is the cache
+        position (an int, or per-row (B, T) positions with their `mask` (B, 1, T, S))."""
+        B, T = idx.shape
+        cos, sin = self.rope(pos, T)
+        x = self.tok_emb(idx)
+        if mask is None:
+            mask = self._document_mask(doc_ids, x)
+        x = run_layers(self.layers, x, cos, sin, mask, pos, checkpointing=self.gradient_checkpointing and self.training)
+        return self.norm(x)
+
+    def _document_mask(self, doc_ids: torch.Tensor | None, x: torch.Tensor):
+        """The attention mask of packed documents for every layer, built once per forward: a
+        FlexAttention block mask on CUDA (keeps fused flash-style kernels; `self.flex_attention`
+        switches it off), else `attention_mask` (dense, or none for one document per row)."""
+        if doc_ids is not None and self.flex_attention and x.device.type == "cuda":
+            from lmforge.model.flex import document_block_mask, flex_available
+
+            if flex_available(x.device):
+                return document_block_mask(doc_ids)
+        return attention_mask(doc_ids, _cpu_fast(x))
+
     def forward(
         self,
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
-        pos: int = 0,
+        pos: int | torch.Tensor = 0,
         ignore_index: int = -100,
+        mask=None,
     ):
         """idx (B, T) token ids. With `targets`, returns (logits, loss) where loss includes the MoE
         load-balancing term; else (logits, None). `doc_ids` (B, T) restricts attention to
         tokens of the same packed document. With `targets` and autograd on, the head and the loss
         are fused (see `linear_cross_entropy`) and logits come back as None, unless
-        `self.fused_loss` is False."""
-        B, T = idx.shape
-        if pos + T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {pos + T} tokens is longer than the model's context ({self.cfg.max_seq_len})")
-        cos, sin = self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]
-        x = self.tok_emb(idx)
-        mask = attention_mask(doc_ids, _cpu_fast(x))
-        for layer in self.layers:
-            if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, pos, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, mask, pos)
-        x = self.norm(x)
+        `self.fused_loss` is False. `pos`/`mask`: KV-cache decoding (see `hidden_states`)."""
+        x = self.hidden_states(idx, doc_ids, pos, mask)
         if targets is not None and self._fuse_loss(x):
             logits = None
             loss = linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.lm_head.weight, targets.reshape(-1), ignore_index,
@@ -443,59 +586,44 @@ class Transformer(nn.Module):
             loss = loss + self.cfg.moe_aux_loss_coef * self.aux_loss()
         return logits, loss
 
+    def token_logprobs(self, idx: torch.Tensor, targets: torch.Tensor, doc_ids: torch.Tensor | None = None,
+                       ignore_index: int = -100, return_hidden: bool = False):
+        """Per-token log-probabilities (B, T) of `targets` (0 where a target is `ignore_index`), the
+        `reduction="none"` form of the training loss, differentiable, from one forward pass and
+        without keeping the (B, T, vocab) logits when the head is a plain linear layer. With
+        `return_hidden`, also the final hidden states (B, T, d_model) of the same pass (for a reward
+        model's or a value head)."""
+        h = self.hidden_states(idx, doc_ids)
+        flat_h, flat_t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+        if plain_linear(self.lm_head):
+            lp = linear_logprobs(flat_h, self.lm_head.weight, flat_t, ignore_index)
+        else:  # a module swapped in from outside (LoRA, quantized): called as a module
+            logits = self.lm_head(flat_h).float()
+            valid = flat_t != ignore_index
+            lp = logits.log_softmax(-1).gather(1, torch.where(valid, flat_t, 0)[:, None]).squeeze(1) * valid
+        lp = lp.view(targets.shape)
+        return (lp, h) if return_hidden else lp
+
     def _fuse_loss(self, x: torch.Tensor) -> bool:
         head = self.lm_head
         return (self.fused_loss and torch.is_grad_enabled() and not torch.compiler.is_compiling()
-                and (x.requires_grad or head.weight.requires_grad) and head.bias is None
-                and not (head._forward_hooks or head._forward_pre_hooks) and _plain(x, head.weight))
+                and plain_linear(head) and (x.requires_grad or head.weight.requires_grad) and _plain(x))
 
     def aux_loss(self) -> torch.Tensor:
         losses = [l.mlp.aux_loss for l in self.layers if isinstance(l.mlp, MoE)]
         return torch.stack(losses).mean() if losses else torch.zeros(())
 
-    # ---- inference helpers ---------------------------------------------------------------
-    def setup_cache(self, batch: int, max_len: int | None = None) -> None:
+    # ---- KV cache (the inference engine, lmforge.infer.engine, drives these) ------------------
+    def setup_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> None:
+        """Give every attention layer a pre-allocated `KVCache` of `batch` rows x `max_len` slots."""
         p = self.tok_emb.weight
+        n = max_len or self.cfg.max_seq_len
         for l in self.layers:
-            l.attn.cache = KVCache(batch, self.cfg.n_kv_heads, max_len or self.cfg.max_seq_len, self.cfg.head_dim, p.dtype, p.device)
+            l.attn.cache = KVCache(batch, self.cfg.n_kv_heads, n, self.cfg.head_dim, dtype or p.dtype, p.device)
 
     def clear_cache(self) -> None:
         for l in self.layers:
             l.attn.cache = None
 
-    @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 eos_id: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Sample continuations with a KV cache. idx (B, T) -> (B, T + new)."""
-        self.eval()
-        B, T = idx.shape
-        total = min(T + max_new_tokens, self.cfg.max_seq_len)
-        self.setup_cache(B, total)
-        try:
-            logits, _ = self(idx, pos=0)
-            out = [idx]
-            pos = T
-            done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-            for _ in range(total - T):
-                nxt = sample_next(logits[:, -1], temperature, top_k, generator)
-                if eos_id is not None:
-                    nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
-                    done |= nxt == eos_id
-                out.append(nxt[:, None])
-                if (eos_id is not None and bool(done.all())) or pos >= total:
-                    break
-                logits, _ = self(nxt[:, None], pos=pos)
-                pos += 1
-            return torch.cat(out, dim=1)
-        finally:
-            self.clear_cache()
-
-
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, generator=None) -> torch.Tensor:
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k:
-        v, _ = torch.topk(logits, min(top_k, logits.shape[-1]))
-        logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+    def caches(self) -> list[KVCache]:
+        return [l.attn.cache for l in self.layers]

@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from lmforge.errors import ConfigError
-from lmforge.model.transformer import Attention, Transformer
+from lmforge.model.transformer import Transformer, run_layers
 
 
 class _GatherSeq(torch.autograd.Function):
@@ -55,12 +55,16 @@ def _chunk_mask(T: int, S: int, offset: int, doc_ids: torch.Tensor | None, devic
     return (same & mask)[:, None]
 
 
-def _attention(attn: Attention, x: torch.Tensor, cos, sin, mask: torch.Tensor, group) -> torch.Tensor:
-    B, T, _ = x.shape
-    q, k, v = attn.project(x, cos, sin)
-    k, v = _gather_seq(k, group), _gather_seq(v, group)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
-    return attn.wo(y.transpose(1, 2).reshape(B, T, -1))
+def gather_kv_attend(group):
+    """The attention core for context parallelism: this rank's queries attend to the keys/values
+    of the whole sequence, all-gathered across the group (the model's own layers run unchanged,
+    with this as their `attend` hook)."""
+
+    def attend(q, k, v, mask):
+        k, v = _gather_seq(k, group), _gather_seq(v, group)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+
+    return attend
 
 
 def cp_forward(model: Transformer, idx: torch.Tensor, targets: torch.Tensor | None = None, group=None,
@@ -78,10 +82,7 @@ def cp_forward(model: Transformer, idx: torch.Tensor, targets: torch.Tensor | No
         raise ConfigError("context parallelism is not supported for mixture-of-experts models")
     cos, sin = model.rope_cos[offset : offset + T], model.rope_sin[offset : offset + T]
     mask = _chunk_mask(T, world * T, offset, doc_ids, idx.device)
-    x = model.tok_emb(idx)
-    for layer in model.layers:
-        x = x + _attention(layer.attn, layer.attn_norm(x), cos, sin, mask, group)
-        x = x + layer.mlp(layer.mlp_norm(x))
+    x = run_layers(model.layers, model.tok_emb(idx), cos, sin, mask, attend=gather_kv_attend(group))
     logits = model.lm_head(model.norm(x))
     if targets is None:
         return logits, None

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.errors import ConfigError
-from lmforge.model.transformer import Transformer
+from lmforge.model.transformer import Transformer, run_layers
 
 
 class PipelineStageModule(nn.Module):
@@ -37,8 +37,7 @@ class PipelineStageModule(nn.Module):
             x = self.tok_emb(x)
         T = x.shape[1]
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
-        for layer in self.layers:
-            x = layer(x, cos, sin)
+        x = run_layers(self.layers, x, cos, sin)
         if self.last:
             x = self.lm_head(self.norm(x))
         return x
