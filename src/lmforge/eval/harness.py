@@ -182,34 +182,28 @@ def eval_multiple_choice(model, tok: Tok, task: Task, batch_tokens: int = 8192, 
     }
 
 
-@torch.no_grad()
 def greedy_until(model, tok: Tok, prompt_ids: list[int], max_new: int, stop: list[str]) -> str:
-    """Greedy decoding with the KV cache until a stop sequence, EOS, or `max_new` tokens."""
-    model.eval()
-    dev = model.tok_emb.weight.device
+    """Greedy decoding until a stop sequence, EOS, or `max_new` tokens (one prompt of `greedy_batch`)."""
+    return greedy_batch(model, tok, [prompt_ids], max_new, [stop])[0]
+
+
+def greedy_batch(model, tok: Tok, prompts: list[list[int]], max_new: int, stops: list[list[str]]) -> list[str]:
+    """Greedy completions of many prompts at once through the generation engine (every row at its
+    own position, stopping on EOS on its own), each cut at its first stop sequence (leading
+    whitespace does not count as one). A prompt too long for the context keeps its first token
+    (beginning of text) and its last tokens."""
+    from lmforge.infer.engine import SamplingParams, generate
+
     L = model.cfg.max_seq_len
-    ids = prompt_ids[-(L - max_new):] if len(prompt_ids) + max_new > L else prompt_ids
-    if len(prompt_ids) > len(ids):
-        ids = [prompt_ids[0]] + ids[1:]
-    model.setup_cache(1, len(ids) + max_new)
-    try:
-        logits, _ = model(torch.tensor([ids], device=dev), pos=0)
-        out: list[int] = []
-        pos = len(ids)
-        for _ in range(max_new):
-            nxt = int(logits[0, -1].argmax())
-            if tok.eos_id is not None and nxt == tok.eos_id:
-                break
-            out.append(nxt)
-            text = tok.decode(out)
-            body = text.lstrip()
-            if any(s and s in body for s in stop):
-                break
-            logits, _ = model(torch.tensor([[nxt]], device=dev), pos=pos)
-            pos += 1
-    finally:
-        model.clear_cache()
-    return cut_at_stop(tok.decode(out), stop)
+    fitted = []
+    for ids in prompts:
+        if len(ids) + max_new > L:
+            keep = max(0, L - max_new - 1)
+            ids = [ids[0]] + ids[len(ids) - keep:]
+        fitted.append(ids)
+    eos = [tok.eos_id] if tok.eos_id is not None else []
+    outs = generate(model, fitted, SamplingParams(max_new_tokens=max_new, temperature=0, stop_token_ids=eos))
+    return [cut_at_stop(tok.decode(o.token_ids), stop) for o, stop in zip(outs, stops)]
 
 
 def cut_at_stop(text: str, stop: list[str]) -> str:
@@ -222,9 +216,10 @@ def cut_at_stop(text: str, stop: list[str]) -> str:
 
 def eval_generative(model, tok: Tok, task: Task, bootstrap: int = 1000, seed: int = 0) -> dict:
     em, f1, samples = [], [], []
-    for i, ex in enumerate(progress(task.examples, desc=f"eval {task.name}", unit="ex")):
+    prompts = [[tok.bos_id] + tok.encode(gen_prompt(task, i)) for i in range(len(task.examples))]
+    preds = greedy_batch(model, tok, prompts, task.spec.max_new_tokens, [ex.stop for ex in task.examples])
+    for i, (ex, pred) in enumerate(zip(task.examples, preds)):
         ex: GenExample
-        pred = greedy_until(model, tok, [tok.bos_id] + tok.encode(gen_prompt(task, i)), task.spec.max_new_tokens, ex.stop)
         em.append(scoring.exact_match(pred, ex.answers))
         f1.append(scoring.f1_score(pred, ex.answers))
         if i < 5:

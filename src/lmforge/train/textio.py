@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from lmforge.errors import InputError
 from lmforge.tokenizer import Tokenizer
@@ -64,24 +63,21 @@ def special_id(tok: Tokenizer | None, name: str, default: int | None = None) -> 
     return tok.special_tokens.get(name, default) if tok is not None else default
 
 
-@torch.no_grad()
 def generate_samples(model, tok, prompts: list[str], max_new_tokens: int, *, bos_id: int, eos_id: int | None,
                      temperature: float = 0.8, top_k: int = 50, seed: int = 0, device=None) -> list[dict]:
-    """Sample a continuation of each prompt (own RNG: the training RNG is left untouched)."""
-    device = device or next(model.parameters()).device
-    g = torch.Generator(device=device).manual_seed(seed)
-    was_training = model.training
-    out = []
-    try:
-        for prompt in prompts:
-            ids = [bos_id] + tok.encode(prompt, add_special_tokens=False).ids
-            room = model.cfg.max_seq_len - len(ids)
-            if room <= 0:
-                raise InputError(f"prompt of {len(ids)} tokens does not fit the model's context ({model.cfg.max_seq_len})")
-            x = torch.tensor([ids], device=device)
-            y = model.generate(x, min(max_new_tokens, room), temperature=temperature, top_k=top_k, eos_id=eos_id, generator=g)
-            new = [t for t in y[0, len(ids):].tolist() if t != eos_id]
-            out.append({"prompt": prompt, "completion": tok.decode(new, skip_special_tokens=True)})
-    finally:
-        model.train(was_training)
-    return out
+    """Sample a continuation of each prompt, all prompts in one batch through the generation engine
+    (its own seeded generator: the training RNG is left untouched)."""
+    from lmforge.infer.engine import SamplingParams, generate
+
+    ids = []
+    for prompt in prompts:
+        enc = tok.encode(prompt)
+        ids.append([bos_id] + list(getattr(enc, "ids", enc)))
+    ctx = model.cfg.max_seq_len
+    for p in ids:
+        if len(p) >= ctx:
+            raise InputError(f"prompt of {len(p)} tokens does not fit the model's context ({ctx})")
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k or 0, seed=seed,
+                            stop_token_ids=[eos_id] if eos_id is not None else [])
+    outs = generate(model, ids, params)
+    return [{"prompt": p, "completion": tok.decode(o.token_ids)} for p, o in zip(prompts, outs)]

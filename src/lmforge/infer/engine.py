@@ -1,0 +1,302 @@
+"""The generation engine: prefill + decode over the model's pre-allocated KV cache, for a batch of
+prompts of different lengths, each row at its own position and stopping on its own.
+
+    from lmforge.infer.engine import SamplingParams, generate
+    outs = generate(model, [ids_a, ids_b], SamplingParams(max_new_tokens=32, temperature=0.8, n=4, seed=0),
+                    tokenizer=tok)
+
+How a batch runs (static shapes throughout, so the decode step is one graph `torch.compile` can
+capture — with CUDA graphs on GPU):
+1. prefill: the distinct prompts, right-padded to the longest, go through the model once with a
+   causal mask, filling cache slots 0..len-1 of their rows (a padded row's garbage slots lie
+   after its own tokens, where its causal mask never looks, and its decode steps overwrite them);
+   only each row's last real position goes through the output head;
+2. n samples per prompt share that prefill: the cache rows are copied n times;
+3. decode: every row feeds its last token at its own position `pos[b]` (per-row RoPE, per-row
+   cache write, mask `slot <= pos[b]` over the whole cache), one token per row per step; a row
+   that has stopped keeps computing (the shapes stay fixed) and its tokens are ignored.
+
+Sampling: greedy (temperature 0), temperature, top-k, top-p (nucleus), repetition penalty (CTRL /
+HF style: a seen token's logit divided by the penalty when positive, multiplied when negative),
+stop token ids (default the tokenizer's end-of-text and, for chat, end-of-turn tokens) and stop
+strings, a seed (own generator: the caller's RNG is never touched). Each completion says why it
+ended: "stop" (a stop token or string), "length" (max_new_tokens), or "context" (the model's
+context was full before max_new_tokens) — a request is never clipped silently; a prompt that
+leaves no room at all is refused with `ContextLimitError`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from lmforge.errors import ConfigError, InputError
+
+
+class ContextLimitError(InputError):
+    """A prompt leaves no room in the model's context for a single new token."""
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    repetition_penalty: float = 1.0  # 1 = off
+    stop: Sequence[str] = ()  # stop strings: the text is cut before the first one
+    stop_token_ids: Sequence[int] | None = None  # None: the tokenizer's end tokens
+    n: int = 1  # samples per prompt, sharing one prefill
+    seed: int | None = None
+    logprobs: bool = False  # return each sampled token's log-probability (under the raw model distribution)
+
+    def validate(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not self.temperature >= 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ConfigError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not self.repetition_penalty > 0:
+            raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        if not isinstance(self.n, int) or self.n < 1:
+            raise ConfigError(f"n must be a positive integer, got {self.n!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ConfigError("stop strings must be non-empty strings")
+
+
+@dataclass
+class Completion:
+    prompt_index: int
+    sample_index: int
+    token_ids: list[int]  # generated ids, without the stop token (up to the token that completed a stop string)
+    text: str | None  # decoded and cut before a stop string (None without a tokenizer)
+    finish_reason: str  # "stop" | "length" | "context"
+    prompt_tokens: int
+    logprobs: list[float] | None = None
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+
+
+@dataclass
+class _Row:
+    prompt_index: int
+    sample_index: int
+    prompt_len: int
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish: str | None = None
+    stop_reason: int | str | None = None
+    text: str | None = None
+
+
+def end_token_ids(tokenizer) -> list[int]:
+    """The ids that end a generation by default: end of text, and end of turn when the vocabulary
+    has chat tokens."""
+    ids = []
+    for name in ("<|eos|>", "<|end|>", "<|eot|>", "<|im_end|>"):
+        i = tokenizer.special_tokens.get(name) if tokenizer is not None and hasattr(tokenizer, "special_tokens") else None
+        if i is not None:
+            ids.append(int(i))
+    if not ids and tokenizer is not None and getattr(tokenizer, "eos_id", None) is not None:
+        ids.append(int(tokenizer.eos_id))
+    return ids
+
+
+def process_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None) -> torch.Tensor:
+    """Repetition penalty, temperature, top-k and top-p applied to (rows, V) float logits; masked
+    entries become -inf. Greedy (temperature 0) skips temperature, top-k and top-p."""
+    if seen is not None and params.repetition_penalty != 1.0:
+        pen = torch.where(logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty)
+        logits = torch.where(seen, pen, logits)
+    if params.temperature == 0:
+        return logits
+    logits = logits / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= params.top_p  # keep the smallest prefix reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row from processed logits: argmax when greedy, else a draw from the softmax."""
+    if params.temperature == 0:
+        return logits.argmax(dim=-1)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+def decode_step(model, tokens: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One decode step: tokens (B, 1) at per-row cache positions pos (B, 1), attention mask (B, 1, 1, S)
+    -> next-token logits (B, V) in fp32. Static shapes: the graph `torch.compile` captures."""
+    logits, _ = model(tokens, pos=pos, mask=mask)
+    return logits[:, -1].float()
+
+
+_COMPILED: dict = {}
+
+
+def _decode_fn(model, compile: bool) -> Callable:
+    if not compile:
+        return decode_step
+    key = id(model)
+    if key not in _COMPILED:
+        mode = "reduce-overhead" if next(model.parameters()).device.type == "cuda" else None
+        _COMPILED[key] = torch.compile(decode_step, mode=mode, dynamic=False)
+    return _COMPILED[key]
+
+
+@torch.no_grad()
+def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None, tokenizer=None, *,
+             max_batch: int = 64, compile: bool = False, on_token: Callable[[int, int, int], None] | None = None
+             ) -> list[Completion]:
+    """Complete every prompt (lists of token ids; no padding needed) `params.n` times. Returns the
+    completions in prompt order, n per prompt. `tokenizer` (lmforge.tokenizer.Tokenizer) decodes
+    text, applies stop strings and supplies the default stop tokens. `max_batch` caps the rows
+    (prompts x n) decoded together. `on_token(prompt_index, sample_index, token_id)` is called for
+    every generated token as it is produced (streaming)."""
+    params = params or SamplingParams()
+    params.validate()
+    if params.stop and tokenizer is None:
+        raise ConfigError("stop strings need a tokenizer to decode the generated text")
+    ctx = model.cfg.max_seq_len
+    prompts = [list(map(int, p)) for p in prompts]
+    for i, p in enumerate(prompts):
+        if not p:
+            raise InputError(f"prompt {i} is empty (it needs at least a beginning-of-text token)")
+        if len(p) >= ctx:
+            raise ContextLimitError(f"prompt {i} has {len(p)} tokens: no room left in the model's context of {ctx} tokens")
+        bad = [t for t in p if not 0 <= t < model.cfg.vocab_size]
+        if bad:
+            raise InputError(f"prompt {i} holds token id {bad[0]} outside the model's vocabulary ({model.cfg.vocab_size})")
+    stop_ids = set(end_token_ids(tokenizer) if params.stop_token_ids is None else map(int, params.stop_token_ids))
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    g = None
+    if params.temperature > 0:
+        g = torch.Generator(device=device)
+        if params.seed is None:
+            g.seed()
+        else:
+            g.manual_seed(params.seed)
+    per_chunk = max(1, max_batch // params.n)
+    out: list[Completion] = []
+    try:
+        for c0 in range(0, len(prompts), per_chunk):
+            chunk = prompts[c0 : c0 + per_chunk]
+            out.extend(_generate_chunk(model, chunk, c0, params, tokenizer, stop_ids, g, device, compile, on_token))
+    finally:
+        model.clear_cache()
+        model.train(was_training)
+    return out
+
+
+def _generate_chunk(model, prompts, first_index, params, tokenizer, stop_ids, g, device, compile, on_token):
+    ctx = model.cfg.max_seq_len
+    P, n = len(prompts), params.n
+    lens = [len(p) for p in prompts]
+    L = max(lens)
+    S = min(ctx, L + params.max_new_tokens)  # cache slots: the longest prompt plus what it may add
+    rows = P * n
+    model.setup_cache(rows, S)
+    # ---- prefill: distinct prompts only, right-padded, causal; logits of each last real position
+    x = torch.zeros(P, L, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        x[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+    h = model.hidden_states(x, pos=0)
+    last = torch.tensor(lens, device=device) - 1
+    logits = model.lm_head(h[torch.arange(P, device=device), last]).float()
+    if n > 1:
+        for c in model.caches():
+            c.k[:rows] = c.k[:P].repeat_interleave(n, 0)
+            c.v[:rows] = c.v[:P].repeat_interleave(n, 0)
+        logits = logits.repeat_interleave(n, 0)
+    seen = None
+    if params.repetition_penalty != 1.0:
+        seen = torch.zeros(rows, model.cfg.vocab_size, dtype=torch.bool, device=device)
+        for r in range(rows):
+            seen[r, torch.tensor(prompts[r // n], device=device)] = True
+    state = [_Row(first_index + r // n, r % n, lens[r // n]) for r in range(rows)]
+    pos = torch.tensor([lens[r // n] for r in range(rows)], dtype=torch.long, device=device)  # next slot per row
+    slots = torch.arange(S, device=device)
+    step_fn = _decode_fn(model, compile)
+    max_stop = max((len(s) for s in params.stop), default=0)
+    for _ in range(params.max_new_tokens):
+        lp_all = logits.log_softmax(-1) if params.logprobs else None
+        nxt = sample(process_logits(logits, params, seen), params, g)
+        nxt_host = nxt.tolist()
+        lp_host = lp_all.gather(1, nxt[:, None]).squeeze(1).tolist() if lp_all is not None else None
+        for r, row in enumerate(state):
+            if row.finish is not None:
+                continue
+            t = nxt_host[r]
+            if t in stop_ids:
+                row.finish, row.stop_reason = "stop", t
+                continue
+            row.tokens.append(t)
+            if lp_host is not None:
+                row.logprobs.append(lp_host[r])
+            if on_token is not None:
+                on_token(row.prompt_index, row.sample_index, t)
+            if max_stop and _hit_stop(row, tokenizer, params.stop, max_stop):
+                continue
+            if len(row.tokens) >= params.max_new_tokens:
+                row.finish = "length"
+            elif row.prompt_len + len(row.tokens) >= ctx:
+                row.finish = "context"  # the next token would need a position past the model's context
+        if all(row.finish is not None for row in state):
+            break
+        if seen is not None:
+            seen[torch.arange(rows, device=device), nxt] = True
+        p = pos.clamp(max=S - 1)  # finished rows keep computing at a valid slot; their output is ignored
+        mask = (slots[None, :] <= p[:, None])[:, None, None, :]
+        logits = step_fn(model, nxt[:, None], p[:, None], mask)
+        pos = pos + 1
+    for row in state:
+        if row.finish is None:  # cannot happen: every row ends by length at the latest
+            row.finish = "length"
+    return [_completion(row, tokenizer, params) for row in state]
+
+
+def _hit_stop(row: _Row, tokenizer, stops, max_stop: int) -> bool:
+    """True (and the row finished, its text cut) when a stop string appears in the text so far."""
+    tail = tokenizer.decode(row.tokens[-(max_stop + 8):])
+    if not any(s in tail for s in stops):
+        return False
+    text = tokenizer.decode(row.tokens)
+    at, which = min(((text.find(s), s) for s in stops if s in text), default=(-1, None))
+    if at < 0:
+        return False
+    row.finish, row.stop_reason, row.text = "stop", which, text[:at]
+    return True
+
+
+def _completion(row: _Row, tokenizer, params: SamplingParams) -> Completion:
+    text = row.text if row.text is not None else (tokenizer.decode(row.tokens) if tokenizer is not None else None)
+    return Completion(prompt_index=row.prompt_index, sample_index=row.sample_index, token_ids=row.tokens, text=text,
+                      finish_reason=row.finish, prompt_tokens=row.prompt_len,
+                      logprobs=row.logprobs if params.logprobs else None, stop_reason=row.stop_reason)
+
+
+__all__ = ["SamplingParams", "Completion", "ContextLimitError", "generate", "decode_step", "process_logits", "sample",
+           "end_token_ids"]
+
+
+def unpad(ids: torch.Tensor, attention_mask: torch.Tensor) -> list[list[int]]:
+    """A padded (B, T) batch, left- or right-padded (HF style: `attention_mask` 1 on real tokens), as
+    the list of prompts `generate` takes."""
+    if ids.shape != attention_mask.shape:
+        raise InputError(f"ids {tuple(ids.shape)} and attention_mask {tuple(attention_mask.shape)} differ in shape")
+    return [row[m.bool()].tolist() for row, m in zip(ids, attention_mask)]
+
+
+__all__ += ["unpad"]

@@ -1,0 +1,159 @@
+"""The generation engine: per-row positions equal one-at-a-time decoding and the plain no-cache
+computation; sampling options; stops; n samples from one prefill; context limits; compile."""
+
+import pytest
+import torch
+
+from lmforge.errors import ConfigError
+from lmforge.infer.engine import ContextLimitError, SamplingParams, decode_step, generate, process_logits, unpad
+from lmforge.model import Transformer, preset
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    return Transformer(preset("tiny", vocab_size=96, max_seq_len=48, **kw)).eval()
+
+
+class CharTok:
+    """A stand-in tokenizer: id t is the character chr(32 + t); id 95 ends the text."""
+
+    special_tokens = {"<|eos|>": 95}
+    eos_id = 95
+
+    def decode(self, ids):
+        return "".join(chr(32 + int(t)) for t in ids)
+
+
+@torch.no_grad()
+def _greedy_plain(m, ids, n):
+    """Greedy decoding by a full forward over the whole sequence at every step (no cache)."""
+    ids = list(ids)
+    out = []
+    for _ in range(n):
+        t = int(m(torch.tensor([ids]))[0][0, -1].argmax())
+        out.append(t)
+        ids.append(t)
+    return out
+
+
+@pytest.mark.parametrize("kw", [{}, {"n_kv_heads": 1, "qk_norm": True}])
+def test_batched_greedy_equals_plain_decoding_row_by_row(kw):
+    m = _model(**kw)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 95, (n,), generator=g).tolist() for n in (3, 11, 7, 1)]
+    outs = generate(m, prompts, SamplingParams(max_new_tokens=9, temperature=0, stop_token_ids=[]))
+    assert [o.prompt_index for o in outs] == [0, 1, 2, 3]
+    for p, o in zip(prompts, outs):
+        assert o.token_ids == _greedy_plain(m, p, 9)
+        assert o.finish_reason == "length" and o.prompt_tokens == len(p)
+
+
+def test_moe_model_generates_equal_to_plain_decoding():
+    m = _model(moe_experts=4, moe_top_k=2)
+    prompts = [[5, 6, 7], [1, 2, 3, 4, 5, 6]]
+    outs = generate(m, prompts, SamplingParams(max_new_tokens=5, temperature=0, stop_token_ids=[]))
+    for p, o in zip(prompts, outs):
+        assert o.token_ids == _greedy_plain(m, p, 5)
+
+
+def test_left_or_right_padded_batches_give_the_same_prompts():
+    ids = torch.tensor([[0, 0, 5, 6], [1, 2, 3, 4]])
+    left = unpad(ids, torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]]))
+    right = unpad(torch.tensor([[5, 6, 0, 0], [1, 2, 3, 4]]), torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]))
+    assert left == right == [[5, 6], [1, 2, 3, 4]]
+
+
+def test_n_samples_share_one_prefill_and_the_seed_makes_them_reproducible():
+    m = _model()
+    p = SamplingParams(max_new_tokens=12, temperature=1.0, n=4, seed=7, stop_token_ids=[])
+    a = generate(m, [[1, 2, 3], [4, 5]], p)
+    b = generate(m, [[1, 2, 3], [4, 5]], p)
+    assert [(o.prompt_index, o.sample_index) for o in a] == [(i, j) for i in range(2) for j in range(4)]
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+    assert len({tuple(o.token_ids) for o in a[:4]}) > 1  # the samples differ from one another
+    c = generate(m, [[1, 2, 3], [4, 5]], SamplingParams(max_new_tokens=12, temperature=1.0, n=4, seed=8, stop_token_ids=[]))
+    assert [o.token_ids for o in a] != [o.token_ids for o in c]
+    # greedy: all n samples equal the single greedy answer; the caller's RNG is not touched
+    state = torch.get_rng_state()
+    g = generate(m, [[1, 2, 3]], SamplingParams(max_new_tokens=6, temperature=0, n=3, stop_token_ids=[]))
+    assert torch.equal(state, torch.get_rng_state())
+    assert all(o.token_ids == _greedy_plain(m, [1, 2, 3], 6) for o in g)
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy():
+    m = _model()
+    greedy = generate(m, [[9, 8, 7]], SamplingParams(max_new_tokens=8, temperature=0, stop_token_ids=[]))[0].token_ids
+    for p in (SamplingParams(max_new_tokens=8, temperature=1.5, top_k=1, seed=0, stop_token_ids=[]),
+              SamplingParams(max_new_tokens=8, temperature=1.5, top_p=1e-6, seed=0, stop_token_ids=[])):
+        assert generate(m, [[9, 8, 7]], p)[0].token_ids == greedy
+
+
+def test_process_logits_penalty_top_k_top_p():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 1.0]])
+    seen = torch.tensor([[True, True, False, False]])
+    out = process_logits(logits, SamplingParams(temperature=0, repetition_penalty=2.0), seen)
+    assert out.tolist() == [[1.0, -2.0, 0.5, 1.0]]
+    out = process_logits(logits, SamplingParams(temperature=1.0, top_k=2), None)
+    assert torch.isinf(out).tolist() == [[False, True, True, False]]
+    # probabilities ~ [0.61, 0.03, 0.14, 0.22]: top_p 0.7 keeps the two largest
+    out = process_logits(logits, SamplingParams(temperature=1.0, top_p=0.7), None)
+    assert torch.isinf(out).tolist() == [[False, True, True, False]]
+
+
+def test_each_row_stops_on_its_own_token_or_string():
+    m = _model()
+    prompts = [[10, 11, 12], [20, 21]]
+    free = generate(m, prompts, SamplingParams(max_new_tokens=10, temperature=0, stop_token_ids=[]))
+    stop_tok = free[0].token_ids[3]
+    first = free[0].token_ids.index(stop_tok)
+    outs = generate(m, prompts, SamplingParams(max_new_tokens=10, temperature=0, stop_token_ids=[stop_tok]))
+    assert outs[0].finish_reason == "stop" and outs[0].stop_reason == stop_tok
+    assert outs[0].token_ids == free[0].token_ids[:first]
+    if stop_tok not in free[1].token_ids:
+        assert outs[1].token_ids == free[1].token_ids and outs[1].finish_reason == "length"
+    # a stop string: the text is cut before it
+    tok = CharTok()
+    text = tok.decode(free[1].token_ids)
+    s = text[4:6]
+    o = generate(m, prompts, SamplingParams(max_new_tokens=10, temperature=0, stop=[s], stop_token_ids=[]), tokenizer=tok)[1]
+    assert o.finish_reason == "stop" and o.stop_reason == s and o.text == text[: text.find(s)]
+    with pytest.raises(ConfigError, match="tokenizer"):
+        generate(m, prompts, SamplingParams(stop=["x"]))
+
+
+def test_context_limit_is_reported_not_clipped_silently():
+    m = _model()
+    o = generate(m, [list(range(45)), [1, 2]], SamplingParams(max_new_tokens=10, temperature=0, stop_token_ids=[]))
+    assert o[0].finish_reason == "context" and len(o[0].token_ids) == 3  # 45 + 3 = the 48-token context
+    assert o[1].finish_reason == "length" and len(o[1].token_ids) == 10
+    with pytest.raises(ContextLimitError, match="48"):
+        generate(m, [list(range(48))], SamplingParams(max_new_tokens=1))
+    with pytest.raises(ConfigError, match="top_p"):
+        generate(m, [[1]], SamplingParams(top_p=0))
+
+
+def test_logprobs_and_streaming_callback():
+    m = _model()
+    seen = []
+    o = generate(m, [[3, 4, 5]], SamplingParams(max_new_tokens=4, temperature=0, logprobs=True, stop_token_ids=[]),
+                 on_token=lambda i, j, t: seen.append((i, j, t)))[0]
+    assert seen == [(0, 0, t) for t in o.token_ids]
+    ids = [3, 4, 5] + o.token_ids
+    with torch.no_grad():
+        ref = m(torch.tensor([ids]))[0][0].log_softmax(-1)
+    want = [ref[2 + i, t].item() for i, t in enumerate(o.token_ids)]
+    assert o.logprobs == pytest.approx(want, abs=1e-4)
+
+
+def test_compiled_decode_step_gives_the_same_tokens():
+    m = _model()
+    prompts = [[1, 2, 3, 4], [7, 8]]
+    p = SamplingParams(max_new_tokens=6, temperature=0, stop_token_ids=[])
+    eager = generate(m, prompts, p)
+    compiled = generate(m, prompts, p, compile=True)
+    assert [o.token_ids for o in eager] == [o.token_ids for o in compiled]
+    # the step's shapes are static: the same (B, 1) tokens / positions and (B, 1, 1, S) mask each call
+    m.setup_cache(2, 8)
+    mask = torch.ones(2, 1, 1, 8, dtype=torch.bool)
+    assert decode_step(m, torch.ones(2, 1, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long), mask).shape == (2, 96)
+    m.clear_cache()
