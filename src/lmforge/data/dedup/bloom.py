@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lmforge.data.dedup.minhash import _mix, batch_shingles, check_shards, iter_records, merge_results, text_batches
+from lmforge.data.dedup.common import Drop, check_shards, filter_records, iter_records, merge_results
+from lmforge.data.dedup.shingles import batch_shingles, mix64, text_batches
 from lmforge.data.document import Document
 from lmforge.data.passes import CorpusPass, PassResult
 from lmforge.data.step import RemovedSample, StepStats
@@ -79,7 +80,7 @@ class BloomFilter:
 
     def _probes(self, h: np.ndarray) -> np.ndarray:
         with np.errstate(over="ignore"):
-            h2 = _mix(h.copy()) | U64(1)
+            h2 = mix64(h.copy()) | U64(1)
             return (h[:, None] + self._i[None, :] * h2[:, None]) % U64(self.m)
 
     def contains(self, h: np.ndarray) -> np.ndarray:
@@ -166,30 +167,31 @@ class BloomDedupPass(CorpusPass):
         return PassResult(outs, stats, removed, extra)
 
     def _filter(self, path: Path, bf: BloomFilter, st: StepStats, rs: RemovedSample):
+        """The kept documents of one shard, in order; each kept document's shingles join the filter."""
         c = self.cfg
         recs = list(iter_records(path))
         texts = [d.text if d is not None else "" for _, d in recs]
-        for i, j in text_batches(texts):
-            hs, offs = batch_shingles(texts[i:j], c.ngram)
-            for t in range(i, j):
-                doc = recs[t][1]
-                st.docs_in += 1
-                if doc is None:
-                    st.dropped["corrupt_record"] += 1
-                    continue
-                st.chars_in += len(doc.text)
-                h = np.unique(hs[offs[t - i] : offs[t - i + 1]])
-                if len(h) >= c.min_shingles:
-                    seen = bf.contains(h)
-                    frac = float(seen.mean())
-                    if frac >= c.threshold:
-                        st.dropped["near_duplicate"] += 1
-                        rs.add("near_duplicate", Document(doc.id, doc.text, dict(doc.metadata, bloom_seen=round(frac, 3))))
-                        continue
-                    bf.add(h[~seen])
-                else:
-                    st.counters["short_docs_kept"] += 1
-                    bf.add(h)
-                st.docs_out += 1
-                st.chars_out += len(doc.text)
-                yield doc
+        batch: dict = {}  # the shingles of the text batch holding the record being decided
+
+        def records():
+            for i, j in text_batches(texts):
+                batch["hs"], batch["offs"] = batch_shingles(texts[i:j], c.ngram)
+                batch["i"] = i
+                for t in range(i, j):
+                    yield t, recs[t][1]
+
+        def decide(t: int, doc: Document) -> Document | Drop:
+            k = t - batch["i"]
+            h = np.unique(batch["hs"][batch["offs"][k] : batch["offs"][k + 1]])
+            if len(h) >= c.min_shingles:
+                seen = bf.contains(h)
+                frac = float(seen.mean())
+                if frac >= c.threshold:
+                    return Drop("near_duplicate", Document(doc.id, doc.text, dict(doc.metadata, bloom_seen=round(frac, 3))))
+                bf.add(h[~seen])
+            else:
+                st.counters["short_docs_kept"] += 1
+                bf.add(h)
+            return doc
+
+        return filter_records(records(), decide, st, rs)

@@ -22,10 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from lmforge.data.dedup.minhash import _save, batch_shingles, check_shards, iter_records, merge_results, text_batches, words
+from lmforge.data.dedup.common import Drop, check_shards, iter_records, merge_results, save_npy, write_filtered
+from lmforge.data.dedup.shingles import batch_shingles, text_batches, words
 from lmforge.data.document import Document
 from lmforge.data.passes import CorpusPass, PassResult
-from lmforge.data.step import RemovedSample, StepStats
+from lmforge.data.step import StepStats
 from lmforge.errors import ConfigError, InputError
 from lmforge.log import log_once
 from lmforge.rundir import atomic_write_json, file_fingerprint, fingerprint, read_json
@@ -125,43 +126,34 @@ def _task(task: dict) -> dict:
     table = np.load(task["table"])
     grams, src = table[0], table[1].astype(np.int64)
     files = task["files"]
-    st, rs = StepStats("decontam"), RemovedSample(task["sample"])
+    st = StepStats("decontam")
     n = task["ngram"]
+    recs = list(iter_records(task["path"]))
+    texts = [d.text if d is not None else "" for _, d in recs]
+    batch: dict = {}  # n-gram hashes and hits of the text batch holding the record being decided
 
-    def gen():
-        recs = list(iter_records(task["path"]))
-        texts = [d.text if d is not None else "" for _, d in recs]
+    def records():
         for i, j in text_batches(texts):
             h, offs = batch_shingles(texts[i:j], n)
-            nw = np.diff(offs)
-            hit = np.isin(h, grams) if len(grams) else np.zeros(len(h), bool)
+            batch.update(i=i, h=h, offs=offs, nw=np.diff(offs), hit=np.isin(h, grams) if len(grams) else np.zeros(len(h), bool))
             for t in range(i, j):
-                doc = recs[t][1]
-                st.docs_in += 1
-                if doc is None:
-                    st.dropped["corrupt_record"] += 1
-                    continue
-                st.chars_in += len(doc.text)
-                a, b = offs[t - i], offs[t - i + 1]
-                m = hit[a:b]
-                k = int(m.sum()) if nw[t - i] else 0
-                if k and len(words(doc.text)) < n:
-                    k = 0  # a document shorter than n words has no real n-gram
-                if k >= task["min_matches"]:
-                    matched = np.unique(h[a:b][m])
-                    which = src[np.searchsorted(grams, matched)]
-                    st.dropped["contaminated"] += 1
-                    st.counters["matched_ngrams"] += k
-                    rs.add("contaminated", Document(doc.id, doc.text, dict(doc.metadata, contaminated_by=sorted({files[w] for w in which}), matched_ngrams=k)))
-                    continue
-                st.docs_out += 1
-                st.chars_out += len(doc.text)
-                yield doc
+                yield t, recs[t][1]
 
-    from lmforge.data.corpus_io import write_shard
+    def decide(t: int, doc: Document) -> Document | Drop:
+        h, offs, k0 = batch["h"], batch["offs"], t - batch["i"]
+        a, b = offs[k0], offs[k0 + 1]
+        m = batch["hit"][a:b]
+        k = int(m.sum()) if batch["nw"][k0] else 0
+        if k and len(words(doc.text)) < n:
+            k = 0  # a document shorter than n words has no real n-gram
+        if k < task["min_matches"]:
+            return doc
+        matched = np.unique(h[a:b][m])
+        which = src[np.searchsorted(grams, matched)]
+        st.counters["matched_ngrams"] += k
+        return Drop("contaminated", Document(doc.id, doc.text, dict(doc.metadata, contaminated_by=sorted({files[w] for w in which}), matched_ngrams=k)))
 
-    write_shard(task["out"], gen())
-    return {"stats": st.to_dict(), "removed": rs.to_dict()}
+    return write_filtered(records(), task["out"], decide, st, task["sample"])
 
 
 class DecontamPass(CorpusPass):
@@ -184,7 +176,7 @@ class DecontamPass(CorpusPass):
         info = read_json(wd / "ngrams.json")
         if info is None or not table.exists():
             h, src, info = build_ngram_set(files, c.fields, c.ngram)
-            _save(table, np.stack([h, src.astype(U64)]) if len(h) else np.zeros((2, 0), U64))
+            save_npy(table, np.stack([h, src.astype(U64)]) if len(h) else np.zeros((2, 0), U64))
             atomic_write_json(wd / "ngrams.json", info)
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         outs = [Path(out_dir) / p.name for p in shards]

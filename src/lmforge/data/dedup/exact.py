@@ -29,11 +29,12 @@ from typing import Literal
 import numpy as np
 import xxhash
 
-from lmforge.data.corpus_io import iter_shard, write_shard
+from lmforge.data.corpus_io import iter_shard
+from lmforge.data.dedup.common import Drop, merge_results, save_npy, write_filtered
+from lmforge.data.document import Document
 from lmforge.data.executor import Executor
 from lmforge.data.passes import CorpusPass, PassResult
-from lmforge.data.step import RemovedSample, StepStats
-from lmforge.rundir import atomic_file
+from lmforge.data.step import StepStats
 
 _WS = re.compile(r"\s+")
 _NON_ALNUM = re.compile(r"[\W_]+")
@@ -59,18 +60,13 @@ def content_hash(text: str, mode: str) -> int:
     return xxhash.xxh3_64_intdigest(normalize_text(text, mode).encode("utf-8", "surrogatepass"))
 
 
-def _save_npy(path: Path, arr: np.ndarray) -> None:
-    with atomic_file(path, "wb") as f:
-        np.save(f, arr, allow_pickle=False)
-
-
 def _hash_task(task: dict) -> dict:
     rows = [
         (content_hash(d.text, task["normalize"]), (task["index"] << 32) | i)
         for i, d in enumerate(iter_shard(task["shard"]))
     ]
     arr = np.array(rows, dtype=np.uint64).reshape(-1, 2)
-    _save_npy(Path(task["out"]), arr)
+    save_npy(Path(task["out"]), arr)
     return {"docs": int(arr.shape[0])}
 
 
@@ -82,7 +78,7 @@ def _merge(hash_files: list[Path], out: Path) -> dict:
     first = np.ones(len(s), dtype=bool)
     first[1:] = s[1:, 0] != s[:-1, 0]
     keep = np.ascontiguousarray(s[first])
-    _save_npy(out, keep)
+    save_npy(out, keep)
     return {"docs": int(len(s)), "distinct": int(len(keep))}
 
 
@@ -94,23 +90,11 @@ def _filter_task(task: dict) -> dict:
         kept = np.asarray(keep[idx, 1]) == mine[:, 1]
     else:
         kept = np.zeros(0, dtype=bool)
-    st = StepStats("exact_dedup")
-    removed = RemovedSample(task["sample_removed"])
 
-    def docs():
-        for i, d in enumerate(iter_shard(task["shard"])):
-            st.docs_in += 1
-            st.chars_in += len(d.text)
-            if kept[i]:
-                st.docs_out += 1
-                st.chars_out += len(d.text)
-                yield d
-            else:
-                st.dropped["duplicate"] += 1
-                removed.add("duplicate", d)
+    def decide(i: int, d: Document) -> Document | Drop:
+        return d if kept[i] else Drop("duplicate", d)
 
-    write_shard(task["out"], docs())
-    return {"stats": st.to_dict(), "removed": removed.to_dict()}
+    return write_filtered(enumerate(iter_shard(task["shard"])), task["out"], decide, StepStats("exact_dedup"), task["sample_removed"])
 
 
 class ExactDedupPass(CorpusPass):
@@ -146,12 +130,8 @@ class ExactDedupPass(CorpusPass):
              for p, h, o in zip(in_shards, hash_files, outs)],
             ids, work_dir / "markers" / "filter", desc="exact dedup: filter",
         )
-        stats = StepStats(self.name)
-        removed = RemovedSample(sample_removed)
-        for r in results:
-            stats.merge(StepStats.from_dict(r["stats"]))
-            removed.merge(r["removed"])
+        stats, removed = merge_results(self.name, results, sample_removed)
         # the per-task times add up the filter phase; report this pass's wall time instead
         stats.time_s = time.perf_counter() - t0
         stats.counters["distinct_texts"] = info["distinct"]
-        return PassResult(outs, stats, removed.to_dict(), {"normalize": self.cfg.normalize, **info})
+        return PassResult(outs, stats, removed, {"normalize": self.cfg.normalize, **info})

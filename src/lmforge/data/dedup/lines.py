@@ -29,10 +29,10 @@ from typing import Literal
 import numpy as np
 import xxhash
 
-from lmforge.data.dedup.minhash import _key_bounds, _save, check_shards, iter_records, merge_results
+from lmforge.data.dedup.common import Drop, check_shards, iter_records, key_bounds, merge_results, save_npy, write_filtered
 from lmforge.data.document import Document
 from lmforge.data.passes import CorpusPass, PassResult
-from lmforge.data.step import RemovedSample, StepStats
+from lmforge.data.step import StepStats
 from lmforge.errors import ConfigError
 from lmforge.rundir import fingerprint
 
@@ -109,12 +109,12 @@ def _hash_task(task: dict) -> dict:
     h = np.array(hs, dtype=U64)
     r = np.array(refs, dtype=U64)
     order = np.lexsort((r, h))
-    _save(Path(task["out"]), np.stack([h[order], r[order]], axis=1) if len(h) else np.zeros((0, 2), U64))
+    save_npy(Path(task["out"]), np.stack([h[order], r[order]], axis=1) if len(h) else np.zeros((0, 2), U64))
     return {"units": len(hs)}
 
 
 def _count_task(task: dict) -> dict:
-    lo, hi = _key_bounds(task["part"], task["parts"])
+    lo, hi = key_bounds(task["part"], task["parts"])
     hs, rs = [], []
     for f in task["hash_files"]:
         arr = np.load(f, mmap_mode="r")
@@ -133,18 +133,16 @@ def _count_task(task: dict) -> dict:
         out = np.stack([uniq[dup], r[start[dup]]], axis=1)  # hash, first document (smallest ref)
     else:
         out = np.zeros((0, 2), U64)
-    _save(Path(task["out"]), out)
+    save_npy(Path(task["out"]), out)
     return {"duplicated_units": int(len(out))}
 
 
 def _rewrite_task(task: dict) -> dict:
-    from lmforge.data.corpus_io import write_shard
-
     c = task["cfg"]
     dups = [np.load(f, mmap_mode="r") for f in task["dup_files"]]
-    bounds = [_key_bounds(i, len(dups)) for i in range(len(dups))]
+    bounds = [key_bounds(i, len(dups)) for i in range(len(dups))]
     base = task["index"] << 32
-    st, rs = StepStats("lines"), RemovedSample(task["sample"])
+    st = StepStats("lines")
 
     def first_of(h: int) -> int | None:
         for (lo, hi), d in zip(bounds, dups):
@@ -155,38 +153,28 @@ def _rewrite_task(task: dict) -> dict:
                 return int(d[i, 1]) if i < len(d) and int(d[i, 0]) == h else None
         return None
 
-    def gen():
-        for pos, doc in iter_records(task["path"]):
-            st.docs_in += 1
-            if doc is None:
-                st.dropped["corrupt_record"] += 1
+    def decide(pos: int, doc: Document) -> Document | Drop:
+        if _skip(doc, c["skip_sources"]):
+            return doc
+        units = split_units(doc.text, c["unit"])
+        keep, removed_units = [], 0
+        for (body, sep), h in zip(units, unit_hashes(doc.text, c["unit"], c["min_chars"])):
+            f = first_of(h) if h is not None else None
+            if f is not None and not (c["keep_first"] and f == (base | pos)):
+                removed_units += 1
                 continue
-            st.chars_in += len(doc.text)
-            if not _skip(doc, c["skip_sources"]):
-                units = split_units(doc.text, c["unit"])
-                keep, removed_units = [], 0
-                for (body, sep), h in zip(units, unit_hashes(doc.text, c["unit"], c["min_chars"])):
-                    f = first_of(h) if h is not None else None
-                    if f is not None and not (c["keep_first"] and f == (base | pos)):
-                        removed_units += 1
-                        continue
-                    keep.append(body + sep)
-                if removed_units:
-                    st.counters["units_removed"] += removed_units
-                    st.counters["docs_changed"] += 1
-                    new = "".join(keep)
-                    st.counters["chars_removed"] += len(doc.text) - len(new)
-                    if len(new.strip()) < max(1, c["min_doc_chars"]):
-                        st.dropped["only_duplicate_lines"] += 1
-                        rs.add("only_duplicate_lines", doc)
-                        continue
-                    doc = Document(doc.id, new, doc.metadata)
-            st.docs_out += 1
-            st.chars_out += len(doc.text)
-            yield doc
+            keep.append(body + sep)
+        if not removed_units:
+            return doc
+        st.counters["units_removed"] += removed_units
+        st.counters["docs_changed"] += 1
+        new = "".join(keep)
+        st.counters["chars_removed"] += len(doc.text) - len(new)
+        if len(new.strip()) < max(1, c["min_doc_chars"]):
+            return Drop("only_duplicate_lines", doc)
+        return Document(doc.id, new, doc.metadata)
 
-    write_shard(task["out"], gen())
-    return {"stats": st.to_dict(), "removed": rs.to_dict()}
+    return write_filtered(iter_records(task["path"]), task["out"], decide, st, task["sample"])
 
 
 class LineDedupPass(CorpusPass):

@@ -31,180 +31,39 @@ Documents with fewer than `min_shingles` distinct shingles are left out of LSH: 
 signatures carry too little information to estimate similarity (exact dedup handles exact
 copies of short texts).
 
-Helpers shared by the other dedup passes live here too: record reading that counts and
-skips corrupt lines, word-shingle hashing, and the per-shard "drop these positions" writer.
+Shingling lives in `dedup/shingles.py` and record reading, the per-shard "drop these
+positions" writer and result merging in `dedup/common.py`, shared with the other passes;
+they are imported here under their old names too (`batch_shingles`, `words`, ...).
 """
 
 from __future__ import annotations
 
-import io
-import json
-import re
 import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 import numpy as np
-import zstandard
 
-from lmforge.data.document import Document
+from lmforge.data.dedup.common import check_shards, iter_records, key_bounds, merge_results, save_npy, write_without
+from lmforge.data.dedup.shingles import P, batch_shingles, mix64, shingle_hashes, text_batches, words
 from lmforge.data.executor import Executor
 from lmforge.data.passes import CorpusPass, PassResult
-from lmforge.data.step import RemovedSample, StepStats
 from lmforge.errors import ConfigError, InputError
-from lmforge.log import log_once, logger
+from lmforge.log import logger
 from lmforge.rundir import atomic_file, atomic_write_json, fingerprint, read_json
 
 U64 = np.uint64
-_WORD = re.compile(r"\w+")
-_P = U64(0x100000001B3)  # odd multiplier for combining word hashes into n-gram hashes
 _EMPTY = np.zeros(0, dtype=U64)
 MAXU64 = np.iinfo(np.uint64).max
 
-
-# --------------------------------------------------------------------------- shared helpers
-
-def iter_records(path: str | Path) -> Iterator[tuple[int, Document | None]]:
-    """(position, Document) for every non-empty line of a .jsonl.zst shard; a corrupt line
-    yields (position, None) and is logged once with its location."""
-    with open(path, "rb") as raw:
-        r = zstandard.ZstdDecompressor().stream_reader(raw)
-        pos = 0
-        for lineno, line in enumerate(io.TextIOWrapper(r, encoding="utf-8", errors="replace"), 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-                doc = Document(id=str(d["id"]), text=d["text"], metadata=d.get("metadata") or {})
-                if not isinstance(doc.text, str):
-                    raise TypeError("text is not a string")
-            except (ValueError, KeyError, TypeError) as e:
-                log_once(f"corrupt:{path}", f"{path}:{lineno}: corrupt record skipped ({e}); further ones in this file are counted only")
-                doc = None
-            yield pos, doc
-            pos += 1
+# the shared helpers, importable from here as before
+__all__ = ["MinhashConfig", "MinhashDedupPass", "batch_shingles", "build_index", "check_shards", "iter_records", "load_index",
+           "merge_results", "permutations", "shingle_hashes", "signatures", "text_batches", "words", "write_without"]
 
 
-def words(text: str) -> list[str]:
-    """Normalised words, as the shingler sees them: lower case, split on anything but ASCII
-    letters, digits, underscore and non-ASCII characters (so ASCII punctuation is dropped)."""
-    return [w.decode("utf-8", "replace") for w in text.lower().encode("utf-8", "surrogatepass").translate(_DELIM_TABLE).split()]
-
-
-_WORD_BYTE = np.zeros(256, dtype=bool)
-for _c in b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_":
-    _WORD_BYTE[_c] = True
-_WORD_BYTE[0x80:] = True
-_DELIM_TABLE = bytes(c if _WORD_BYTE[c] else 0x20 for c in range(256))
-_FLAG_TABLE = bytes(1 if _WORD_BYTE[c] else 0 for c in range(256))
-_MASKS = np.array([0] + [(1 << (8 * r)) - 1 for r in range(1, 8)] + [2**64 - 1], dtype=U64)
-_K1 = U64(0x9E3779B97F4A7C15)
-_K2 = U64(0xD6E8FEB86659FD93)
-
-
-def text_batches(texts: list[str], max_chars: int = 1 << 21, max_docs: int = 4096) -> Iterator[tuple[int, int]]:
-    """(start, end) slices of `texts` of about `max_chars` characters each (for batch_shingles)."""
-    i, n = 0, len(texts)
-    while i < n:
-        j, size = i, 0
-        while j < n and (j == i or (size + len(texts[j]) <= max_chars and j - i < max_docs)):
-            size += len(texts[j])
-            j += 1
-        yield i, j
-        i = j
-
-
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser, vectorised, in place."""
-    x ^= x >> U64(30)
-    x *= U64(0xBF58476D1CE4E5B9)
-    x ^= x >> U64(27)
-    x *= U64(0x94D049BB133111EB)
-    x ^= x >> U64(31)
-    return x
-
-
-def batch_shingles(texts: list[str], n: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """64-bit hashes of the word n-grams of many texts at once, fully vectorised.
-
-    Returns (hashes, offsets): the shingles of text i are hashes[offsets[i]:offsets[i+1]]
-    (not de-duplicated). A text with fewer than n words gets one shingle of all its words;
-    a text without words gets none. A word's UTF-8 bytes are read 8 at a time and chained
-    into 64 bits (exact for words up to 8 bytes), mixed with its length and finalised with
-    splitmix64; an n-gram is a polynomial (mod 2**64) of its n word hashes, finalised the
-    same way. Everything is vectorised over the whole batch."""
-    if not texts:
-        return _EMPTY, np.zeros(1, np.int64)
-    enc = [t.lower().encode("utf-8", "surrogatepass") for t in texts]
-    blob = b" ".join(enc) + b" " + bytes(8)  # 8 zero bytes: every 8-byte read below stays inside
-    nb = len(blob) - 8
-    starts_doc = np.zeros(len(enc), np.int64)
-    if len(enc) > 1:
-        starts_doc[1:] = np.cumsum([len(e) + 1 for e in enc[:-1]])
-    isw = np.frombuffer(blob.translate(_FLAG_TABLE), dtype=np.int8, count=nb)
-    edge = np.diff(isw, prepend=np.int8(0))
-    ws = np.flatnonzero(edge == 1)
-    we = np.flatnonzero(edge == -1)  # the text ends with a delimiter, so every word ends
-    nd = len(texts)
-    if len(ws) == 0:
-        return _EMPTY, np.zeros(nd + 1, np.int64)
-    # word hashes: the word's bytes read 8 at a time (little-endian, unaligned view of the
-    # blob), masked to the word's length, chained by multiply-xor, then length + splitmix64
-    u = np.ndarray(shape=(nb,), dtype="<u8", buffer=blob, offset=0, strides=(1,))
-    wl = we - ws
-    with np.errstate(over="ignore"):
-        wh = u[ws]
-        wh &= _MASKS[np.minimum(wl, 8)]
-        k = 8
-        sel = np.flatnonzero(wl > k)
-        while len(sel):
-            c = u[ws[sel] + k] & _MASKS[np.minimum(wl[sel] - k, 8)]
-            wh[sel] = (wh[sel] * _K1) ^ c
-            k += 8
-            sel = sel[wl[sel] > k]
-        wh ^= wl.astype(U64) * _K2 ^ U64(seed)
-        _mix(wh)
-        wdoc = np.searchsorted(starts_doc, ws, side="right") - 1
-        nw = np.bincount(wdoc, minlength=nd)
-        wfirst = np.zeros(nd, np.int64)
-        wfirst[1:] = np.cumsum(nw)[:-1]
-        # full n-grams: windows that start and end in the same document
-        k = len(wh) - n + 1
-        if k > 0:
-            g = wh[:k].copy()
-            for i in range(1, n):
-                g *= _P
-                g += wh[i : i + k]
-            valid = wdoc[:k] == wdoc[n - 1 :]
-            g, gdoc = g[valid], wdoc[:k][valid]
-        else:
-            g, gdoc = _EMPTY, np.zeros(0, np.int64)
-        # documents with 1..n-1 words: one shingle of all their words
-        short = np.flatnonzero((nw > 0) & (nw < n))
-        if len(short):
-            idx = wfirst[short]
-            sg = wh[idx].copy()
-            for i in range(1, n - 1 + 1):
-                m = nw[short] > i
-                if not m.any():
-                    break
-                sg[m] = sg[m] * _P + wh[idx[m] + i]
-            g = np.concatenate([g, sg])
-            gdoc = np.concatenate([gdoc, short])
-            order = np.argsort(gdoc, kind="stable")
-            g, gdoc = g[order], gdoc[order]
-        _mix(g)
-    offs = np.zeros(nd + 1, np.int64)
-    np.cumsum(np.bincount(gdoc, minlength=nd), out=offs[1:])
-    return g, offs
-
-
-def shingle_hashes(text: str, n: int = 5, seed: int = 0) -> np.ndarray:
-    """64-bit hashes of the word n-grams of one text (see `batch_shingles`)."""
-    return batch_shingles([text], n, seed)[0]
-
+# --------------------------------------------------------------------------- signatures
 
 def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(a, b) of the hash permutations x -> a*x + b (mod 2**32), a odd."""
@@ -275,61 +134,9 @@ def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
         k = np.broadcast_to(np.arange(1, bands + 1, dtype=U64) * U64(0x9E3779B97F4A7C15), (n, bands)).copy()
         for r in range(rows):
             k ^= s[:, :, r]
-            _mix(k)
-            k *= _P
+            mix64(k)
+            k *= P
     return k
-
-
-def write_without(in_path: Path, out_path: Path, drop: dict[int, str], name: str, sample_removed: int, extra_meta: dict[int, dict] | None = None) -> dict:
-    """Copy a shard to `out_path` (atomically) without the positions in `drop` (position ->
-    reason); corrupt records are dropped and counted. Returns {"stats", "removed"} as JSON."""
-    from lmforge.data.corpus_io import write_shard
-
-    st = StepStats(name)
-    rs = RemovedSample(sample_removed)
-
-    def gen():
-        for pos, doc in iter_records(in_path):
-            if doc is None:
-                st.docs_in += 1
-                st.dropped["corrupt_record"] += 1
-                continue
-            st.docs_in += 1
-            st.chars_in += len(doc.text)
-            reason = drop.get(pos)
-            if reason is not None:
-                st.dropped[reason] += 1
-                if extra_meta and pos in extra_meta:
-                    doc.metadata = dict(doc.metadata, **extra_meta[pos])
-                rs.add(reason, doc)
-                continue
-            st.docs_out += 1
-            st.chars_out += len(doc.text)
-            yield doc
-
-    write_shard(out_path, gen())
-    return {"stats": st.to_dict(), "removed": rs.to_dict()}
-
-
-def merge_results(name: str, results: list[dict], sample_removed: int) -> tuple[StepStats, dict]:
-    st = StepStats(name)
-    rs = RemovedSample(sample_removed)
-    for r in results:
-        st.merge(StepStats.from_dict(r["stats"]))
-        rs.merge(r["removed"])
-    return st, rs.to_dict()
-
-
-def check_shards(in_shards: list[Path]) -> list[Path]:
-    """The input shards in name order (so decisions never depend on the order given)."""
-    shards = sorted((Path(p) for p in in_shards), key=lambda p: p.name)
-    names = [p.name for p in shards]
-    if len(set(names)) != len(names):
-        raise InputError("dedup: input shards must have distinct file names")
-    for p in shards:
-        if not p.is_file():
-            raise InputError(f"dedup: input shard not found: {p}")
-    return shards
 
 
 # --------------------------------------------------------------------------- config
@@ -396,32 +203,21 @@ def _sig_task(task: dict) -> dict:
     ok = np.array(ok, dtype=bool)
     pos = np.nonzero(ok)[0].astype(np.uint32)
     out.mkdir(parents=True, exist_ok=True)
-    _save(out / "sig.npy", sig)
-    _save(out / "meta.npy", np.stack([np.array(lengths, dtype=np.int64), np.array(nsh, dtype=np.int64), ok.astype(np.int64)], axis=1) if lengths else np.zeros((0, 3), np.int64))
+    save_npy(out / "sig.npy", sig)
+    save_npy(out / "meta.npy", np.stack([np.array(lengths, dtype=np.int64), np.array(nsh, dtype=np.int64), ok.astype(np.int64)], axis=1) if lengths else np.zeros((0, 3), np.int64))
     for band in range(p["bands"]):
         k = keys[pos, band]
         order = np.argsort(k, kind="stable")
-        _save(out / f"band{band:03d}.npy", np.stack([k[order], pos[order].astype(U64)], axis=1) if len(pos) else np.zeros((0, 2), U64))
+        save_npy(out / f"band{band:03d}.npy", np.stack([k[order], pos[order].astype(U64)], axis=1) if len(pos) else np.zeros((0, 2), U64))
     return {"docs": len(lengths), "in_lsh": int(ok.sum()), "short": int((~ok).sum())}
-
-
-def _save(path: Path, arr: np.ndarray) -> None:
-    with atomic_file(path, "wb") as f:
-        np.save(f, arr, allow_pickle=False)
 
 
 # --------------------------------------------------------------------------- stage 2: buckets
 
-def _key_bounds(part: int, parts: int) -> tuple[int, int]:
-    lo = (part * 2**64) // parts
-    hi = ((part + 1) * 2**64) // parts
-    return lo, hi  # [lo, hi)
-
-
 def _bucket_task(task: dict) -> dict:
     """Candidate pairs of one band and key range across all shards (and the index)."""
     band, part, parts = task["band"], task["part"], task["parts"]
-    lo, hi = _key_bounds(part, parts)
+    lo, hi = key_bounds(part, parts)
     keys, refs = [], []
     for sid, d in enumerate(task["sig_dirs"]):  # sid < len(shards): corpus; beyond: index shards
         arr = np.load(Path(d) / f"band{band:03d}.npy", mmap_mode="r")
@@ -449,7 +245,7 @@ def _bucket_task(task: dict) -> dict:
         edges = np.unique(np.concatenate([e_star, e_chain]), axis=0) if len(star) else np.zeros((0, 2), U64)
     else:
         edges = np.zeros((0, 2), U64)
-    _save(out, edges)
+    save_npy(out, edges)
     return {"pairs": int(len(edges))}
 
 

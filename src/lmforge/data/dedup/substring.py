@@ -30,10 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-from lmforge.data.dedup.minhash import check_shards, iter_records, merge_results
+from lmforge.data.dedup.common import Drop, check_shards, iter_records, merge_results, write_filtered
 from lmforge.data.document import Document
 from lmforge.data.passes import CorpusPass, PassResult
-from lmforge.data.step import RemovedSample, StepStats
+from lmforge.data.step import StepStats
 from lmforge.errors import ConfigError, InputError
 from lmforge.log import logger
 from lmforge.rundir import atomic_file, atomic_write_json, fingerprint, read_json
@@ -130,40 +130,27 @@ def _load_corpus(shards: list[Path], max_bytes: int) -> tuple[np.ndarray, list[t
 
 
 def _rewrite_task(task: dict) -> dict:
-    from lmforge.data.corpus_io import write_shard
-
     cuts = {int(k): v for k, v in task["cuts"].items()}  # pos -> [[s, e], ...] document-local byte ranges
-    st, rs = StepStats("substring"), RemovedSample(task["sample"])
+    st = StepStats("substring")
 
-    def gen():
-        for pos, doc in iter_records(task["path"]):
-            st.docs_in += 1
-            if doc is None:
-                st.dropped["corrupt_record"] += 1
-                continue
-            st.chars_in += len(doc.text)
-            if pos in cuts:
-                b = doc.text.encode("utf-8", "surrogatepass")
-                keep, prev = [], 0
-                for s, e in cuts[pos]:
-                    keep.append(b[prev:s])
-                    prev = e
-                keep.append(b[prev:])
-                new = b"".join(keep).decode("utf-8", "ignore")
-                st.counters["docs_changed"] += 1
-                st.counters["spans_removed"] += len(cuts[pos])
-                st.counters["bytes_removed"] += len(b) - sum(len(k) for k in keep)
-                if len(new.strip()) < max(1, task["min_doc_chars"]):
-                    st.dropped["only_repeated_substrings"] += 1
-                    rs.add("only_repeated_substrings", doc)
-                    continue
-                doc = Document(doc.id, new, doc.metadata)
-            st.docs_out += 1
-            st.chars_out += len(doc.text)
-            yield doc
+    def decide(pos: int, doc: Document) -> Document | Drop:
+        if pos not in cuts:
+            return doc
+        b = doc.text.encode("utf-8", "surrogatepass")
+        keep, prev = [], 0
+        for s, e in cuts[pos]:
+            keep.append(b[prev:s])
+            prev = e
+        keep.append(b[prev:])
+        new = b"".join(keep).decode("utf-8", "ignore")
+        st.counters["docs_changed"] += 1
+        st.counters["spans_removed"] += len(cuts[pos])
+        st.counters["bytes_removed"] += len(b) - sum(len(k) for k in keep)
+        if len(new.strip()) < max(1, task["min_doc_chars"]):
+            return Drop("only_repeated_substrings", doc)
+        return Document(doc.id, new, doc.metadata)
 
-    write_shard(task["out"], gen())
-    return {"stats": st.to_dict(), "removed": rs.to_dict()}
+    return write_filtered(iter_records(task["path"]), task["out"], decide, st, task["sample"])
 
 
 class SubstringDedupPass(CorpusPass):
