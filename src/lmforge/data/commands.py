@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import sys
 from pathlib import Path
 
 EXTENSIONS = ["lmforge.data.extract", "lmforge.data.langid", "lmforge.data.dedup.commands", "lmforge.data.quality.commands"]
@@ -102,13 +101,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
     c = S.corpus_dir(args.run_dir)
     if args.html:
-        try:
-            mod = importlib.import_module("lmforge.data.report_html")
-        except ModuleNotFoundError:
-            from lmforge.errors import InputError
+        from lmforge.data.report_html import write_inspection_html
 
-            raise InputError("--html needs lmforge.data.report_html, which is not installed in this version") from None
-        mod.write_inspection_html(c, Path(args.html))
+        write_inspection_html(c, Path(args.html))
         print(f"wrote {args.html}")
         return 0
     st = S.load_stats(c)
@@ -164,10 +159,4 @@ def register(subparsers) -> None:
     i.set_defaults(func=_cmd_inspect)
 
     for mod in EXTENSIONS:
-        try:
-            m = importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name and mod.startswith(e.name):
-                continue
-            raise
-        m.register(sub)
+        importlib.import_module(mod).register(sub)

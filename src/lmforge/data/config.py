@@ -14,6 +14,7 @@ from lmforge.data.dedup import DedupConfig
 from lmforge.data.extract import ExtractConfig
 from lmforge.data.filters import FiltersConfig
 from lmforge.data.langid import LangIdConfig
+from lmforge.data.paths import resolve_under
 from lmforge.data.pii import PIIConfig
 from lmforge.data.quality import QualityConfig
 
@@ -70,7 +71,6 @@ class DataConfig:
         """Fingerprint of the input files (path, size, mtime): the stage reruns when they change."""
         import functools
 
-        from lmforge.data.pipeline import resolve_under
         from lmforge.data.readers import expand_inputs, parse_inputs
         from lmforge.rundir import file_fingerprint
 

@@ -18,16 +18,16 @@ content, id and seed, so the output is byte-identical whatever the number of wor
 order tasks finish in. (`executor.tasks` is part of the output definition: slicing a file
 interleaves its records by index.)
 
-A step is any `lmforge.data.step.Step`. The step modules are looked up at run time, so the
-pipeline runs with whichever of them are installed.
+A step is any `lmforge.data.step.Step`; `build_stream_steps`, `build_pii` and
+`build_corpus_passes` turn the `[data]` config into the enabled ones.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 import json
+import os
 import shutil
 import time
 from collections import Counter
@@ -37,7 +37,15 @@ from typing import Any, Callable
 from lmforge import config as cfgmod
 from lmforge.data.config import DataConfig
 from lmforge.data.corpus_io import iter_shard, write_shard
+from lmforge.data.dedup import build_passes
+from lmforge.data.dedup.exact import ExactDedupConfig, ExactDedupPass
 from lmforge.data.executor import Executor, make_executor
+from lmforge.data.extract import ExtractStep
+from lmforge.data.filters import build_filters
+from lmforge.data.langid import LangIdFilter
+from lmforge.data.paths import resolve_under
+from lmforge.data.pii import PIIScrubber
+from lmforge.data.quality import build_quality_steps
 from lmforge.data.readers import InputFile, ReadStats, expand_inputs, parse_inputs, read_file
 from lmforge.data.step import RemovedSample, Step, StepStats, run_steps
 from lmforge.data.writers import output_paths, write_output_shard
@@ -51,34 +59,7 @@ TOP_PER_TASK = 5000  # domains kept per scrub task before merging (bounds marker
 
 
 # --------------------------------------------------------------------------------------------
-# building steps (tolerant of step modules that are not there yet)
-
-
-def resolve_under(base_dir: str, path: str | Path) -> Path:
-    """A recipe path: `~` expanded, relative paths taken under `base_dir`."""
-    import os
-
-    p = Path(os.path.expanduser(str(path)))
-    return p if p.is_absolute() else Path(base_dir) / p
-
-
-def _call_with_resolve(fn: Callable, resolve: Callable | None, *args: Any) -> Any:
-    """Call a builder, adding `resolve` when its signature takes one more argument."""
-    import inspect
-
-    if resolve is not None and len(inspect.signature(fn).parameters) > len(args):
-        return fn(*args, resolve)
-    return fn(*args)
-
-
-def _optional(module: str, attr: str) -> Any:
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name and module.startswith(e.name):
-            return None
-        raise
-    return getattr(mod, attr, None)
+# building steps
 
 
 def _enabled(sub: Any) -> bool:
@@ -89,36 +70,29 @@ def build_stream_steps(cfg: DataConfig, seed: int, resolve: Callable[[str], Path
     """(group, step) pairs in pipeline order: extract, URL filters, langid, other filters, quality."""
     k = cfg.sample_removed
     steps: list[tuple[str, Step]] = []
-    if _enabled(cfg.extract) and (cls := _optional("lmforge.data.extract", "ExtractStep")):
-        steps.append(("extract", cls(cfg.extract, k)))
+    if _enabled(cfg.extract):
+        steps.append(("extract", ExtractStep(cfg.extract, k)))
     filters: list[Step] = []
-    if _enabled(cfg.filters) and (fn := _optional("lmforge.data.filters", "build_filters")):
-        filters = list(fn(cfg.filters, seed, k, resolve(".") if resolve else None))  # list files resolve against the recipe
+    if _enabled(cfg.filters):
+        filters = list(build_filters(cfg.filters, seed, k, resolve(".") if resolve else None))  # list files resolve against the recipe
     steps += [("filters", s) for s in filters if "url" in s.name]
-    if _enabled(cfg.langid) and (cls := _optional("lmforge.data.langid", "LangIdFilter")):
-        steps.append(("langid", cls(cfg.langid, seed, k)))
+    if _enabled(cfg.langid):
+        steps.append(("langid", LangIdFilter(cfg.langid, seed, k)))
     steps += [("filters", s) for s in filters if "url" not in s.name]
-    if _enabled(cfg.quality) and (fn := _optional("lmforge.data.quality", "build_quality_steps")):
-        steps += [("quality", s) for s in _call_with_resolve(fn, resolve, cfg.quality, seed, k)]
+    if _enabled(cfg.quality):
+        steps += [("quality", s) for s in build_quality_steps(cfg.quality, seed, k, resolve)]
     return steps
 
 
 def build_pii(cfg: DataConfig) -> Step | None:
-    if _enabled(cfg.pii) and (cls := _optional("lmforge.data.pii", "PIIScrubber")):
-        return cls(cfg.pii, cfg.sample_removed)
-    return None
+    return PIIScrubber(cfg.pii, cfg.sample_removed) if _enabled(cfg.pii) else None
 
 
 def build_corpus_passes(cfg: DataConfig, resolve: Callable[[str], Path] | None = None) -> list:
     """Exact dedup first, then the dedup package's other passes."""
     if not _enabled(cfg.dedup):
         return []
-    from lmforge.data.dedup.exact import ExactDedupConfig, ExactDedupPass
-
-    passes = []
-    fn = _optional("lmforge.data.dedup", "build_passes")
-    if fn is not None:
-        passes = list(_call_with_resolve(fn, resolve, cfg.dedup))
+    passes = list(build_passes(cfg.dedup, resolve))
     if not any(isinstance(p, ExactDedupPass) for p in passes):
         exact = getattr(cfg.dedup, "exact", None) or ExactDedupConfig()
         if _enabled(exact):
@@ -279,8 +253,6 @@ def _work_fingerprint(cfg: DataConfig, seed: int, files: list[InputFile]) -> str
     c = cfgmod.to_dict(cfg)
     c["executor"] = {"tasks": cfg.executor.tasks}  # how many workers / which engine never changes the output
     c.pop("keep_work", None)
-    import os
-
     stamp = [[f.path, os.path.getsize(f.path) if os.path.isfile(f.path) else 0, int(os.path.getmtime(f.path))] for f in files]
     return fingerprint({"config": c, "seed": seed, "files": stamp})
 
