@@ -6,7 +6,12 @@ singular value towards 1 quickly; exact orthogonality is not needed). Same-shape
 orthogonalised together as one batched matmul, which matters on CPUs where per-matrix kernel
 launches dominate; on CPU the scalings ride on the matmuls (baddbmm), and matrices at least twice
 as wide as tall (SwiGLU's projections) run the same iteration in Gram space, on r x r matrices
-(`_ns_gram_space`), about a third fewer multiply-adds. Embeddings, the output head, norms and
+(`_ns_gram_space`), about a third fewer multiply-adds. On GPU the iteration runs in bf16 (tensor
+cores; the polynomial tolerates the rounding, its fixed point is a band of singular values around 1
+anyway) and each same-shaped group's whole update (Nesterov momentum, stacking, normalisation, the
+five iterations) is one `torch.compile`d graph with static shapes, so the optimizer step is a few
+fused kernels per shape instead of hundreds of small launches, and reads no value on the host (no
+`.item()`, no Python branch on a tensor): it never stalls the GPU queue. Embeddings, the output head, norms and
 MoE routers stay on AdamW: they are not hidden linear maps, and Muon's geometry argument does
 not apply to them.
 
@@ -16,6 +21,7 @@ group carries `base_lr`, and `set_lr(optimizers, factor)` applies the schedule.
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 
 import torch
@@ -25,16 +31,21 @@ import torch.nn as nn
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
-def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """Approximately orthogonalise a matrix or a batch of matrices (..., rows, cols)."""
+def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Approximately orthogonalise a matrix or a batch of matrices (..., rows, cols).
+
+    `dtype`: the precision of the iteration; None = bf16 on CUDA, fp32 elsewhere. fp32 on CPU
+    takes the CPU kernels below (baddbmm, Gram space for wide matrices); every other case (CUDA,
+    bf16 anywhere, more than one batch dimension) the plain iteration, which torch.compile fuses."""
     a, b, c = NS_COEFFS
-    dtype = torch.bfloat16 if g.is_cuda else torch.float32
+    if dtype is None:
+        dtype = torch.bfloat16 if g.is_cuda else torch.float32
     x = g.to(dtype)
     tall = x.shape[-2] > x.shape[-1]
     if tall:
         x = x.mT
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)  # spectral norm <= Frobenius norm <= 1
-    if g.is_cuda or x.dim() > 3:
+    if g.is_cuda or x.dim() > 3 or dtype != torch.float32:
         for _ in range(steps):
             gram = x @ x.mT
             poly = b * gram + c * (gram @ gram)
@@ -89,16 +100,30 @@ class Muon(torch.optim.Optimizer):
     """Momentum + Newton-Schulz orthogonalised updates for 2-D parameters.
 
     The update of an (r, c) matrix is scaled by sqrt(max(1, r / c)) so tall and wide matrices
-    move by a comparable RMS; weight decay is decoupled (p <- p (1 - lr wd))."""
+    move by a comparable RMS; weight decay is decoupled (p <- p (1 - lr wd)).
+
+    `ns_dtype`: precision of the Newton-Schulz iteration (None: bf16 on CUDA, fp32 elsewhere).
+    `compile`: run each same-shaped group's update as one `torch.compile`d graph (None: on CUDA
+    when Triton is there). Eager fp32 on CPU keeps the CPU kernels of `newton_schulz`; every other
+    combination goes through `_group_update`, the same function compiled or not."""
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
-                 ns_steps: int = 5, weight_decay: float = 0.0):
+                 ns_steps: int = 5, weight_decay: float = 0.0, *, ns_dtype: torch.dtype | None = None,
+                 compile: bool | None = None):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay)
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.dim() != 2:
                     raise ValueError(f"Muon takes 2-D parameters only, got shape {tuple(p.shape)}")
+        # instance settings, not param-group keys: optimizer.pt files written before them still load
+        self.ns_dtype, self.compile = ns_dtype, compile
+
+    def _fast_path(self, device: torch.device) -> tuple[bool, torch.dtype]:
+        """(compile?, iteration dtype) for parameters on `device`."""
+        dtype = self.ns_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        compile = self.compile if self.compile is not None else (device.type == "cuda" and _has_triton())
+        return compile, dtype
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -113,26 +138,67 @@ class Muon(torch.optim.Optimizer):
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p.grad)
                 buf = state["momentum_buffer"]
-                buf.mul_(mom).add_(p.grad)
                 if _is_dtensor(buf):
+                    buf.mul_(mom).add_(p.grad)
                     _apply_dtensor(p, p.grad.add(buf, alpha=mom) if nesterov else buf, lr, wd, group["ns_steps"])
                 else:
                     plain[(tuple(p.shape), p.grad.dtype, p.grad.device)].append((p, buf))
+            # momentum of every plain matrix in two multi-tensor kernels (mul then add: the same
+            # numbers as p-by-p buf.mul_(mom).add_(grad))
+            bufs = [buf for items in plain.values() for _, buf in items]
+            if bufs:
+                torch._foreach_mul_(bufs, mom)
+                torch._foreach_add_(bufs, [p.grad for items in plain.values() for p, _ in items])
             for (shape, dtype, device), items in plain.items():
-                # same-shaped updates written straight into one stack (no per-matrix temporaries)
-                upd = torch.empty((len(items),) + shape, dtype=dtype, device=device)
-                for i, (p, buf) in enumerate(items):
-                    if nesterov:
-                        torch.add(p.grad, buf, alpha=mom, out=upd[i])
-                    else:
-                        upd[i].copy_(buf)
-                ortho = newton_schulz(upd, group["ns_steps"])
+                compile, ns_dtype = self._fast_path(device)
+                if compile or device.type != "cpu" or ns_dtype != torch.float32:
+                    fn = _compiled_group_update() if compile else _group_update
+                    ortho = fn([p.grad for p, _ in items], [b for _, b in items], mom, nesterov, group["ns_steps"], ns_dtype)
+                else:
+                    # same-shaped updates written straight into one stack (no per-matrix temporaries)
+                    upd = torch.empty((len(items),) + shape, dtype=dtype, device=device)
+                    for i, (p, buf) in enumerate(items):
+                        if nesterov:
+                            torch.add(p.grad, buf, alpha=mom, out=upd[i])
+                        else:
+                            upd[i].copy_(buf)
+                    ortho = newton_schulz(upd, group["ns_steps"])
                 scale = max(1.0, shape[0] / shape[1]) ** 0.5
                 params = [p for p, _ in items]
                 if wd:
                     torch._foreach_mul_(params, 1.0 - lr * wd)
                 torch._foreach_add_(params, list(ortho.unbind(0)), alpha=-lr * scale)
         return loss
+
+
+def _group_update(grads: list[torch.Tensor], bufs: list[torch.Tensor], momentum: float, nesterov: bool,
+                  steps: int, dtype: torch.dtype) -> torch.Tensor:
+    """Orthogonalised updates of a group of same-shaped matrices, stacked (n, rows, cols) in the
+    gradients' dtype: Nesterov (grad + momentum * buf) or heavy-ball (buf) directions, then
+    `newton_schulz` in `dtype`. Reads no tensor value on the host, so compiled it is one graph."""
+    if nesterov:
+        upd = torch.stack([g.add(b, alpha=momentum) for g, b in zip(grads, bufs)])
+    else:
+        upd = torch.stack(bufs)
+    return newton_schulz(upd, steps, dtype=dtype)
+
+
+@functools.cache
+def _compiled_group_update():
+    """`_group_update` compiled once per process, lazily (importing lmforge never starts the
+    compiler). Static shapes: one graph per matrix shape (a model has a handful; past dynamo's
+    recompile limit further shapes run eagerly, still correct)."""
+    return torch.compile(_group_update, dynamic=False)
+
+
+@functools.cache
+def _has_triton() -> bool:
+    """torch.compile's GPU backend generates Triton kernels; without Triton Muon stays eager."""
+    try:
+        from torch.utils._triton import has_triton
+    except ImportError:  # pragma: no cover
+        return False
+    return has_triton()
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
