@@ -1,9 +1,15 @@
-"""Pretraining configuration: the `[pretrain]` section of a recipe.
+"""Training configuration: the `[pretrain]` section of a recipe (`TrainConfig`) and the generic
+knobs every training stage shares (`TrainerConfig`, what lmforge.train.trainer.fit reads).
 
 `TrainConfig.model` names a preset (lmforge.model.PRESETS) plus optional ModelConfig overrides;
 `vocab_size` left unset is taken from the token shards' index.json, `max_seq_len` left unset
 is `seq_len`. Every key is validated by lmforge.config.build (unknown keys and bad values name
 the key).
+
+`TrainerConfig` has no model preset and no data layout: a post-training stage builds one from its
+own section (`TrainerConfig.from_fields(section)` copies the keys of the same name, or
+`lmforge.config.build(TrainerConfig, table, "sft")`). `TrainConfig.trainer_config()` is the same
+for pretraining; the `[pretrain]` TOML keys are unchanged.
 """
 
 from __future__ import annotations
@@ -83,25 +89,17 @@ class TrainConfig:
     tensorboard: bool = False
 
     def validate(self) -> None:
-        for k in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every", "keep_last", "muon_ns_steps"):
+        for k in ("seq_len", "batch_size"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"pretrain.{k} must be >= 1, got {getattr(self, k)}")
-        for k in ("lr", "muon_lr"):
-            if not getattr(self, k) > 0:
-                raise ConfigError(f"pretrain.{k} must be > 0, got {getattr(self, k)}")
-        for k in ("warmup_steps", "checkpoint_every", "eval_every", "eval_batches", "sample_tokens"):
+        for k in ("eval_batches", "sample_tokens"):
             if getattr(self, k) < 0:
                 raise ConfigError(f"pretrain.{k} must be >= 0, got {getattr(self, k)}")
-        if not 0.0 <= self.decay_frac <= 1.0:
-            raise ConfigError(f"pretrain.decay_frac must be in [0, 1], got {self.decay_frac}")
-        if not 0.0 <= self.min_lr_frac <= 1.0:
-            raise ConfigError(f"pretrain.min_lr_frac must be in [0, 1], got {self.min_lr_frac}")
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ConfigError(f"pretrain.betas must be two numbers in [0, 1), got {self.betas}")
-        if self.grad_clip < 0 or self.weight_decay < 0 or self.peak_flops < 0:
-            raise ConfigError("pretrain.grad_clip, weight_decay and peak_flops must be >= 0")
-        if not 0.0 <= self.muon_momentum < 1.0:
-            raise ConfigError(f"pretrain.muon_momentum must be in [0, 1), got {self.muon_momentum}")
+        check_trainer_fields(self, "pretrain")
+
+    def trainer_config(self) -> "TrainerConfig":
+        """The generic part of this config, as lmforge.train.trainer.fit reads it."""
+        return TrainerConfig.from_fields(self)
 
     def model_config(self, vocab_size: int | None = None) -> ModelConfig:
         """The ModelConfig this run trains: preset + overrides; vocab from the data when unset."""
@@ -141,4 +139,87 @@ def _round_up(n: int, m: int) -> int:
     return (n + m - 1) // m * m
 
 
-__all__ = ["TrainConfig", "ModelSection", "ParallelConfig"]
+@dataclass
+class TrainerConfig:
+    """What every training stage shares: steps, optimizer, schedule, precision, parallelism,
+    checkpoints and logging. The keys and defaults are those of `[pretrain]`; a stage whose section
+    has keys of the same names gets them with `TrainerConfig.from_fields(section)`."""
+
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    max_steps: int = 1000
+    grad_accum: int = 1  # micro-batches (next_batch() calls) per optimizer step
+    seed: int | None = None  # for the caller's data order and initialisation; fit() itself draws nothing
+    optimizer: Literal["muon", "adamw"] = "muon"
+    lr: float = 3e-3
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    muon_ns_steps: int = 5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    schedule: Literal["wsd", "cosine", "constant"] = "wsd"
+    warmup_steps: int = 20
+    decay_frac: float = 0.3
+    min_lr_frac: float = 0.0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: bool = False
+    activation_checkpointing: bool = False  # applied to models with a `gradient_checkpointing` attribute
+    peak_flops: float = 0.0
+    checkpoint_every: int = 200
+    keep_last: int = 3
+    resume: bool = True
+    log_every: int = 10
+    eval_every: int = 200
+    tensorboard: bool = False
+
+    def validate(self) -> None:
+        try:
+            check_trainer_fields(self, "")
+        except ConfigError as e:  # lmforge.config.build names the section: "[sft]: lr must be > 0, got -1.0"
+            raise ValueError(str(e)) from None
+
+    @classmethod
+    def from_fields(cls, obj, **over) -> "TrainerConfig":
+        """A TrainerConfig from any object with attributes of the same names (missing ones keep
+        their defaults), then `over`."""
+        vals = {f.name: getattr(obj, f.name) for f in dataclasses.fields(cls) if hasattr(obj, f.name)}
+        vals.update(over)
+        cfg = cls(**vals)
+        cfg.validate()
+        return cfg
+
+    # keys that may change between a checkpoint and a resumed run without changing the training math
+    RESUME_FREE = (
+        "max_steps", "checkpoint_every", "keep_last", "resume", "log_every", "eval_every", "tensorboard", "peak_flops",
+        "compile", "activation_checkpointing", "device", "parallel", "seed",
+    )
+
+
+def check_trainer_fields(cfg, section: str) -> None:
+    """Validate the TrainerConfig keys of `cfg` (a TrainerConfig, TrainConfig or a stage's own
+    config with the same keys); the message names `section.key` (just `key` when section is "")."""
+    section = f"{section}." if section else ""
+    for k in ("grad_accum", "max_steps", "log_every", "keep_last", "muon_ns_steps"):
+        if getattr(cfg, k) < 1:
+            raise ConfigError(f"{section}{k} must be >= 1, got {getattr(cfg, k)}")
+    for k in ("lr", "muon_lr"):
+        if not getattr(cfg, k) > 0:
+            raise ConfigError(f"{section}{k} must be > 0, got {getattr(cfg, k)}")
+    for k in ("warmup_steps", "checkpoint_every", "eval_every"):
+        if getattr(cfg, k) < 0:
+            raise ConfigError(f"{section}{k} must be >= 0, got {getattr(cfg, k)}")
+    if not 0.0 <= cfg.decay_frac <= 1.0:
+        raise ConfigError(f"{section}decay_frac must be in [0, 1], got {cfg.decay_frac}")
+    if not 0.0 <= cfg.min_lr_frac <= 1.0:
+        raise ConfigError(f"{section}min_lr_frac must be in [0, 1], got {cfg.min_lr_frac}")
+    if len(cfg.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.betas):
+        raise ConfigError(f"{section}betas must be two numbers in [0, 1), got {cfg.betas}")
+    if cfg.grad_clip < 0 or cfg.weight_decay < 0 or cfg.peak_flops < 0:
+        raise ConfigError(f"{section}grad_clip, weight_decay and peak_flops must be >= 0")
+    if not 0.0 <= cfg.muon_momentum < 1.0:
+        raise ConfigError(f"{section}muon_momentum must be in [0, 1), got {cfg.muon_momentum}")
+
+
+__all__ = ["TrainConfig", "TrainerConfig", "ModelSection", "ParallelConfig", "check_trainer_fields"]
