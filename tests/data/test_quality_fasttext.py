@@ -149,3 +149,19 @@ def test_cli_trains_from_a_corpus_and_removed_samples(tmp_path, sample_dir, caps
     args = _parser().parse_args(["train-quality", "--good", str(tmp_path / "run"), "--out", str(out)])
     with pytest.raises(ConfigError, match="--bad"):
         args.func(args)
+
+
+def test_classifier_with_the_predict_only_fasttext_build(model, sample_dir, tmp_path, predict_only_fasttext):
+    texts = dictionary(sample_dir, 900)[-30:] + fortunes(sample_dir, 700)[-30:]
+    expected = good_probability(load_fasttext(model[0]), texts)  # the installed (training) build
+    PredictOnlyFastText = predict_only_fasttext()
+    m = load_fasttext(model[0])
+    assert isinstance(m, PredictOnlyFastText) and not hasattr(m, "save_model")
+    assert good_probability(m, texts) == expected
+    f = FastTextQualityFilter(FastTextConfig(enabled=True, model="x", threshold=0.5), model[0])
+    kept = list(f(iter(Document(f"d{i}", t, {}) for i, t in enumerate(texts))))
+    assert 0 < len(kept) < len(texts) and f.stats.dropped["fasttext_low_quality"] == len(texts) - len(kept)
+    # training needs fasttext-wheel: one message naming it, nothing written
+    with pytest.raises(InputError, match="needs the fasttext-wheel package.*pip install --force-reinstall fasttext-wheel"):
+        train_fasttext(dictionary(sample_dir, 50), fortunes(sample_dir, 50), tmp_path / "q.bin", epoch=1)
+    assert not (tmp_path / "q.bin").exists()

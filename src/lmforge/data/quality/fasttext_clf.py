@@ -1,7 +1,9 @@
 """fastText quality classifier: word unigrams + bigrams (wordNgrams=2), trained from good and
 bad examples; the filter keeps documents whose P(good) reaches a threshold.
 
-Training and inference use the `fasttext` library (fasttext-wheel); this module prepares the
+Training uses the `fasttext` library (fasttext-wheel; with only fasttext-predict installed it
+fails with a message naming the package), inference either build of it
+(`lmforge.data.fasttext_compat`); this module prepares the
 examples (lowercased word tokens on one line), splits a held-out set deterministically by
 text hash, balances the classes, reports held-out accuracy/precision/recall, and writes the
 model atomically with a `<model>.json` sidecar holding those metrics.
@@ -17,6 +19,7 @@ from typing import Iterable
 
 import xxhash
 
+from lmforge.data import fasttext_compat
 from lmforge.data.document import Document
 from lmforge.data.quality.common import ScoreFilter, one_line
 from lmforge.errors import ConfigError, InputError
@@ -112,8 +115,7 @@ def train_fasttext(
     max_per_class: int = 0,
 ) -> dict:
     """Train a good/bad fastText classifier; write it to `out_path` (+ `.json` metrics). Returns the metrics."""
-    import fasttext
-
+    fasttext = fasttext_compat.training_module()
     if not 0.0 <= valid_fraction < 1.0:
         raise ConfigError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
     train, valid = split_examples(good, bad, valid_fraction, seed, balance, max_chars, max_per_class)
@@ -161,12 +163,7 @@ def load_fasttext(path: str | Path):
     if key not in _MODELS:
         if not Path(path).is_file():
             raise InputError(f"fastText model not found: {path} (train one with `lmforge data train-quality --kind fasttext`)")
-        import fasttext
-
-        try:
-            _MODELS[key] = fasttext.load_model(str(path))
-        except ValueError as e:
-            raise InputError(f"{path}: not a fastText model ({e})") from None
+        _MODELS[key] = fasttext_compat.load(path)
     return _MODELS[key]
 
 
@@ -175,8 +172,7 @@ def good_probability(model, texts: list[str], preprocessed: bool = False, max_ch
     out = []
     for t in texts:
         line = t if preprocessed else one_line(t, max_chars)
-        pairs = model.f.predict(line + "\n", 2, 0.0, "strict")
-        probs = {lab.removeprefix("__label__"): p for p, lab in pairs}
+        probs = {lab.removeprefix("__label__"): p for lab, p in fasttext_compat.predict(model, line, 2, "strict")}
         out.append(min(1.0, max(0.0, probs.get("good", 1.0 - probs.get("bad", 0.0)))))
     return out
 
