@@ -67,7 +67,7 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from lmforge.eval import builtin, harness
-    from lmforge.eval.export_hf import export_hf
+    from lmforge.model.hf import export_hf
     from lmforge.eval.tasks import load_task, write_jsonl
     from lmforge.model import Transformer, preset
     from lmforge.model.io import load_model, save_model

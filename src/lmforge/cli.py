@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "lmforge.train.commands",
     "lmforge.plan.commands",
     "lmforge.eval.commands",
+    "lmforge.infer.commands",
 ]
 
 
@@ -52,13 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="rerun stages even if their manifest matches")
     r.set_defaults(func=_cmd_run)
     for mod in COMMAND_MODULES:
-        try:
-            m = importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name and mod.startswith(e.name):
-                continue  # package not built yet
-            raise
-        m.register(sub)
+        importlib.import_module(mod).register(sub)
     return p
 
 

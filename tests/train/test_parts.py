@@ -160,8 +160,9 @@ def test_checkpoint_checksums_detect_corruption_and_prune(tmp_path):
     f.write_bytes(f.read_bytes()[:100])
     assert "checksum" in ck.verify(tmp_path / "step_000004")
     assert ck.find_resumable(tmp_path).name == "step_000003"
-    assert ck.resolve_checkpoint(tmp_path).name == "step_000004"  # `latest` for inference
-    from lmforge.model.io import load_model
+    from lmforge.model.io import load_model, resolve_model
+
+    assert resolve_model(tmp_path).path.name == "step_000004"  # `latest` for inference
 
     m2 = load_model(tmp_path / "step_000003")
     assert torch.equal(m2.tok_emb.weight, model.tok_emb.weight)

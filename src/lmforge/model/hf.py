@@ -1,4 +1,5 @@
-"""Export an lmforge checkpoint as a Hugging Face checkpoint loadable by `transformers`.
+"""Hugging Face conversion both ways: export an lmforge checkpoint as a checkpoint `transformers`
+loads, and import an HF Llama/Qwen3 folder (ours or any with the same block) into `Transformer`.
 
 Dense models without QK-norm become `LlamaForCausalLM`; with QK-norm they become
 `Qwen3ForCausalLM` (the same block with an RMSNorm on each query/key head before RoPE, which
@@ -8,6 +9,10 @@ without token dropping and the load-balancing setup have no matching HF architec
 The weights need no permutation: lmforge's RoPE already uses the rotate-half layout of HF
 Llama. Written files: config.json, generation_config.json, model.safetensors and, given a
 tokenizer, tokenizer.json + tokenizer_config.json + special_tokens_map.json.
+
+Import (`load_hf`) is the inverse mapping: config.json -> ModelConfig, HF names -> ours, with the
+features our block lacks refused by name (biases, rope scaling, sliding windows, other
+activations) rather than loaded wrong. Our own export loads back with identical logits.
 """
 
 from __future__ import annotations
@@ -19,7 +24,10 @@ import torch
 
 from lmforge.errors import InputError
 from lmforge.model.config import ModelConfig
+from lmforge.model.transformer import Transformer
 from lmforge.rundir import atomic_dir, atomic_write_bytes, atomic_write_json, read_json
+
+ARCHITECTURES = ("llama", "qwen3")
 
 _LAYER_MAP = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -99,6 +107,8 @@ def export_hf(checkpoint: str | Path, out: str | Path, tokenizer: str | Path | N
     from lmforge.model.io import load_config
 
     checkpoint, out = Path(checkpoint), Path(out)
+    if not checkpoint.is_dir():
+        raise InputError(f"checkpoint not found: {checkpoint}")
     cfg = load_config(checkpoint)
     if cfg.moe_experts:
         raise InputError(
@@ -169,4 +179,111 @@ def compare_logits(checkpoint: str | Path, hf_dir: str | Path, ids: list[list[in
     return float((a.float() - b.float()).abs().max())
 
 
-__all__ = ["export_hf", "hf_state_dict", "hf_config", "compare_logits"]
+# ---- import ---------------------------------------------------------------------------------
+
+_INVERSE_LAYER_MAP = {v: k for k, v in _LAYER_MAP.items()}
+
+
+def lmforge_config(hf_cfg: dict, where: str = "config.json") -> ModelConfig:
+    """The ModelConfig of an HF Llama/Qwen3 config.json; InputError naming what our block cannot do."""
+    arch = hf_cfg.get("model_type")
+    if arch not in ARCHITECTURES:
+        raise InputError(f"{where}: model_type {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
+    refuse = {
+        "attention_bias": bool(hf_cfg.get("attention_bias")),
+        "mlp_bias": bool(hf_cfg.get("mlp_bias")),
+        "hidden_act": hf_cfg.get("hidden_act", "silu") != "silu",
+        "rope_scaling": bool(hf_cfg.get("rope_scaling")) and (hf_cfg["rope_scaling"].get("rope_type") or hf_cfg["rope_scaling"].get("type")) != "default",
+        "use_sliding_window": bool(hf_cfg.get("use_sliding_window")),
+    }
+    rp = hf_cfg.get("rope_parameters")
+    if isinstance(rp, dict) and rp.get("rope_type", "default") != "default":
+        refuse["rope_parameters"] = True
+    bad = [k for k, v in refuse.items() if v]
+    if bad:
+        raise InputError(f"{where}: {bad[0]} = {hf_cfg.get(bad[0])!r} has no lmforge equivalent")
+    try:
+        d, heads = int(hf_cfg["hidden_size"]), int(hf_cfg["num_attention_heads"])
+        head_dim = int(hf_cfg.get("head_dim") or d // heads)
+        theta = (rp or {}).get("rope_theta", hf_cfg.get("rope_theta", 10000.0)) if isinstance(rp, dict) else hf_cfg.get("rope_theta", 10000.0)
+        cfg = ModelConfig(
+            vocab_size=int(hf_cfg["vocab_size"]), d_model=d, n_layers=int(hf_cfg["num_hidden_layers"]), n_heads=heads,
+            n_kv_heads=int(hf_cfg.get("num_key_value_heads") or heads), ffn_hidden=int(hf_cfg["intermediate_size"]),
+            max_seq_len=int(hf_cfg.get("max_position_embeddings", 2048)), rope_theta=float(theta),
+            norm_eps=float(hf_cfg.get("rms_norm_eps", 1e-6)), qk_norm=arch == "qwen3",
+            tie_embeddings=bool(hf_cfg.get("tie_word_embeddings", arch == "qwen3")),
+            init_std=float(hf_cfg.get("initializer_range", 0.02)))
+    except (KeyError, TypeError, ValueError) as e:
+        raise InputError(f"{where}: missing or bad field ({type(e).__name__}: {e})") from None
+    if head_dim != cfg.head_dim:
+        raise InputError(f"{where}: head_dim {head_dim} != hidden_size / num_attention_heads ({cfg.head_dim}); lmforge ties them")
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise InputError(f"{where}: {e}") from None
+    return cfg
+
+
+def lmforge_state_dict(hsd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Rename an HF Llama/Qwen3 state dict to lmforge names (the inverse of `hf_state_dict`)."""
+    out = {}
+    for k, v in hsd.items():
+        if k == "model.embed_tokens.weight":
+            out["tok_emb.weight"] = v
+        elif k == "model.norm.weight":
+            out["norm.weight"] = v
+        elif k == "lm_head.weight":
+            if not cfg.tie_embeddings:
+                out["lm_head.weight"] = v
+        elif k.startswith("model.layers."):
+            _, _, i, rest = k.split(".", 3)
+            qk = rest in ("self_attn.q_norm.weight", "self_attn.k_norm.weight")
+            if rest not in _INVERSE_LAYER_MAP or (qk and not cfg.qk_norm):
+                raise InputError(f"cannot import parameter {k!r}: no lmforge equivalent")
+            out[f"layers.{i}.{_INVERSE_LAYER_MAP[rest]}"] = v
+        elif k.endswith("rotary_emb.inv_freq"):
+            continue  # recomputed from rope_theta
+        else:
+            raise InputError(f"cannot import parameter {k!r}: no lmforge equivalent")
+    return out
+
+
+def _read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    index = directory / "model.safetensors.index.json"
+    files = [directory / "model.safetensors"]
+    if not files[0].is_file() and index.is_file():
+        wm = (read_json(index, {}) or {}).get("weight_map") or {}
+        files = [directory / f for f in sorted(set(wm.values()))]
+    sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        if not f.is_file():
+            raise InputError(f"no weights at {f}")
+        try:
+            sd.update(load_file(str(f)))
+        except Exception as e:  # safetensors raises its own error types on corrupt files
+            raise InputError(f"cannot read weights {f}: {e}") from None
+    return sd
+
+
+def load_hf(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Transformer:
+    """An HF Llama/Qwen3 folder (config.json + safetensors) as an lmforge `Transformer`."""
+    directory = Path(directory)
+    hf_cfg = read_json(directory / "config.json")
+    if not isinstance(hf_cfg, dict):
+        raise InputError(f"no readable config.json in {directory}")
+    cfg = lmforge_config(hf_cfg, str(directory / "config.json"))
+    sd = lmforge_state_dict(_read_hf_weights(directory), cfg)
+    model = Transformer(cfg)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [m for m in missing if not (cfg.tie_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise InputError(f"weights in {directory} do not match its config.json: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.to(device)
+    if dtype is not None:
+        model.to(dtype)
+    return model
+
+
+__all__ = ["export_hf", "hf_state_dict", "hf_config", "compare_logits", "load_hf", "lmforge_config", "lmforge_state_dict"]

@@ -1,9 +1,12 @@
-"""`lmforge plan`: memory, FLOPs, GPU-hours and Chinchilla-optimal tokens for a model shape."""
+"""CLI: `lmforge plan` (memory, FLOPs, GPU-hours and Chinchilla-optimal tokens for a model shape),
+`lmforge ablate` (data-quality ablation, implemented in lmforge.eval.ablate) and `lmforge scale`
+(IsoFLOP scaling-law fits, lmforge.plan.scaling)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,6 +24,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpointing", action="store_true", help="full activation checkpointing")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_run)
+
+    a = sub.add_parser("ablate", help="data-quality ablation: train one small model per corpus x seed, rank tasks by signal")
+    a.add_argument("config", nargs="?", help="TOML file with an [ablate] section (override keys with --ablate.KEY VALUE)")
+    a.set_defaults(func=_cmd_ablate)
+
+    s = sub.add_parser("scale", help="scaling laws: IsoFLOP grid of tiny models, or fits from existing runs' metrics.jsonl")
+    s.add_argument("--tokens", help="tokens/ directory to train the grid on (e.g. runs/demo/tokens)")
+    s.add_argument("--runs", nargs="+", help="fit from existing runs instead: checkpoint directories with metrics.jsonl")
+    s.add_argument("--widths", help="comma-separated d_model values of the grid (default 32,48,64,96,128)")
+    s.add_argument("--budgets", help="comma-separated training FLOP budgets (default 3e11,1e12,3e12)")
+    s.add_argument("--target", type=float, help="extrapolate to this many FLOPs (default 1e21)")
+    s.add_argument("--out", help="output directory (default runs/scale)")
+    s.add_argument("--config", help="TOML file with a [scale] section (keys of lmforge.plan.scaling.ScaleConfig)")
+    s.set_defaults(func=_cmd_scale)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -52,4 +69,62 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(dataclasses.asdict(p), indent=2))
     else:
         print(format_plan(p, args.model, args.gpu, args.gpus, args.mfu))
+    return 0
+
+
+def _cmd_ablate(args: argparse.Namespace) -> int:
+    from lmforge.eval.ablate import load_config, run_ablation
+
+    cfg, base = load_config(args.config, args.overrides)
+    res = run_ablation(cfg, base)
+    out = (base / cfg.out) if not Path(cfg.out).is_absolute() else Path(cfg.out)
+    print((out / "ablation.md").read_text())
+    print(f"results: {out}/ablation.json, ablation.md, ablation_curves.png, ablation_signal.png ({len(res['tasks'])} task metrics)")
+    return 0
+
+
+def _floats(text: str, name: str) -> list[float]:
+    from lmforge.errors import ConfigError
+
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{name}: expected comma-separated numbers, got {text!r}") from None
+
+
+def _cmd_scale(args: argparse.Namespace) -> int:
+    from lmforge import config as cfgmod
+    from lmforge.errors import ConfigError
+    from lmforge.plan import scaling
+
+    raw: dict = {}
+    if args.config:
+        doc = cfgmod.load_toml(args.config)
+        raw = dict(doc.get("scale", {}))
+    cfgmod.apply_overrides(raw, {k.removeprefix("scale."): v for k, v in (o.split("=", 1) for o in args.overrides) if k.startswith("scale.")})
+    bad = [o for o in args.overrides if not o.startswith("scale.")]
+    if bad:
+        raise ConfigError(f"lmforge scale takes --scale.KEY overrides only, got --{bad[0]}")
+    if args.tokens:
+        raw["tokens"] = args.tokens
+    if args.widths:
+        raw["widths"] = [int(w) for w in _floats(args.widths, "--widths")]
+    if args.budgets:
+        raw["budgets"] = _floats(args.budgets, "--budgets")
+    if args.target:
+        raw["target_flops"] = args.target
+    if args.out:
+        raw["out"] = args.out
+    if args.runs:
+        raw.setdefault("tokens", "-")  # not used when fitting existing runs
+        cfg = cfgmod.build(scaling.ScaleConfig, raw, "scale")
+        budgets = raw.get("budgets") if args.budgets else None
+        points = scaling.points_from_runs([Path(r) for r in args.runs], budgets)
+    else:
+        cfg = cfgmod.build(scaling.ScaleConfig, raw, "scale")
+        points = scaling.run_grid(cfg)
+    res = scaling.fit_scaling(points, cfg.target_flops)
+    j, png, md = scaling.save_fit(res, points, Path(cfg.out))
+    print(scaling.format_fit(res))
+    print(f"\nresults: {j}, {png}, {md}")
     return 0

@@ -10,12 +10,14 @@ A checkpoint directory is built under a temporary name and renamed when complete
 `<out>/latest` (a one-line text file) is pointed at it and all but the newest `keep_last` are
 removed. On resume the newest directory whose checksums match is used; a corrupt or truncated
 one is reported and the previous one taken.
+
+This module is the write/resume side. Reading a model for inference, eval or export (run dir,
+`latest`, step dir or HF folder -> verified model) is `lmforge.model.io.load_checkpoint`.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import re
 import shutil
@@ -25,6 +27,7 @@ import torch
 
 from lmforge.errors import InputError
 from lmforge.log import logger
+from lmforge.model.io import load_weights, sha256_file  # noqa: F401  (resume reads weights through the model side)
 from lmforge.rundir import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 
 STEP_RE = re.compile(r"^step_(\d{6,})$")
@@ -33,14 +36,6 @@ CHECKSUMMED = ("model.safetensors", "config.json", "optimizer.pt", "tokenizer.js
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def rng_state() -> dict:
@@ -139,25 +134,6 @@ def find_resumable(out_dir: str | Path) -> Path | None:
     return None
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A step directory, or a checkpoints directory with `latest` / step_* inside -> the step directory."""
-    p = Path(path)
-    if (p / "model.safetensors").is_file():
-        return p
-    latest = p / "latest"
-    if latest.is_file():
-        q = p / latest.read_text().strip()
-        if (q / "model.safetensors").is_file():
-            return q
-    ckpts = list_checkpoints(p)
-    if ckpts:
-        return ckpts[-1]
-    subs = [d for d in p.iterdir() if d.is_dir() and (d / "latest").is_file()] if p.is_dir() else []
-    if len(subs) == 1:
-        return resolve_checkpoint(subs[0])
-    raise InputError(f"no checkpoint at {p} (expected model.safetensors, or a directory with a 'latest' file or step_* directories)")
-
-
 def load_optimizer_states(path: Path) -> list[dict]:
     try:
         blob = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
@@ -166,13 +142,4 @@ def load_optimizer_states(path: Path) -> list[dict]:
     return blob["optimizers"]
 
 
-def load_weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path / "model.safetensors"))
-    except Exception as e:
-        raise InputError(f"cannot read {path / 'model.safetensors'}: {e}") from None
-
-
-__all__ = ["save_checkpoint", "find_resumable", "verify", "list_checkpoints", "resolve_checkpoint", "rng_state", "set_rng_state"]
+__all__ = ["save_checkpoint", "find_resumable", "verify", "list_checkpoints", "load_weights", "load_optimizer_states", "rng_state", "set_rng_state"]

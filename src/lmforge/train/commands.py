@@ -1,11 +1,9 @@
-"""CLI: `lmforge train` and `lmforge generate`.
+"""CLI: `lmforge train` (`lmforge generate` lives in lmforge.infer.commands).
 
     lmforge train RECIPE.toml [--run-dir DIR] [--pretrain.KEY VALUE ...]
         runs the recipe's pretrain stage (its tokens/ and tokenizer/ must exist in the run directory)
     lmforge train --tokens runs/x/tokens [--tokenizer runs/x/tokenizer] --out ckpts/ [--config FILE.toml] [--pretrain.KEY VALUE ...]
         trains directly on token shards; FILE.toml holds a [pretrain] section (or bare keys)
-    lmforge generate CHECKPOINT --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K]
-        CHECKPOINT: a step_* directory, or a checkpoints directory with a `latest` file
 """
 
 from __future__ import annotations
@@ -26,18 +24,6 @@ def register(sub) -> None:
     t.add_argument("--run-dir", help="run directory (with RECIPE; default <run.dir>/<run.name>)")
     t.add_argument("--fresh", action="store_true", help="ignore existing checkpoints and start over")
     t.set_defaults(func=_cmd_train)
-
-    g = sub.add_parser("generate", help="sample text from a checkpoint")
-    g.add_argument("checkpoint", help="step_* directory or a checkpoints directory with `latest`")
-    g.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for several)")
-    g.add_argument("--tokenizer", help="tokenizer directory or tokenizer.json (default: the checkpoint's copy)")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.8)
-    g.add_argument("--top-k", type=int, default=50)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="cpu")
-    g.add_argument("--json", action="store_true", help="print JSON lines instead of text")
-    g.set_defaults(func=_cmd_generate)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -101,32 +87,4 @@ def _train_tokens(args) -> int:
         "final_loss": res.final_loss, "val_loss": res.val_loss, "val_bpb": res.val_bpb,
         "tokens_per_s": res.tokens_per_s, "mfu": res.mfu, "metrics": str(res.metrics_path), "plot": str(res.plot_path),
     }, indent=2))
-    return 0
-
-
-def _cmd_generate(args: argparse.Namespace) -> int:
-    import torch
-
-    from lmforge.errors import ConfigError, InputError
-    from lmforge.model.io import load_model
-    from lmforge.train.checkpoint import resolve_checkpoint
-    from lmforge.train.textio import generate_samples, load_tokenizer, special_id
-
-    path = resolve_checkpoint(args.checkpoint)
-    tok = load_tokenizer(args.tokenizer or path)
-    if tok is None:
-        raise InputError(f"no tokenizer.json in {args.tokenizer or path}: pass --tokenizer DIR")
-    if args.max_new_tokens < 1:
-        raise ConfigError("--max-new-tokens must be >= 1")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available")
-    model = load_model(path, device=args.device)
-    if tok.get_vocab_size(with_added_tokens=True) > model.cfg.vocab_size:
-        raise InputError(f"tokenizer has {tok.get_vocab_size()} tokens but the model's vocabulary is {model.cfg.vocab_size}: wrong tokenizer")
-    bos = special_id(tok, "<|bos|>", 0)
-    eos = special_id(tok, "<|eos|>")
-    outs = generate_samples(model, tok, args.prompt, args.max_new_tokens, bos_id=bos, eos_id=eos,
-                            temperature=args.temperature, top_k=args.top_k, seed=args.seed, device=torch.device(args.device))
-    for o in outs:
-        print(json.dumps(o, ensure_ascii=False) if args.json else o["prompt"] + o["completion"])
     return 0

@@ -1,0 +1,119 @@
+"""CLI: `lmforge generate` and `lmforge export`.
+
+    lmforge generate MODEL --prompt TEXT [--prompt TEXT ...] [--max-new-tokens N] [--temperature T]
+                     [--top-k K] [--top-p P] [--repetition-penalty R] [--stop S] [-n N] [--seed S]
+    lmforge export hf MODEL OUT [--tokenizer DIR] [--dtype float32|bfloat16|float16] [--check]
+
+MODEL is anything `lmforge.model.io.resolve_model` accepts: a run directory (its latest model), a
+checkpoints directory, its `latest` file, a step_* directory, a `save_model` directory, or (for
+generate) a Hugging Face Llama/Qwen3 folder. Checkpoint checksums are verified before loading.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    g = sub.add_parser("generate", help="sample text from a model (a run, checkpoint, step directory or HF folder)")
+    g.add_argument("checkpoint", help="run directory, checkpoints directory, its `latest` file, step_* directory or HF folder")
+    g.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for several)")
+    g.add_argument("--tokenizer", help="tokenizer directory or tokenizer.json (default: the model's own copy, else the run's)")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=50, help="0 = off")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1 = off)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("-n", type=int, default=1, help="samples per prompt")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    g.add_argument("--dtype", choices=_DTYPES, help="cast the weights (default: float32)")
+    g.add_argument("--json", action="store_true", help="print JSON lines instead of text")
+    g.set_defaults(func=_cmd_generate)
+
+    e = sub.add_parser("export", help="export a checkpoint to another format")
+    esub = e.add_subparsers(dest="format", metavar="FORMAT")
+    h = esub.add_parser("hf", help="Hugging Face transformers checkpoint (Llama, or Qwen3 when the model uses QK-norm)")
+    h.add_argument("checkpoint", help="run directory, checkpoints directory or model directory (e.g. runs/demo/checkpoints/tiny/step_000300)")
+    h.add_argument("out", help="output directory")
+    h.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's copy, else the run's)")
+    h.add_argument("--dtype", default="float32", choices=_DTYPES)
+    h.add_argument("--check", action="store_true", help="load the export with transformers and compare logits")
+    h.set_defaults(func=_cmd_export_hf)
+    e.set_defaults(func=lambda a: (e.print_help(), 1)[1])
+
+
+def _device(name: str):
+    import torch
+
+    from lmforge.errors import ConfigError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r}: use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available")
+    return dev
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from lmforge.errors import ConfigError
+    from lmforge.infer import load_model_and_tokenizer
+    from lmforge.infer.engine import SamplingParams, generate
+
+    if args.max_new_tokens < 1:
+        raise ConfigError("--max-new-tokens must be >= 1")
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=tuple(args.stop), n=args.n,
+                            seed=args.seed)
+    params.validate()
+    device = _device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    model, tok, ref = load_model_and_tokenizer(args.checkpoint, device=device, dtype=dtype, tokenizer=args.tokenizer)
+    bos = [tok.bos_id] if tok.bos_id is not None else []
+    prompts = [bos + tok.encode(p) for p in args.prompt]
+    outs = generate(model, prompts, params, tokenizer=tok)
+    for o in outs:
+        prompt = args.prompt[o.prompt_index]
+        # special tokens (a weak model's stray <|pad|>) are left out of the text, as before the engine
+        completion = o.text if args.stop and o.text is not None else tok.decode(o.token_ids, skip_special=True)
+        if o.finish_reason == "context":
+            print(f"lmforge: note: prompt {o.prompt_index} reached the model's context ({model.cfg.max_seq_len} tokens) "
+                  f"after {len(o.token_ids)} of {args.max_new_tokens} new tokens", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"prompt": prompt, "completion": completion, "sample": o.sample_index,
+                              "finish_reason": o.finish_reason, "model": str(ref.path)}, ensure_ascii=False))
+        else:
+            print(prompt + completion)
+    return 0
+
+
+def _cmd_export_hf(args: argparse.Namespace) -> int:
+    from lmforge.errors import InputError
+    from lmforge.model.hf import compare_logits, export_hf
+    from lmforge.model.io import resolve_model, verify_checksums
+
+    ref = resolve_model(args.checkpoint)
+    if ref.kind != "lmforge":
+        raise InputError(f"{ref.path} is already a Hugging Face folder")
+    verify_checksums(ref.path)
+    tok = Path(args.tokenizer) if args.tokenizer else ref.tokenizer
+    if args.tokenizer and not tok.exists():
+        raise InputError(f"--tokenizer {tok} not found")
+    out = export_hf(ref.path, args.out, tok, args.dtype)
+    print(f"exported {ref.path} -> {out}" + ("" if tok else " (no tokenizer found: pass --tokenizer to include one)"))
+    if args.check:
+        diff = compare_logits(ref.path, out)
+        print(f"max |logit difference| lmforge vs transformers: {diff:.3g}")
+    return 0
