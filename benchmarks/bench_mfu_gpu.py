@@ -52,11 +52,13 @@ def main() -> None:
     cfg = preset(args.model, max_seq_len=args.seq)
     model = Transformer(cfg).cuda()
     if args.optimizer == "muon":
-        from lmforge.train.optim import build_optimizer  # the training loop's optimizer factory
+        from lmforge.config import build
+        from lmforge.train.config import TrainConfig
+        from lmforge.train.optim import build_optimizers  # the training loop's optimizer factory
 
-        opt = build_optimizer(model, "muon")
+        opts = build_optimizers(model, build(TrainConfig, {"optimizer": "muon", "weight_decay": 0.1}, "pretrain"))
     else:
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+        opts = [torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)]
     step_model = model if args.no_compile else torch.compile(model, mode=args.compile_mode)
     x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), device="cuda")
 
@@ -65,8 +67,10 @@ def main() -> None:
             _, loss = step_model(x[:, :-1], x[:, 1:])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        for opt in opts:
+            opt.step()
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
         return loss
 
     for _ in range(args.warmup):

@@ -92,7 +92,8 @@ def test_shape_errors_and_cpu_availability():
     assert not FX.flex_available("cpu") and not FX.flex_available(torch.device("cpu"))
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() and FX.flex_available("cuda")), reason="compiled FlexAttention kernels need CUDA + Triton")
+@pytest.mark.skipif(not (torch.cuda.is_available() and FX.flex_available("cuda")),
+                    reason="compiled FlexAttention kernels need CUDA + Triton")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_flex_forward_backward_on_cuda_without_host_sync(dtype):
     torch.manual_seed(0)
