@@ -1,5 +1,6 @@
 """Config validation, atomic writes, manifests, recipe runner skip/resume, CLI errors."""
 
+import io
 import json
 import subprocess
 import sys
@@ -87,3 +88,81 @@ def test_cli_unknown_stage_and_missing_recipe(tmp_path, capsys):
 def test_console_script_entry_point():
     out = subprocess.run([sys.executable, "-m", "lmforge", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "run" in out.stdout
+
+
+def test_override_for_a_stage_not_in_the_recipe_is_validated(tmp_path, capsys):
+    r = tmp_path / "r.toml"
+    r.write_text('[run]\nname = "x"\nstages = ["data"]\n[data]\ninputs = []\n')
+    code = main(["run", str(r), "--run-dir", str(tmp_path / "run"), "--pretrain.max_steps", "abc"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "'pretrain.max_steps' must be an integer, got 'abc'" in err
+    assert not (tmp_path / "run").exists()  # rejected before anything ran
+    assert main(["run", str(r), "--run-dir", str(tmp_path / "run"), "--eval.no_such_key", "1"]) == 2
+    assert "unknown config key 'eval.no_such_key'" in capsys.readouterr().err
+
+
+def test_unused_override_is_reported(tmp_path):
+    from lmforge.recipe import RunConfig, check_overrides, load_recipe
+
+    r = tmp_path / "r.toml"
+    r.write_text('[run]\nname = "x"\nstages = ["data"]\n[data]\ninputs = []\n')
+    overrides = ["data.shard_docs=10", "pretrain.max_steps=50", "pretrain.lr=0.001", "run.seed=3"]
+    raw, _ = load_recipe(r, overrides)
+    run = C.build(RunConfig, raw["run"], "run")
+    warnings = check_overrides(raw, run, overrides, run.stages)
+    assert warnings == ["override --pretrain.max_steps, --pretrain.lr not used: stage 'pretrain' is not in run.stages (data)"]
+    assert check_overrides(raw, run, ["data.shard_docs=10"], run.stages) == []
+    # in the recipe but left out with --stages: validated with the recipe, reported as not run now
+    two = RunConfig(stages=["data", "tokenizer"])
+    assert check_overrides({}, two, {"tokenizer.vocab_size": 512}, ["data"]) == [
+        "override --tokenizer.vocab_size not used: stage 'tokenizer' is not run this time (--stages data)"]
+
+
+class _Pipe(io.StringIO):
+    """A non-terminal stream, like a log file or a CI pipe."""
+
+    def isatty(self) -> bool:
+        return False
+
+
+def test_progress_writes_plain_lines_when_not_a_terminal(monkeypatch):
+    from lmforge import log
+
+    monkeypatch.setenv("LMFORGE_PROGRESS", "1")
+    out = _Pipe()
+    monkeypatch.setattr(log, "LINE_INTERVAL_S", 0.0)  # a line at every update
+    seen = list(log.progress(range(3, 8), desc="pretrain", total=10, unit="step", initial=3, file=out))
+    assert seen == [3, 4, 5, 6, 7]
+    text = out.getvalue()
+    lines = text.splitlines()
+    assert "\r" not in text and len(lines) == 6  # one per step and a final one
+    assert "pretrain: 4/10 step (40%)" in lines[0] and " step/s" in lines[0]
+    assert "pretrain: 8/10 step (80%) done in" in lines[-1]
+
+    out = _Pipe()
+    monkeypatch.setattr(log, "LINE_INTERVAL_S", 3600.0)  # a fast job: only the final line
+    bar = log.progress(None, desc="eval dictionary", total=40, unit="req", file=out)
+    for _ in range(40):
+        bar.update(1)
+    bar.set_postfix(refresh=False, loss="3.210", acc=0.5)
+    bar.close()
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1 and "\r" not in lines[0]
+    assert "eval dictionary: 40/40 req (100%) done in" in lines[0] and lines[0].endswith("loss=3.210 acc=0.5")
+
+
+def test_progress_is_a_bar_on_a_terminal_and_silent_when_off(monkeypatch):
+    from lmforge import log
+
+    class Tty(_Pipe):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setenv("LMFORGE_PROGRESS", "1")
+    bar = log.progress(range(3), desc="x", file=Tty())
+    assert not isinstance(bar, log.LineProgress) and list(bar) == [0, 1, 2]
+    monkeypatch.setenv("LMFORGE_PROGRESS", "0")
+    out = _Pipe()
+    assert list(log.progress(range(3), desc="x", file=out)) == [0, 1, 2] and out.getvalue() == ""
