@@ -54,6 +54,13 @@ def apply_overrides(mapping: dict, overrides: list[str] | dict[str, Any]) -> dic
     return mapping
 
 
+def override_keys(overrides: list[str] | dict[str, Any]) -> list[str]:
+    """The dotted keys that `overrides` (as `apply_overrides` takes them) set, in order."""
+    if isinstance(overrides, dict):
+        return list(overrides)
+    return [_split_override(o)[0] for o in overrides]
+
+
 def _split_override(text: str) -> tuple[str, str]:
     text = text.removeprefix("--")
     if "=" not in text:

@@ -139,6 +139,7 @@ def run_recipe(
                 raise ConfigError(f"--stages: unknown stage {s!r}; known stages: {', '.join(STAGES)}")
     # validate every stage's config before running anything
     cfgs = {s: load_stage_config(s, raw.get(s, {})) for s in run.stages}
+    check_overrides(raw, run, overrides or [], stages)
     rd = RunDir(run_dir or Path(run.dir) / run.name).mkdir()
     atomic_write_text(rd / "recipe.toml", tomli_w.dumps(_resolved(raw, base)))
     fps: dict[str, str] = {}
@@ -175,6 +176,28 @@ def run_recipe(
     return rd
 
 
+def check_overrides(raw: dict, run: RunConfig, overrides: list[str] | dict[str, Any], running: list[str]) -> list[str]:
+    """Overrides that name a stage this run will not run: each such stage's section (recipe +
+    overrides) is validated all the same (a bad value is a ConfigError naming the key, as for
+    a stage that runs), and a warning says the override was not used. Returns the warnings."""
+    by_stage: dict[str, list[str]] = {}
+    for key in cfgmod.override_keys(overrides):
+        section = key.split(".", 1)[0]
+        if section in STAGES and section not in running:
+            by_stage.setdefault(section, []).append(key)
+    warnings = []
+    for name, keys in by_stage.items():
+        if name not in run.stages:
+            load_stage_config(name, raw.get(name, {}))  # the stages in run.stages were validated already
+            why = f"stage {name!r} is not in run.stages ({', '.join(run.stages) or 'none'})"
+        else:
+            why = f"stage {name!r} is not run this time (--stages {','.join(running) or 'none'})"
+        msg = f"override {', '.join('--' + k for k in keys)} not used: {why}"
+        logger.warning(msg)
+        warnings.append(msg)
+    return warnings
+
+
 def _manifest_fp(rd: RunDir, stage: str) -> str | None:
     m = read_json(rd / STAGES[stage].out / "manifest.json")
     return m.get("fingerprint") if m else None
@@ -209,4 +232,4 @@ def default_config(name: str) -> Any:
     return _import(STAGES[name].config)()
 
 
-__all__ = ["STAGES", "StageContext", "StageResult", "RunConfig", "run_recipe", "load_recipe"]
+__all__ = ["STAGES", "StageContext", "StageResult", "RunConfig", "run_recipe", "load_recipe", "check_overrides"]
