@@ -5,7 +5,7 @@ import pytest
 
 from lmforge.cli import main
 from lmforge.errors import ConfigError
-from lmforge.eval import ablate
+from lmforge.plan import ablate
 
 from .conftest import write_corpus_jsonl
 

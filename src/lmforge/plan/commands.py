@@ -1,5 +1,5 @@
 """CLI: `lmforge plan` (memory, FLOPs, GPU-hours and Chinchilla-optimal tokens for a model shape),
-`lmforge ablate` (data-quality ablation, implemented in lmforge.eval.ablate) and `lmforge scale`
+`lmforge ablate` (data-quality ablation, implemented in lmforge.plan.ablate) and `lmforge scale`
 (IsoFLOP scaling-law fits, lmforge.plan.scaling)."""
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _cmd_ablate(args: argparse.Namespace) -> int:
-    from lmforge.eval.ablate import load_config, run_ablation
+    from lmforge.plan.ablate import load_config, run_ablation
 
     cfg, base = load_config(args.config, args.overrides)
     res = run_ablation(cfg, base)
