@@ -11,7 +11,8 @@ one document and the start of others:
 - packing = "separator": plain causal attention; the `<|bos|>` tokens separate documents.
 
 The loader's position is two integers (epoch, windows consumed), saved in every checkpoint so a
-resumed run reads exactly the batches it would have read. With data parallelism every step
+resumed run reads exactly the batches it would have read. `BatchLoader` is the pretraining batch
+source of lmforge.train.trainer (next_batch / state_dict / load_state_dict). With data parallelism every step
 consumes `batch * dp_size` windows and rank r takes its own contiguous slice of them.
 """
 

@@ -1,8 +1,9 @@
 """Training metrics: JSONL (one object per logged step), optional TensorBoard, loss plot PNG, MFU.
 
 `metrics.jsonl` records carry a `kind`: "train" (loss, lr, grad_norm, tokens, tokens_per_s,
-mfu), "eval" (val_loss, val_bpb and whatever an on_eval hook returned) and "samples" (text
-generations). On resume the records after the checkpoint's step are dropped first, so the file
+mfu — or steps_per_s for a stage that does not count tokens — plus the extra metrics a stage's
+loss function returns), "eval" (val_loss, val_bpb and whatever an eval hook returned) and
+"samples" (text generations). On resume the records after the checkpoint's step are dropped first, so the file
 reads as one uninterrupted run.
 """
 

@@ -353,14 +353,15 @@ def fit(
             gn = torch.tensor(pp_clip_grad_norm(list(stage_mod.parameters()), cfg.grad_clip, pp_group), dtype=torch.float64)
         else:
             gn = clip_grad_norm_(dp_model.parameters(), cfg.grad_clip, sync=sync)
-        if sync:
-            vals = torch.stack([loss_acc.double(), gn.double().to(loss_acc.device), *(v.double() for v in extras.values())]).tolist()
+        if sync:  # one device-to-host read: loss, grad norm, the first non-finite step and its values, extras
+            vals = torch.stack([loss_acc.double(), gn.double().to(loss_acc.device), bad_step, *bad_vals,
+                                *(v.double() for v in extras.values())]).tolist()
             loss_f, gn_f = vals[0], vals[1]
-            extras_f = dict(zip(extras, vals[2:]))
-            if not sync_every_step and bad_step.item() > 0:
-                first_loss, first_gn = bad_vals.tolist()
+            extras_f = dict(zip(extras, vals[5:]))
+            if vals[2] > 0:
+                first_loss, first_gn = vals[3], vals[4]
                 what = f"loss {first_loss}" if not math.isfinite(first_loss) else f"gradient norm {first_gn}"
-                raise diverged(what, int(bad_step.item()), done)
+                raise diverged(what, int(vals[2]), done)
             if not (math.isfinite(loss_f) and math.isfinite(gn_f)):
                 raise diverged(f"loss {loss_f}" if not math.isfinite(loss_f) else f"gradient norm {gn_f}", done, None)
         else:
