@@ -258,6 +258,10 @@ def main(argv: list[str] | None = None) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="bench_train_gpu_"))
     tokens_dir = args.tokens or synthetic_tokens(tmp / "tokens", mcfg.vocab_size,
                                                  args.seq * args.batch * (max(args.loop_steps, args.warmup + args.steps) + 4))
+    # the loop sizes the vocabulary from the shards (rounded up to 64): every row uses that model
+    from lmforge.train.data import read_index
+
+    mcfg = preset(args.preset, max_seq_len=args.seq, vocab_size=-(-read_index(tokens_dir).vocab_size // 64) * 64)
     batches = make_batches(tokens_dir, args.seq, args.batch, 8, device)
     docs_per_row = statistics.mean(float((d[:, -1] - d[:, 0] + 1).float().mean()) for _, _, d in batches)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"

@@ -82,6 +82,27 @@ def test_flex_forward_equals_sdpa_with_the_dense_mask(hq, hkv, T):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
+def test_mask_and_attention_inside_one_compiled_graph():
+    """How the model uses the module under torch.compile: the block mask built inside the compiled
+    forward and attention through it, one graph (fullgraph: no graph break), and a new batch's
+    document ids reuse that graph (no recompilation). Forward only: CPU (~5-15 s to compile)."""
+    B, hq, hkv, T, D = 2, 4, 2, 256, 16
+
+    def attend(q, k, v, doc):
+        return FX.flex_document_attention(q, k, v, FX.document_block_mask(doc))
+
+    fn = torch.compile(attend, fullgraph=True, dynamic=False)
+    for seed in range(2):
+        torch.manual_seed(seed)
+        doc = _doc_ids(B, T, 0.02, seed=seed + 10)
+        q, k, v = torch.randn(B, hq, T, D), torch.randn(B, hkv, T, D), torch.randn(B, hkv, T, D)
+        with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=seed > 0):
+            out = fn(q, k, v, doc)
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=_dense(doc)[:, None], enable_gqa=True)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_shape_errors_and_cpu_availability():
     with pytest.raises(ValueError, match="batch, seq"):
         FX.document_block_mask(torch.zeros(8, dtype=torch.long))

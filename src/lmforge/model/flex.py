@@ -24,8 +24,6 @@ wrapper is simply inlined. Nothing here reads a tensor value on the host (no `.i
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 try:  # FlexAttention exists from torch 2.5; lmforge declares torch >= 2.9, but stay importable regardless
@@ -90,18 +88,31 @@ def flex_document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b
     return fn(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
-@functools.cache
+_COMPILED: dict[str, object] = {}
+
+
 def _compiled_flex_attention():
     """`flex_attention` compiled once for the process (static shapes: one kernel per shape, which
-    training has one of). Built on first use so importing the model never starts the compiler."""
-    return torch.compile(flex_attention, dynamic=False)
+    training has one of), built on first use so importing the model never starts the compiler.
+    Inside an outer torch.compile (a compiled model) the plain function is returned: the outer
+    graph traces it into the same fused kernel, with no nested compile wrapper in the way."""
+    if torch.compiler.is_compiling():
+        return flex_attention
+    if "flex" not in _COMPILED:
+        _COMPILED["flex"] = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED["flex"]
 
 
-@functools.cache
 def _compiled_create_block_mask():
-    """`create_block_mask` compiled: the predicate is evaluated tile by tile in one fused kernel
-    instead of as a (B, T, T) boolean tensor plus gathers (what the eager version does)."""
-    return torch.compile(create_block_mask, dynamic=False)
+    """`create_block_mask` compiled (same rules as `_compiled_flex_attention`): the predicate is
+    evaluated tile by tile in one fused kernel instead of as a (B, T, T) boolean tensor plus gathers
+    (what the eager version does). A new batch's mask_mod is a new closure over new document ids:
+    dynamo guards closures by their code, so this does not recompile per batch."""
+    if torch.compiler.is_compiling():
+        return create_block_mask
+    if "block_mask" not in _COMPILED:
+        _COMPILED["block_mask"] = torch.compile(create_block_mask, dynamic=False)
+    return _COMPILED["block_mask"]
 
 
 __all__ = ["BLOCK_SIZE", "document_block_mask", "document_mask_mod", "flex_available", "flex_document_attention"]
