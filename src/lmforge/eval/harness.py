@@ -203,7 +203,7 @@ def greedy_batch(model, tok: Tok, prompts: list[list[int]], max_new: int, stops:
         fitted.append(ids)
     eos = [tok.eos_id] if tok.eos_id is not None else []
     outs = generate(model, fitted, SamplingParams(max_new_tokens=max_new, temperature=0, stop_token_ids=eos))
-    return [cut_at_stop(tok.decode(o.token_ids), stop) for o, stop in zip(outs, stops)]
+    return [cut_at_stop(tok.decode(o.token_ids, skip_special=True), stop) for o, stop in zip(outs, stops)]
 
 
 def cut_at_stop(text: str, stop: list[str]) -> str:
@@ -295,7 +295,7 @@ def evaluate_checkpoints(checkpoints: list[tuple[str, Path]], tok: Tok, tasks: l
                          resume: bool = True, on_result: Callable[[str, str, dict], None] | None = None) -> dict:
     """Evaluate each checkpoint on each task; writes out_dir/<label>/<task>.json and out_dir/summary.json.
     A (checkpoint, task) whose JSON already exists is not recomputed when `resume`."""
-    from lmforge.model.io import load_model
+    from lmforge.model.io import load_checkpoint
 
     dev = pick_device(device)
     summary: dict[str, dict] = read_json(out_dir / "summary.json", {}) if resume else {}
@@ -305,7 +305,7 @@ def evaluate_checkpoints(checkpoints: list[tuple[str, Path]], tok: Tok, tasks: l
         todo = [t for t, n in zip(tasks, names) if not (resume and (out_dir / label / f"{n}.json").is_file())]
         row = summary.setdefault(label, {})
         if todo:
-            model = load_model(ckpt, device=dev)
+            model, _ = load_checkpoint(ckpt, device=dev)  # checksums verified against state.json
             if model.cfg.vocab_size < tok.vocab_size:
                 raise InputError(f"tokenizer has {tok.vocab_size} tokens but the model {ckpt} only {model.cfg.vocab_size}")
             logger.info("eval %s (%s): %s", label, ckpt, ", ".join(t[0] if isinstance(t, tuple) else t.name for t in todo))

@@ -69,10 +69,7 @@ def generate_samples(model, tok, prompts: list[str], max_new_tokens: int, *, bos
     (its own seeded generator: the training RNG is left untouched)."""
     from lmforge.infer.engine import SamplingParams, generate
 
-    ids = []
-    for prompt in prompts:
-        enc = tok.encode(prompt)
-        ids.append([bos_id] + list(getattr(enc, "ids", enc)))
+    ids = [[bos_id] + tok.encode(prompt) for prompt in prompts]
     ctx = model.cfg.max_seq_len
     for p in ids:
         if len(p) >= ctx:
@@ -80,4 +77,4 @@ def generate_samples(model, tok, prompts: list[str], max_new_tokens: int, *, bos
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k or 0, seed=seed,
                             stop_token_ids=[eos_id] if eos_id is not None else [])
     outs = generate(model, ids, params)
-    return [{"prompt": p, "completion": tok.decode(o.token_ids)} for p, o in zip(prompts, outs)]
+    return [{"prompt": p, "completion": tok.decode(o.token_ids, skip_special=True)} for p, o in zip(prompts, outs)]
