@@ -220,9 +220,12 @@ def nf4_quantize(w: torch.Tensor, block_size: int = 64) -> tuple[torch.Tensor, t
 
 def nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, int], block_size: int = 64,
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The fp weight of `shape` from `nf4_quantize`'s output, block by block."""
-    idx = torch.stack([packed >> 4, packed & 0x0F], dim=-1).reshape(-1).long()
-    vals = _code(packed.device, dtype)[idx].view(-1, block_size) * absmax.to(dtype)[:, None]
+    """The fp weight of `shape` from `nf4_quantize`'s output, block by block: one gather from a
+    256-entry table of the (high, low) code-value pairs of every byte, then the blocks' scales."""
+    code = _code(packed.device, dtype)
+    byte = torch.arange(256, device=packed.device)
+    pairs = torch.stack([code[byte >> 4], code[byte & 0x0F]], dim=1)  # (256, 2)
+    vals = pairs.index_select(0, packed.long()).view(-1, block_size) * absmax.to(dtype)[:, None]
     n = shape[0] * shape[1]
     return vals.reshape(-1)[:n].view(shape)
 
