@@ -36,7 +36,7 @@ from lmforge.data.passes import CorpusPass, PassResult
 from lmforge.data.step import StepStats
 from lmforge.errors import ConfigError, InputError
 from lmforge.log import logger
-from lmforge.rundir import atomic_file, atomic_write_json, fingerprint, read_json
+from lmforge.rundir import atomic_write_json, fingerprint, read_json
 
 SEP = 0xFF
 BYTES_PER_BYTE = 20  # peak memory of the whole pass per corpus byte, measured (see docs/dedup.md)
