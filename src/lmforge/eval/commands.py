@@ -1,4 +1,4 @@
-"""CLI: `lmforge eval` (export lives in lmforge.infer.commands; ablate and scale in lmforge.plan.commands)."""
+"""CLI: `lmforge eval` and `lmforge chat-eval` (export lives in lmforge.infer.commands; ablate and scale in lmforge.plan.commands)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="output directory (default: <run>/eval or ./eval)")
     p.add_argument("--force", action="store_true", help="recompute results that already exist")
     p.set_defaults(func=_cmd_eval)
+    _register_chat_eval(sub)
 
 
 def _eval_config(args: argparse.Namespace):
@@ -62,4 +63,48 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                                      tokens_dir=run_dir / "tokens" if run_dir else None, resume=not args.force)
     print(harness.summary_table(summary))
     print(f"\nresults: {out}/<checkpoint>/<task>.json, {out}/summary.json")
+    return 0
+
+
+def _register_chat_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("chat-eval", help="evaluate a chat (SFT) model: held-out answers vs its base model few-shot, safety")
+    p.add_argument("model", help="the chat model: a run directory, sft/<name>/, its latest file or a step directory")
+    p.add_argument("--data", help="held-out conversations JSONL (default: data/heldout.jsonl beside the model's steps)")
+    p.add_argument("--safety", help="safety prompts JSONL (default: data/safety_eval.jsonl beside the model, if present)")
+    p.add_argument("--base", help="base model for the few-shot baseline (default: the 'base' in the model's state.json, "
+                                  "else the run's checkpoints/)")
+    p.add_argument("--fewshot-data", help="demonstrations for the baseline (default: the held-out file's other items)")
+    p.add_argument("--shots", type=int, help="k of the k-shot baseline (default 5; 0- and 1-shot always run)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the base model's few-shot baseline")
+    p.add_argument("--limit", type=int, help="held-out conversations scored (default 200; 0 = all)")
+    p.add_argument("--max-new-tokens", type=int, help="tokens per answer (default 64)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--out", help="output directory (default: <run>/chat_eval when the model is in a run, else ./chat_eval)")
+    p.set_defaults(func=_cmd_chat_eval)
+
+
+def _cmd_chat_eval(args: argparse.Namespace) -> int:
+    from lmforge import config as cfgmod
+    from lmforge.errors import ConfigError
+    from lmforge.eval.chat_stage import ChatEvalConfig, run_chat_eval
+
+    raw: dict = {}
+    for k in ("shots", "limit", "max_new_tokens", "device"):
+        if getattr(args, k) is not None:
+            raw[k] = getattr(args, k)
+    if args.no_baseline:
+        raw["baseline"] = False
+    bad = [o for o in args.overrides if not o.startswith("chat_eval.")]
+    if bad:
+        raise ConfigError(f"lmforge chat-eval takes --chat_eval.KEY overrides only, got --{bad[0]}")
+    cfgmod.apply_overrides(raw, {k.removeprefix("chat_eval."): v for k, v in (o.split("=", 1) for o in args.overrides)})
+    cfg = cfgmod.build(ChatEvalConfig, raw, "chat_eval")
+    model = Path(args.model)
+    run_dir = next((d for d in [model, *model.resolve().parents][:5] if (d / "sft").is_dir() or (d / "recipe.toml").is_file()), None)
+    out = Path(args.out) if args.out else (run_dir / "chat_eval" if run_dir else Path("chat_eval"))
+    opt = lambda p: Path(p) if p else None  # noqa: E731
+    results, report = run_chat_eval(cfg, model=model, out=out, seed=cfg.seed or 0, base=opt(args.base),
+                                    data=opt(args.data), safety=opt(args.safety), fewshot_data=opt(args.fewshot_data))
+    print(report)
+    print(f"results: {out / 'results.json'}")
     return 0
