@@ -227,6 +227,21 @@ def test_bad_input_files_are_one_clear_error(tmp_path):
     assert sets["harmless"][0].reference == "Run kill PID." and sets["harmful"][0].reference is None
 
 
+def test_config_is_validated(tmp_path):
+    from lmforge import config as cfgmod
+    from lmforge.errors import ConfigError
+
+    cfg = cfgmod.build(ChatEvalConfig, {"shots": 3, "limit": 0}, "chat_eval")
+    assert cfg.shots == 3 and cfg.baseline and cfg.input_fingerprint(tmp_path) is None
+    with pytest.raises(ConfigError, match="chat_eval.shots must be >= 0"):
+        cfgmod.build(ChatEvalConfig, {"shots": -1}, "chat_eval")
+    with pytest.raises(ConfigError, match="chat_eval.max_new_tokens must be >= 1"):
+        cfgmod.build(ChatEvalConfig, {"max_new_tokens": 0}, "chat_eval")
+    f = _write(tmp_path / "h.jsonl", [_conv("q", "a")])
+    fp = ChatEvalConfig(data="h.jsonl").input_fingerprint(tmp_path)
+    assert fp and fp == ChatEvalConfig(data=str(f)).input_fingerprint(tmp_path)
+
+
 # ---- the stage and the CLI, end to end ------------------------------------------------------
 
 HELDOUT = [

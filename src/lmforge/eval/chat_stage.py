@@ -55,6 +55,17 @@ class ChatEvalConfig:
         if not self.temperature >= 0:
             raise ConfigError(f"chat_eval.temperature must be >= 0, got {self.temperature}")
 
+    def input_fingerprint(self, base: Path) -> str | None:
+        """Explicit data files (data, safety, fewshot_data) are inputs of their own: the stage
+        reruns when they change. The default files come from the sft stage (its fingerprint is
+        upstream of this one)."""
+        from lmforge.rundir import file_fingerprint
+
+        paths = [p if p.is_absolute() else base / p for p in (Path(x).expanduser() for x in
+                                                              (self.data, self.safety, self.fewshot_data) if x)]
+        paths = [p for p in paths if p.is_file()]
+        return file_fingerprint(paths) if paths else None
+
 
 # ---- finding the inputs ---------------------------------------------------------------------
 
