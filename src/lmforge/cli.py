@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "lmforge.plan.commands",
     "lmforge.eval.commands",
     "lmforge.infer.commands",
+    "lmforge.posttrain.commands",
 ]
 
 

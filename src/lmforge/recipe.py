@@ -49,6 +49,7 @@ STAGES: dict[str, StageSpec] = {
     "tokenizer": StageSpec("lmforge.tokenizer.config:TokenizerConfig", "lmforge.tokenizer.stage:run_stage", "tokenizer", ("data",)),
     "pretrain": StageSpec("lmforge.train.config:TrainConfig", "lmforge.train.stage:run_stage", "checkpoints", ("tokenizer",)),
     "eval": StageSpec("lmforge.eval.config:EvalConfig", "lmforge.eval.stage:run_stage", "eval", ("pretrain",)),
+    "sft": StageSpec("lmforge.posttrain.config:SFTConfig", "lmforge.posttrain.stage:run_stage", "sft", ("pretrain",)),
 }
 
 

@@ -177,6 +177,7 @@ def fit(
     extra_state: dict | Callable[[TrainerState], dict] | None = None,
     export_weights: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
     restore_weights: Callable[[nn.Module, Path], None] | None = None,
+    init_optimizers: Callable[[list[torch.optim.Optimizer]], None] | None = None,
     data_desc: str = "the training data",
     plot_title: str = "",
     sync_every_step: bool | None = None,
@@ -198,6 +199,8 @@ def fit(
     extra_state: a dict, or state -> dict, merged into state.json.
     export_weights(full state dict) -> what model.safetensors holds; restore_weights(model, step_dir)
       loads a resumed run's model instead of model.safetensors (a stage that exports merged weights).
+    init_optimizers(optimizers): called once on a fresh (not resumed) run, e.g. to warm-start the
+      optimizer states from a pretraining checkpoint.
     sync_every_step: read the loss on the host every step (default: on CPU only; see the module doc).
     """
     t_start = time.time()
@@ -255,6 +258,8 @@ def fit(
         ck.set_rng_state(state.get("rng", {}))
         start_step, tokens_seen, resumed_from = int(state["step"]), int(state.get("tokens", 0)), int(state["step"])
         logger.info("resuming from %s (step %d)", ckpt, start_step)
+    elif init_optimizers is not None:
+        init_optimizers(optimizers)
 
     metrics = MetricsLog(out_dir / "metrics.jsonl", enabled=info.is_main, tensorboard=cfg.tensorboard, resume_step=resumed_from)
     peak, peak_src = device_peak_flops(device, cfg.peak_flops) if flops_per_token else (0.0, "")
