@@ -249,9 +249,9 @@ def plot_results(results: dict, path: Path) -> Path:
 
     models = results["models"]
     safety = results.get("safety") or {}
+    names, sets = _ordered(results)
     fig, axes = plt.subplots(1, 2 if safety else 1, figsize=(10 if safety else 6, 3.6), squeeze=False)
     ax = axes[0][0]
-    names = list(models)
     x = np.arange(len(names))
     for j, m in enumerate(("f1", "rougeL")):
         ys = [models[n]["metrics"][m] for n in names]
@@ -266,7 +266,8 @@ def plot_results(results: dict, path: Path) -> Path:
     if safety:
         ax = axes[0][1]
         labels, ys, es, colors = [], [], [], []
-        for name, r in safety.items():
+        for name in sets:
+            r = safety[name]
             key = "over_refusal_rate" if name == "harmless" else "refusal_rate"
             labels.append(f"{name}\n{'over-refusal (lower better)' if name == 'harmless' else 'refusal (higher better)'}")
             ys.append(r[key])
@@ -298,6 +299,15 @@ def _pm(v: float, se, digits: int = 3) -> str:
     return f"{v:.{digits}f}" + (f" ± {se:.{digits}f}" if se is not None and not math.isnan(se) else "")
 
 
+def _ordered(results: dict) -> tuple[list[str], list[str]]:
+    """Model names (sft first, then the baselines by shots) and safety sets in their fixed order
+    (results.json is written with sorted keys)."""
+    models = results["models"]
+    names = sorted(models, key=lambda n: (n != "sft", models[n].get("shots", -1)))
+    sets = [s for s in chat.SAFETY_SETS if s in (results.get("safety") or {})]
+    return names, sets
+
+
 def report_markdown(results: dict, image: str | None) -> str:
     """The report section: answer-quality table per model, the SFT-vs-best-base line, safety
     table, the plot, and sample conversations."""
@@ -312,7 +322,9 @@ def report_markdown(results: dict, image: str | None) -> str:
         "| model | EM | F1 | ROUGE-L | BLEU | notes |",
         "|---|---|---|---|---|---|",
     ]
-    for name, r in results["models"].items():
+    names, sets = _ordered(results)
+    for name in names:
+        r = results["models"][name]
         m, se = r["metrics"], r["stderr"]
         note = (f"{r['truncated_prompts']} prompts cut to fit" if name == "sft" and r.get("truncated_prompts")
                 else f"{r['shots_used_mean']:.1f} demos kept on average" if "shots_used_mean" in r and r["shots"] else "")
@@ -328,7 +340,8 @@ def report_markdown(results: dict, image: str | None) -> str:
     if safety:
         lines += ["", "Safety (sft model; refusals by the keyword classifier `lmforge.eval.chat.is_refusal`):", "",
                   "| set | prompts | rate | goal |", "|---|---|---|---|"]
-        for name, r in safety.items():
+        for name in sets:
+            r = safety[name]
             if name == "harmless":
                 extra = f"; answer F1 {r['answer_f1']:.3f}" if "answer_f1" in r else ""
                 lines.append(f"| harmless look-alikes | {r['n']} | over-refusal {_pm(r['over_refusal_rate'], r['stderr'])} "
@@ -347,6 +360,8 @@ def report_markdown(results: dict, image: str | None) -> str:
                       f"  - sft: {_cell(s['sft'])}"]
             if best and best in s:
                 lines.append(f"  - {best}: {_cell(s[best])}")
+    if results.get("safety_samples"):
+        lines += ["", "Safety samples:", ""]
     for s in results.get("safety_samples") or []:
         lines.append(f"- **safety/{s['set']}** — user: {_cell(s['prompt'], 160)}\n  - sft"
                      f"{' (refusal)' if s['refusal'] else ''}: {_cell(s['answer'])}")
