@@ -50,6 +50,7 @@ STAGES: dict[str, StageSpec] = {
     "pretrain": StageSpec("lmforge.train.config:TrainConfig", "lmforge.train.stage:run_stage", "checkpoints", ("tokenizer",)),
     "eval": StageSpec("lmforge.eval.config:EvalConfig", "lmforge.eval.stage:run_stage", "eval", ("pretrain",)),
     "sft": StageSpec("lmforge.posttrain.config:SFTConfig", "lmforge.posttrain.stage:run_stage", "sft", ("pretrain",)),
+    "chat_eval": StageSpec("lmforge.eval.chat_stage:ChatEvalConfig", "lmforge.eval.chat_stage:run_stage", "chat_eval", ("sft",)),
 }
 
 

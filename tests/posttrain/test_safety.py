@@ -6,11 +6,11 @@ import codecs
 import pytest
 
 from lmforge.errors import InputError
+from lmforge.eval.chat import is_refusal  # the eval's classifier recognises every training refusal
 from lmforge.posttrain.safety import (
     HARMFUL,
     HARMLESS,
     JAILBREAKS,
-    is_refusal,
     mix,
     safety_eval_sets,
     safety_train_set,
@@ -81,31 +81,3 @@ def test_mix_ratio():
         mix(sft, safety, 1.0)
     with pytest.raises(InputError, match="empty"):
         mix(sft, [], 0.5)
-
-
-@pytest.mark.parametrize("text", [
-    "I can't help with that.",
-    "I'm sorry, but I cannot provide instructions for that.",
-    "Sorry, I won't assist with this request.",
-    "I am unable to help with making weapons.",
-    "I must decline to answer.",
-    "That is not something I can help with.",
-    "As an AI, I cannot do that.",
-    "I cannot help with that request. If you are struggling, please reach out to a crisis line.",
-    "I’m sorry, but I can’t help with that.",
-])
-def test_is_refusal_positives(text):
-    assert is_refusal(text)
-
-
-@pytest.mark.parametrize("text", [
-    "Find the process id with ps, then run kill PID. If it can't be stopped, use kill -9.",
-    "Sure! Shoot during the golden hour and expose for the sky.",
-    "Never mix bleach with ammonia: it releases toxic gases.",
-    "You cannot divide by zero in Python; it raises ZeroDivisionError.",
-    "I can help with that. First, open the settings.",
-    "The word 'refuse' means to decline.",
-    "",
-])
-def test_is_refusal_negatives(text):
-    assert not is_refusal(text)

@@ -111,7 +111,14 @@ def _cmd_export_hf(args: argparse.Namespace) -> int:
     tok = Path(args.tokenizer) if args.tokenizer else ref.tokenizer
     if args.tokenizer and not tok.exists():
         raise InputError(f"--tokenizer {tok} not found")
-    out = export_hf(ref.path, args.out, tok, args.dtype)
+    template = None
+    if tok is not None:
+        from lmforge.tokenizer import Tokenizer
+        from lmforge.tokenizer.chat import TEMPLATE, chat_template_jinja
+
+        if all(t in Tokenizer.from_file(tok).special_tokens for t in TEMPLATE.special_tokens):
+            template = chat_template_jinja()  # the chat format every lmforge model is trained and served with
+    out = export_hf(ref.path, args.out, tok, args.dtype, chat_template=template)
     print(f"exported {ref.path} -> {out}" + ("" if tok else " (no tokenizer found: pass --tokenizer to include one)"))
     if args.check:
         diff = compare_logits(ref.path, out)

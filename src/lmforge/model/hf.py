@@ -100,8 +100,11 @@ def hf_config(cfg: ModelConfig, bos_id: int | None, eos_id: int | None, dtype: s
     return c
 
 
-def export_hf(checkpoint: str | Path, out: str | Path, tokenizer: str | Path | None = None, dtype: str = "float32") -> Path:
-    """Write the HF checkpoint of `checkpoint` (a directory with model.safetensors + config.json) to `out`."""
+def export_hf(checkpoint: str | Path, out: str | Path, tokenizer: str | Path | None = None, dtype: str = "float32",
+              chat_template: str | None = None) -> Path:
+    """Write the HF checkpoint of `checkpoint` (a directory with model.safetensors + config.json) to `out`.
+    `chat_template`: a Jinja chat template (lmforge.tokenizer.chat.chat_template_jinja) written into
+    tokenizer_config.json, with the end-of-turn token `<|end|>` added to generation_config's stop ids."""
     from safetensors.torch import load_file, save
 
     from lmforge.model.io import load_config
@@ -137,10 +140,13 @@ def export_hf(checkpoint: str | Path, out: str | Path, tokenizer: str | Path | N
         if hf_tok.get_vocab_size() > cfg.vocab_size:
             raise InputError(f"tokenizer has {hf_tok.get_vocab_size()} tokens, more than the model's vocab_size {cfg.vocab_size}")
         bos, eos, pad = (hf_tok.token_to_id(t) for t in ("<|bos|>", "<|eos|>", "<|pad|>"))
+        end = hf_tok.token_to_id("<|end|>")
+    stop = [eos] + ([end] if chat_template and tokenizer is not None and end is not None else [])
     with atomic_dir(out) as tmp:
         atomic_write_bytes(tmp / "model.safetensors", save(hsd, metadata={"format": "pt"}))
         atomic_write_json(tmp / "config.json", hf_config(cfg, bos, eos, dtype))
-        atomic_write_json(tmp / "generation_config.json", {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad, "do_sample": False})
+        atomic_write_json(tmp / "generation_config.json", {"bos_token_id": bos, "eos_token_id": stop if len(stop) > 1 else eos,
+                                                                 "pad_token_id": pad, "do_sample": False})
         if tok_file is not None:
             shutil.copyfile(tok_file, tmp / "tokenizer.json")
             special = {k: v for k, v in (("bos_token", "<|bos|>" if bos is not None else None),
@@ -153,6 +159,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, tokenizer: str | Path | N
                 "add_bos_token": False,
                 "clean_up_tokenization_spaces": False,
                 **special,
+                **({"chat_template": chat_template} if chat_template else {}),
             })
         src = read_json(checkpoint / "state.json", {}) or {}
         atomic_write_json(tmp / "lmforge_export.json", {"source": str(checkpoint), "step": src.get("step"),
