@@ -68,18 +68,45 @@ def test_full_sft_learns_writes_eval_files_and_records_the_template(tmp_path, ba
     assert ref.step == 16
 
 
-def test_sft_resumes_to_the_same_weights(tmp_path, base_ckpt):
-    full = run_sft(_cfg(), tmp_path / "a", base=base_ckpt, seed=5)
-    cut = run_sft(_cfg(), tmp_path / "b", base=base_ckpt, seed=5)
-    # as if killed after the step-4 checkpoint: the step-8 one and `latest` never written
-    import shutil
+def test_lora_sft_killed_with_sigkill_resumes_to_the_same_weights(tmp_path, base_ckpt):
+    """A real `lmforge sft` subprocess is killed with SIGKILL after a checkpoint; the rerun resumes
+    there (model, adapters, optimizer, RNG, data position) and ends with the uninterrupted weights."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
 
-    shutil.rmtree(cut.checkpoint)
-    (tmp_path / "b" / "latest").write_text("step_000004\n")
-    again = run_sft(_cfg(), tmp_path / "b", base=base_ckpt, seed=5)
-    assert again.resumed_from == 4
-    a, b = _weights(full.checkpoint), _weights(again.checkpoint)
+    over = {"max_steps": 40, "checkpoint_every": 4, "keep_last": 2, "sample_tokens": 0, "lora.r": 4, "lora.dropout": 0.1}
+    args = [f"--sft.{k}={v}" for k, v in over.items()] + ["--sft.batch_size=4", "--sft.seq_len=95", "--sft.examples=300",
+                                                         "--sft.lr=3e-3", "--sft.warmup_steps=2"]
+    out = tmp_path / "killed"
+    env = dict(os.environ, LMFORGE_PROGRESS="0", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "lmforge", "sft", "--base", str(base_ckpt), "--out", str(out), "--seed", "5",
+                             *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (out / "step_000004" / "state.json").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline, "the SFT subprocess made no checkpoint in time"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # the subprocess's thread count: bit-exact comparison
+    try:
+        cfg = _cfg(**{k: v for k, v in over.items() if "." not in k}, lora={"r": 4, "dropout": 0.1})
+        again = run_sft(cfg, out, base=base_ckpt, seed=5)
+        ref = run_sft(cfg, tmp_path / "ref", base=base_ckpt, seed=5)
+    finally:
+        torch.set_num_threads(n)
+    assert again.resumed_from is not None and 4 <= again.resumed_from < 40
+    a, b = _weights(again.checkpoint), _weights(ref.checkpoint)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    from safetensors.torch import load_file
+
+    a, b = load_file(again.checkpoint / "adapter.safetensors"), load_file(ref.checkpoint / "adapter.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("quantize", ["none", "nf4"])

@@ -166,3 +166,13 @@ def test_checkpoint_checksums_detect_corruption_and_prune(tmp_path):
 
     m2 = load_model(tmp_path / "step_000003")
     assert torch.equal(m2.tok_emb.weight, model.tok_emb.weight)
+
+
+def test_measuring_peak_flops_leaves_the_training_rng_alone():
+    """MFU's CPU peak is measured after a resume restored the RNG: it must not draw from it (a
+    model with dropout would then resume onto different random numbers)."""
+    from lmforge.train.metrics import measure_matmul_flops
+
+    state = torch.get_rng_state()
+    assert measure_matmul_flops(n=64, seconds=0.01) > 0
+    assert torch.equal(state, torch.get_rng_state())

@@ -42,7 +42,8 @@ def device_peak_flops(device: torch.device, configured: float = 0.0) -> tuple[fl
 
 def measure_matmul_flops(n: int = 512, seconds: float = 0.3) -> float:
     """Achievable fp32 matmul FLOP/s of this CPU (best of a few timed square matmuls)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    g = torch.Generator().manual_seed(0)  # its own generator: the training RNG (dropout, resume) is left untouched
+    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
     a @ b
     best, t_end = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < t_end:
