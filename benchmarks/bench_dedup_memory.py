@@ -124,7 +124,7 @@ def main() -> None:
                                      "docs_per_s": n2 / b["wall_s"], "extra": b["extra"]}
             print(f"{m:<10}{a['peak_rss'] / 2**20:>10.0f}MB{b['peak_rss'] / 2**20:>10.0f}MB{ram:>16,.0f}{disk:>17,.0f}{n2 / b['wall_s']:>9,.0f}")
         # substring: by corpus bytes
-        print(f"\nsubstring (suffix array over the corpus bytes):")
+        print("\nsubstring (suffix array over the corpus bytes):")
         print(f"{'corpus MB':>10}{'docs':>9}{'peak RSS MB':>13}{'SA+LCP s':>10}{'MB/s':>7}{'RSS bytes/byte':>16}")
         rows = []
         for mb in (m1, m2):

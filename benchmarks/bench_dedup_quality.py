@@ -228,7 +228,7 @@ def main() -> None:
                                 "resolved": resolved,
                                 "false_positive_jaccard_max": max((jac.get(p, 0.0) for p in pred - truth), default=None)}
         print(f"{name:<34}{len(pred):>8,}{prec:>11.3f}{dprec:>23.3f}{rec:>8.3f}" + (f"{resolved:>10.3f}" if resolved is not None else f"{'-':>10}"))
-    print(f"\ndetection of the planted copies per condition (mean true Jaccard; share detected):")
+    print("\ndetection of the planted copies per condition (mean true Jaccard; share detected):")
     print(f"{'edit':<10}{'level':>6}{'mean J':>8}" + "".join(f"{n.split(' (')[0][:22]:>24}" for n in methods))
     per = {}
     for kind, level in conds:

@@ -1,7 +1,6 @@
 """Config validation, atomic writes, manifests, recipe runner skip/resume, CLI errors."""
 
 import io
-import json
 import subprocess
 import sys
 from dataclasses import dataclass, field

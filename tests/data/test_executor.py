@@ -1,18 +1,14 @@
 """Executors: resume from markers, a dying worker, Slurm array scripts (by hand and through a
 stand-in sbatch), Ray on a local instance; the same pipeline output on every engine."""
 
-import json
 import os
 import stat
-import sys
 from pathlib import Path
 
 import pytest
 
-from lmforge import config as C
 from lmforge.cli import main
 from lmforge.data import pipeline as P
-from lmforge.data.config import DataConfig
 from lmforge.data.executor import LocalExecutor, RayExecutor, SlurmExecutor, TasksPending, WorkerFailed
 
 from .test_pipeline import cfg_for, make_inputs, shard_bytes

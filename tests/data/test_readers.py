@@ -1,10 +1,8 @@
 """Readers: every input format, metadata, ids, and damage of every kind counted and skipped."""
 
 import gzip
-import io
 import json
 import logging
-import zlib
 
 import pytest
 import zstandard

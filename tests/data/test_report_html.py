@@ -1,7 +1,6 @@
 """HTML inspection report of a data run."""
 
 import json
-from pathlib import Path
 
 import pytest
 

@@ -3,7 +3,6 @@ commands, bad configuration and bad paths as one clear message."""
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 

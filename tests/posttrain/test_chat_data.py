@@ -118,7 +118,6 @@ def _examples(chat_tok, n=40, seed=0, max_tokens=49):
 
 def _check_batch(b, examples, T, B, chat_tok):
     assert b.x.shape == b.y.shape == b.doc_ids.shape == (B, T) and b.x.dtype == torch.int64
-    end = chat_tok.special_id("<|end|>")
     bos = chat_tok.special_id("<|bos|>")
     for r in range(B):
         x, y, d = b.x[r].tolist(), b.y[r].tolist(), b.doc_ids[r].tolist()

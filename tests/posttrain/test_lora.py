@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn as nn
 
 from lmforge.errors import ConfigError, InputError
 from lmforge.infer.quantize import Int8Linear, NF4Linear, quantize_model

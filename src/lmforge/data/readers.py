@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import glob as globmod
 import gzip
-import io
 import json
 import os
 import re

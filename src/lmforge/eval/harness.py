@@ -20,7 +20,7 @@ import torch
 
 from lmforge.errors import ConfigError, InputError
 from lmforge.eval import builtin, scoring
-from lmforge.eval.tasks import GenExample, MCExample, Task, gen_prompt, load_task, mc_pairs
+from lmforge.eval.tasks import GenExample, Task, gen_prompt, load_task, mc_pairs
 from lmforge.log import logger, progress
 from lmforge.rundir import atomic_write_json, read_json
 from lmforge.tokenizer import Tokenizer

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
 from lmforge import config as cfgmod
-from lmforge.errors import ConfigError, InputError
+from lmforge.errors import InputError
 from lmforge.log import logger
 
 MC_METRICS = ("acc", "acc_norm", "acc_tok", "acc_pmi")

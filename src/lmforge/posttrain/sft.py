@@ -25,7 +25,6 @@ conversations, the last assistant message the reference) and `<out>/data/safety_
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import time
 from dataclasses import dataclass, field
@@ -161,7 +160,6 @@ def run_sft(cfg: SFTConfig, out_dir: str | Path, *, base: str | Path, seed: int 
     checkpoint there (cfg.resume)."""
     from lmforge.infer import load_model_and_tokenizer
     from lmforge.posttrain import lora as L
-    from lmforge.train.textio import generate_samples
 
     t0 = time.time()
     out_dir = Path(out_dir)

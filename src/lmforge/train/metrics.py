@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 
 from lmforge.errors import ConfigError
-from lmforge.log import logger
 
 # Dense bf16 peak FLOP/s per device (vendor datasheets, without sparsity).
 PEAK_FLOPS = {

@@ -31,7 +31,7 @@ from lmforge.data.quality.common import ScoreFilter, words
 from lmforge.data.step import doc_uniform
 from lmforge.errors import ConfigError, InputError
 from lmforge.log import logger
-from lmforge.rundir import atomic_file, atomic_write_json, atomic_write_text, read_json
+from lmforge.rundir import atomic_file, atomic_write_json, atomic_write_text
 
 
 @dataclass
