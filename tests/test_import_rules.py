@@ -17,7 +17,7 @@ ALLOWED = {
     "tokenizer": {"data", "recipe"},  # reads the corpus shards; its stage entry takes the recipe's context
     "infer": {"model", "tokenizer"},
     "train": {"model", "tokenizer", "infer", "data", "recipe"},
-    "posttrain": {"train", "infer", "model", "tokenizer", "recipe"},
+    "posttrain": {"train", "infer", "model", "tokenizer", "data", "recipe"},  # data: the built-in sets read corpus files
     "eval": {"model", "tokenizer", "infer", "data", "recipe"},
     "serve": {"infer", "tokenizer"},
 }

@@ -85,6 +85,19 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Save a matplotlib figure as PNG atomically (a temporary name, then a rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
 def read_json(path: str | Path, default: Any = None) -> Any:
     try:
         with open(path, encoding="utf-8") as f:

@@ -20,6 +20,8 @@ from typing import Iterator
 
 import xxhash
 
+from lmforge.data.gcide import TAG_LINE as _TAG_LINE
+from lmforge.data.gcide import strip_brackets as _strip_brackets
 from lmforge.errors import InputError
 from lmforge.rundir import read_json
 from lmforge.eval.tasks import GenExample, MCExample, Task, TaskSpec, make_task, read_records
@@ -106,19 +108,6 @@ def val_token_docs(tokens_dir: Path, tok, max_docs: int = 50) -> list[Doc]:
 
 # ---- dictionary -----------------------------------------------------------------------------
 
-_TAG_LINE = re.compile(r"^\s*\[[^\]]*\]\s*$", re.M)
-
-
-def _strip_brackets(s: str) -> str:
-    out, depth = [], 0
-    for ch in s:
-        if ch == "[":
-            depth += 1
-        elif ch == "]":
-            depth = max(depth - 1, 0)
-        elif depth == 0:
-            out.append(ch)
-    return "".join(out)
 
 
 def gcide_definition(text: str, max_chars: int = 120) -> str:

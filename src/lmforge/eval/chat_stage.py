@@ -22,7 +22,7 @@ from lmforge.errors import ConfigError, InputError
 from lmforge.eval import chat, harness, scoring
 from lmforge.log import logger
 from lmforge.recipe import StageContext, StageResult
-from lmforge.rundir import atomic_write_json, read_json
+from lmforge.rundir import atomic_write_json, read_json, save_figure
 
 
 @dataclass
@@ -280,12 +280,7 @@ def plot_results(results: dict, path: Path) -> Path:
         ax.set_title("safety (sft model)")
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
 
 
 def _cell(text, limit: int = 240) -> str:

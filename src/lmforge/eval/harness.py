@@ -22,7 +22,7 @@ from lmforge.errors import ConfigError, InputError
 from lmforge.eval import builtin, scoring
 from lmforge.eval.tasks import GenExample, Task, gen_prompt, load_task, mc_pairs
 from lmforge.log import logger, progress
-from lmforge.rundir import atomic_write_json, read_json
+from lmforge.rundir import atomic_write_json, read_json, save_figure
 from lmforge.tokenizer import Tokenizer
 
 # ---- tokenizer ------------------------------------------------------------------------------
@@ -378,12 +378,7 @@ def plot_summary(summary: dict, path: Path) -> Path | None:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
 
 
 def dumps(obj: Any) -> str:

@@ -378,18 +378,10 @@ def load_quantized(model: nn.Module, path: str | Path) -> list[str]:
     the recorded kind and shape, then the state is loaded. Returns the quantized module names.
     InputError (one line) when the file is missing, unreadable, not a quantized model, or does not
     fit the model."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    from lmforge.model.io import read_safetensors
 
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"no quantized model at {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        sd = load_file(str(path))
-    except Exception as e:  # safetensors raises its own error types on corrupt files
-        raise InputError(f"cannot read quantized model {path}: {e}") from None
+    sd, meta = read_safetensors(path, "quantized model")
     if META_KEY not in meta:
         raise InputError(f"{path} holds no quantization map: not a quantized model")
     qmap = json.loads(meta[META_KEY])

@@ -69,15 +69,26 @@ def load_config(directory: str | Path) -> ModelConfig:
     return ModelConfig.from_dict(json.loads(p.read_text()))
 
 
+def read_safetensors(path: str | Path, what: str = "weights", device: str | torch.device = "cpu"
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file; one InputError line naming the file (and `what` it
+    should hold) when it is missing or unreadable."""
+    from safetensors import safe_open
+
+    f = Path(path)
+    if not f.is_file():
+        raise InputError(f"no {what} at {f}")
+    try:
+        with safe_open(str(f), framework="pt") as h:
+            meta = h.metadata() or {}
+        return load_file(str(f), device=str(device)), meta
+    except Exception as e:  # safetensors raises its own error types on corrupt files
+        raise InputError(f"cannot read {what} {f}: {e}") from None
+
+
 def load_weights(directory: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """The tensors of `<directory>/model.safetensors` (InputError naming the file when unreadable)."""
-    f = Path(directory) / "model.safetensors"
-    if not f.is_file():
-        raise InputError(f"no weights at {f}")
-    try:
-        return load_file(str(f), device=str(device))
-    except Exception as e:  # safetensors raises its own error types on corrupt files
-        raise InputError(f"cannot read weights {f}: {e}") from None
+    return read_safetensors(Path(directory) / "model.safetensors", "weights", device)[0]
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Transformer:

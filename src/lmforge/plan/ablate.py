@@ -31,7 +31,7 @@ from lmforge import config as cfgmod
 from lmforge.errors import ConfigError, InputError
 from lmforge.eval import builtin, harness
 from lmforge.log import logger
-from lmforge.rundir import atomic_write_json, atomic_write_text, read_json
+from lmforge.rundir import atomic_write_json, atomic_write_text, read_json, save_figure
 
 DEFAULT_PRETRAIN = {
     "model": {"preset": "tiny", "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 4, "ffn_hidden": 0},
@@ -292,7 +292,7 @@ def plot_ablation(series: dict, rows: list[dict], corpora: list[str], out: Path,
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     p1 = out / "ablation_curves.png"
-    _save(fig, p1)
+    save_figure(fig, p1)
     fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(rows) + 2), 3.2))
     ax.bar(range(len(rows)), [min(r["separation"], 50) for r in rows], color=["C2" if r["monotonicity"] > 0.5 else "C7" for r in rows])
     ax.axhline(2, color="k", ls="--", lw=1)
@@ -301,18 +301,8 @@ def plot_ablation(series: dict, rows: list[dict], corpora: list[str], out: Path,
     ax.set_title("task signal (green: monotonicity > 0.5)", fontsize=9)
     fig.tight_layout()
     p2 = out / "ablation_signal.png"
-    _save(fig, p2)
+    save_figure(fig, p2)
     return [p1, p2]
-
-
-def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
 
 
 __all__ = ["AblateConfig", "run_ablation", "analyze", "collect", "asdict"]

@@ -26,6 +26,7 @@ import numpy as np
 
 from lmforge.errors import ConfigError, InputError
 from lmforge.log import logger
+from lmforge.rundir import save_figure
 
 CHINCHILLA_TOKENS_PER_PARAM = 20.0
 
@@ -184,13 +185,7 @@ def plot_fit(res: dict, path: Path) -> Path:
     a2.set_xlabel("compute C (FLOPs)")
     a2.set_title("compute-optimal N and D")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
 
 
 # ---- points from existing runs --------------------------------------------------------------

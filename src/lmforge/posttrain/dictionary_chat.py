@@ -30,6 +30,8 @@ from typing import Iterable
 
 import xxhash
 
+from lmforge.data.gcide import TAG_LINE as _TAG_LINE
+from lmforge.data.gcide import strip_brackets as _strip_brackets
 from lmforge.errors import InputError
 
 SYSTEM_PROMPTS = (
@@ -42,7 +44,6 @@ REVERSE = ("Which word means {d}?", "What is the word for {d}?", "Give me a word
 EXAMPLE = ("Use it in a sentence.", "Can you show me how it is used?")
 
 _HEADWORD = re.compile(r"^[A-Za-z][A-Za-z'\- ]{1,30}$")
-_TAG_LINE = re.compile(r"^\s*\[[^\]]*\]\s*$", re.M)
 _POS = re.compile(r"^,?\s*(?:(?:n|v|a|adv|prep|conj|interj|pron|p|pr|imp|t|i|sing|pl|vb|superl|compar|adj)\.[\s,;&]*)+")
 
 
@@ -51,18 +52,6 @@ class Entry:
     word: str  # as it should appear in an answer
     definition: str  # one clause, capitalized, ending with "."
     example: str | None  # an answer quoting the dictionary's own usage example, or None
-
-
-def _strip_brackets(s: str) -> str:
-    out, depth = [], 0
-    for ch in s:
-        if ch == "[":
-            depth += 1
-        elif ch == "]":
-            depth = max(depth - 1, 0)
-        elif depth == 0:
-            out.append(ch)
-    return "".join(out)
 
 
 def _clean(s: str) -> str:

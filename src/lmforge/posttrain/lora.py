@@ -311,18 +311,10 @@ def save_adapter(model: nn.Module, path: str | Path, cfg: LoraConfig) -> Path:
 def read_adapter(path: str | Path) -> tuple[LoraConfig, list[str], dict[str, torch.Tensor]]:
     """(config, adapted layer names, tensors) of an adapter file; InputError (one line) when it is
     missing, unreadable or not an lmforge adapter."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    from lmforge.model.io import read_safetensors
 
     f = _adapter_path(path)
-    if not f.is_file():
-        raise InputError(f"no LoRA adapter at {f}")
-    try:
-        with safe_open(str(f), framework="pt") as h:
-            meta = h.metadata() or {}
-        tensors = load_file(str(f))
-    except Exception as e:  # safetensors raises its own error types on corrupt files
-        raise InputError(f"cannot read LoRA adapter {f}: {e}") from None
+    tensors, meta = read_safetensors(f, "LoRA adapter")
     if META_KEY not in meta:
         raise InputError(f"{f} is not an lmforge LoRA adapter (no LoRA config in its metadata)")
     try:
