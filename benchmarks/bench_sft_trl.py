@@ -76,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--base", default=str(DEFAULT_BASE), help="lmforge checkpoint (run, checkpoints dir, step dir)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for both sides (default 2)")
-    ap.add_argument("--steps", type=int, default=40, help="timed optimizer steps per side")
+    ap.add_argument("--steps", type=int, default=25, help="timed optimizer steps per side")
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps before them")
     ap.add_argument("--batch-size", type=int, default=8, help="packed rows per step")
     ap.add_argument("--seq-len", type=int, default=0, help="tokens per row (0 = the model's context)")
