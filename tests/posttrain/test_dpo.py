@@ -131,3 +131,49 @@ def test_config_errors_name_the_key(easy_data):
         _cfg(easy_data, beta=0.0)
     with pytest.raises(ConfigError, match="dpo.loss"):
         _cfg(easy_data, loss="hinge")
+
+
+def _ctx(run_root, name, cfg):
+    from lmforge.recipe import RunConfig, StageContext
+    from lmforge.rundir import RunDir
+
+    return StageContext(name=name, cfg=cfg, run_dir=RunDir(run_root), out=run_root / name, run=RunConfig(name="t"),
+                        base_dir=run_root, recipe={}, fingerprint="")
+
+
+def test_recipe_stages_take_the_runs_sft_model_and_report(chat_base, easy_data):
+    from lmforge.posttrain.pref_stages import run_dpo_stage, run_rm_stage
+    from lmforge.posttrain.rm import RMConfig
+
+    run_root = chat_base.parent.parent  # <run>/sft/t
+    res = run_dpo_stage(_ctx(run_root, "dpo", _cfg(easy_data, max_steps=2, eval_every=2)))
+    assert res.counts["steps"] == 2 and res.counts["heldout_accuracy_before"] == 0.5
+    assert res.counts["checkpoint"].startswith("dpo/t/step_000002")
+    assert "| held-out preference accuracy | 0.500 |" in res.report and "![DPO (sigmoid) loss](dpo/t/loss.png)" in res.report
+    assert (run_root / "dpo" / "t" / "data" / "heldout_pairs.jsonl").is_file()
+    rcfg = cfgmod.build(RMConfig, {"max_steps": 2, "data": [str(easy_data[0])], "eval_data": [str(easy_data[1])]}, "rm")
+    res = run_rm_stage(_ctx(run_root, "rm", rcfg))
+    assert res.counts["steps"] == 2 and res.counts["heldout_pairs"] == 16 and "held-out pair accuracy, after" in res.report
+    from lmforge.errors import InputError
+    from lmforge.posttrain.pref_stages import run_rm_stage as stage
+
+    with pytest.raises(InputError, match="sft stage first"):
+        stage(_ctx(run_root / "nowhere", "rm", rcfg))
+
+
+def test_cli_dpo_and_rm_with_user_data(tmp_path, chat_base, easy_data, monkeypatch, capsys):
+    from lmforge import cli
+
+    if "lmforge.posttrain.pref_commands" not in cli.COMMAND_MODULES:
+        monkeypatch.setattr(cli, "COMMAND_MODULES", [*cli.COMMAND_MODULES, "lmforge.posttrain.pref_commands"])
+    data = write_jsonl(tmp_path / "pairs.jsonl", [*easy_pairs(20, seed=5), "{broken", {"prompt": "x", "chosen": "a", "rejected": "a"}])
+    rc = cli.main(["dpo", "--base", str(chat_base), "--out", str(tmp_path / "dpo"), "--data", str(data),
+                   "--dpo.max_steps", "1", "--dpo.sample_tokens", "0", "--dpo.heldout", "0.2"])
+    assert rc == 0 and "held-out preference accuracy 0.500" in capsys.readouterr().out
+    stats = read_json(tmp_path / "dpo" / "data" / "stats.json")
+    assert stats["read_malformed"] == 1 and stats["read_identical"] == 1 and stats["read_pairs"] == 20
+    rc = cli.main(["rm", "--base", str(chat_base), "--out", str(tmp_path / "rm"), "--data", str(data), "--rm.max_steps", "1"])
+    assert rc == 0 and (tmp_path / "rm" / "step_000001" / "reward_head.safetensors").is_file()
+    assert cli.main(["dpo", "--base", str(chat_base), "--out", str(tmp_path / "o2"), "--dpo.beta", "abc"]) == 2
+    assert "dpo.beta" in capsys.readouterr().err
+    assert cli.main(["rm", "--out", str(tmp_path / "o3")]) == 2
