@@ -262,3 +262,55 @@ def test_bad_config_names_the_key(over, msg):
 def test_missing_reward_function_is_a_config_error(tmp_path, rl_base, prompts_file):
     with pytest.raises(ConfigError, match="no function 'nope'"):
         R.run_rl(_cfg(prompts_file, reward="tests.posttrain.test_rl:nope", max_steps=1), tmp_path / "rl", base=rl_base)
+
+
+# ---- the recipe stage and the CLI ----------------------------------------------------------------
+
+
+def _run_with_sft_model(root: Path, rl_base: Path) -> Path:
+    """A run directory whose sft/t/ holds the tiny model as a chat model."""
+    from lmforge.tokenizer.chat import template_id
+
+    step = ck.find_resumable(rl_base)
+    sd = ck.load_weights(step)
+    ck.save_checkpoint(root / "sft" / "t", 3, sd, read_json(step / "config.json"), [], {"train_config": {},
+                       "chat_template": template_id(), "stage": "sft"}, tokenizer_file=step / "tokenizer.json")
+    return root
+
+
+def test_recipe_stage_takes_the_runs_sft_model_and_reports(tmp_path, rl_base, prompts_file):
+    from lmforge.posttrain.rl_stage import run_stage
+    from lmforge.recipe import RunConfig, StageContext
+    from lmforge.rundir import RunDir
+
+    root = _run_with_sft_model(tmp_path / "run", rl_base)
+    cfg = _cfg(prompts_file, heldout=0.25, eval_prompts=3, max_steps=2, eval_tokens=3, reward="exact")
+    ctx = StageContext(name="rl", cfg=cfg, run_dir=RunDir(root), out=root / "rl", run=RunConfig(name="t"), base_dir=root,
+                       recipe={}, fingerprint="")
+    res = run_stage(ctx)
+    assert res.counts["steps"] == 2 and res.counts["algorithm"] == "grpo" and res.counts["heldout_prompts"] == 3
+    assert res.counts["checkpoint"].startswith("rl/t/step_000002") and res.counts["accuracy_before"] is not None
+    assert "held-out task accuracy before RL" in res.report and "![RL reward](rl/t/reward.png)" in res.report
+    state = read_json(root / "rl" / "t" / "step_000002" / "state.json")
+    assert state["base"].endswith("sft/t/step_000003")
+    with pytest.raises(Exception, match="no reward model"):
+        run_stage(StageContext(name="rl", cfg=_cfg(prompts_file, reward="rm"), run_dir=RunDir(root), out=root / "rl",
+                               run=RunConfig(name="t"), base_dir=root, recipe={}, fingerprint=""))
+
+
+def test_cli_with_base_and_out(tmp_path, rl_base, prompts_file, capsys):
+    import argparse
+
+    from lmforge.posttrain.rl_commands import register
+
+    p = argparse.ArgumentParser()
+    register(p.add_subparsers())
+    args = p.parse_args(["rl", "--base", str(rl_base), "--out", str(tmp_path / "o"), "--data", str(prompts_file),
+                         "--reward", "tests.posttrain.test_rl:space_first", "--algorithm", "rloo"])
+    args.overrides = ["rl.max_steps=2", "rl.max_new_tokens=2", "rl.eval_prompts=0", "rl.prompts_per_step=2"]
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "rl (rloo): 2 steps, 2 rollouts" in out
+    args.overrides = ["sft.max_steps=2"]
+    with pytest.raises(ConfigError, match="only --rl.KEY"):
+        args.func(args)
