@@ -15,7 +15,7 @@ so step 0 reads 0.5). The eval hook logs the same on the held-out pairs, and `he
 (pi_c > pi_r: whether the model itself now prefers the chosen answer).
 
 Reference log-probs: `reference = "precomputed"` (default) computes them once before training, in
-eval mode, for the training and held-out pairs, and stores them in `<out>/ref_logps.pt` keyed by
+eval mode (under the training autocast), for the training and held-out pairs, and stores them in `<out>/ref_logps.pt` keyed by
 the data's fingerprint and the reference model, so a resumed run reads them back instead of
 recomputing; `reference = "live"` keeps a frozen copy of the starting model and computes them on
 every batch (twice the memory, no precompute). With LoRA the reference is the starting model with
@@ -46,6 +46,7 @@ from lmforge.posttrain.config import LoraSection
 from lmforge.posttrain.pref_data import PairBatch, PairBatches, iter_batches, pairs_fingerprint, prepare_pairs
 from lmforge.posttrain.rm import (apply_lora_section, load_chat_model, pair_accuracy, seq_limit, validate_pref_fields,
                                   write_data_files)
+from lmforge.rundir import read_json
 from lmforge.tokenizer.chat import template_id
 from lmforge.train import trainer as T
 from lmforge.train.config import TrainerConfig
@@ -263,10 +264,15 @@ def run_dpo(cfg: DPOConfig, out_dir: str | Path, *, base: str | Path, seed: int 
                 ref.path, cfg.loss, cfg.beta, cfg.reference)
 
     # the reference: the starting model, before any adapter
-    key = f"{pairs_fingerprint(train)}:{pairs_fingerprint(heldout)}:{ref.path}:{ref.step}:{cfg.loss}"
-    ref_train, ref_held, reused = reference_logps(model, train, heldout, cfg, tok.pad_id, out_dir, key, runtime.is_main)
+    # (live: only the held-out pairs' reference log-probs are stored, for the eval hook)
+    live = cfg.reference == "live"
+    weights_sum = ((read_json(ref.path / "state.json", {}) or {}).get("checksums") or {}).get("model.safetensors", "")
+    key = f"{pairs_fingerprint([] if live else train)}:{pairs_fingerprint(heldout)}:{ref.path}:{ref.step}:{weights_sum}:{cfg.loss}"
+    with runtime.autocast():
+        ref_train, ref_held, reused = reference_logps(model, [] if live else train, heldout, cfg, tok.pad_id, out_dir, key,
+                                                      runtime.is_main)
     ref_model = None
-    if cfg.reference == "live":
+    if live:
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     before = heldout_metrics(ref_held, ref_held, cfg.beta, cfg.loss)
 
@@ -274,13 +280,14 @@ def run_dpo(cfg: DPOConfig, out_dir: str | Path, *, base: str | Path, seed: int 
     lcfg = apply_lora_section(model, cfg.lora)
     model.train()
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    batches = PairBatches(train, cfg.batch_size, seed, tok.pad_id, ref=ref_train if ref_model is None else None,
+    batches = PairBatches(train, cfg.batch_size, seed, tok.pad_id, ref=None if live else ref_train,
                           dp_rank=runtime.info.dp_rank, dp_size=runtime.info.dp_size, device=runtime.device)
 
     def evaluate(ts) -> dict:
         if not heldout:
             return {}
-        pi = logps_of(ts.model, heldout, cfg.eval_batch_size, tok.pad_id, cfg.loss == "ipo")
+        with ts.runtime.autocast():
+            pi = logps_of(ts.model, heldout, cfg.eval_batch_size, tok.pad_id, cfg.loss == "ipo")
         return heldout_metrics(pi, ref_held, cfg.beta, cfg.loss)
 
     def sample(ts):

@@ -412,11 +412,6 @@ def build_default_pairs(dictionary_paths: Iterable[str | Path], seed: int = 0, n
     return out[False], out[True], stats
 
 
-__all__ = ["PAIR_KINDS", "record_to_pair", "read_pref_jsonl", "pair_to_json", "write_pairs_jsonl", "PairExample",
-           "render_response", "render_pairs", "PairBatch", "collate_pairs", "PairBatches", "pairs_fingerprint",
-           "iter_batches", "truncate_definition", "build_default_pairs", "prepare_pairs"]
-
-
 # ---- one place for the stages' data step ------------------------------------------------------
 
 
@@ -468,3 +463,8 @@ def prepare_pairs(cfg, tokenizer, max_tokens: int, seed: int, resolve=lambda p: 
         raise InputError(f"{section}: no preference pair left to train on ({tstats['dropped']} too long, "
                          f"{tstats['identical']} identical, {tstats['invalid']} invalid)")
     return train, heldout, held, stats
+
+
+__all__ = ["PAIR_KINDS", "record_to_pair", "read_pref_jsonl", "pair_to_json", "write_pairs_jsonl", "PairExample",
+           "render_response", "render_pairs", "PairBatch", "collate_pairs", "PairBatches", "pairs_fingerprint",
+           "iter_batches", "truncate_definition", "build_default_pairs", "prepare_pairs"]

@@ -391,7 +391,7 @@ def run_rm(cfg: RMConfig, out_dir: str | Path, *, base: str | Path, seed: int = 
         tcfg, runtime, model, batches, make_rm_loss(cfg.margin, cfg.center), out_dir, name="rm",
         run_config={**cfgmod.to_dict(cfg), "seq_len": max_tokens, "base": str(ref.path), "data_fingerprint": batches.fingerprint},
         resume_free=RMConfig.RESUME_FREE, model_config=backbone.cfg.to_dict(), tokenizer_file=tok.path,
-        evaluate=lambda ts: evaluate_pairs(ts.model, heldout, cfg.eval_batch_size, tok.pad_id),
+        evaluate=lambda ts: _eval_autocast(ts, heldout, cfg.eval_batch_size, tok.pad_id),
         extra_files=files, extra_state=extra_state, restore_weights=restore, data_desc="the preference data",
         plot_title="reward model loss", **hooks,
     )
@@ -403,6 +403,11 @@ def run_rm(cfg: RMConfig, out_dir: str | Path, *, base: str | Path, seed: int = 
         heldout_margin=ev.get("heldout_margin"), train_accuracy=res.train_record.get("accuracy"), data_stats=stats,
         metrics_path=res.metrics_path, plot_path=res.plot_path, wall_time_s=time.time() - t0, resumed_from=res.resumed_from,
     )
+
+
+def _eval_autocast(ts, heldout, batch_size: int, pad_id) -> dict:
+    with ts.runtime.autocast():
+        return evaluate_pairs(ts.model, heldout, batch_size, pad_id)
 
 
 def load_reward_model(path: str | Path, device: str | torch.device = "cpu", tokenizer: str | Path | None = None) -> RewardModel:
