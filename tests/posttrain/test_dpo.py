@@ -32,7 +32,7 @@ def easy_data(tmp_path_factory):
 
 
 def _cfg(data, **kw) -> DPOConfig:
-    base = dict(max_steps=8, batch_size=8, lr=3e-3, warmup_steps=1, checkpoint_every=4, eval_every=8, log_every=1,
+    base = dict(max_steps=8, batch_size=8, lr=3e-3, warmup_steps=1, checkpoint_every=4, eval_every=8, log_every=1, device="cpu",
                 sample_tokens=0, data=[str(data[0])], eval_data=[str(data[1])], beta=0.5)
     base.update(kw)
     return cfgmod.build(DPOConfig, base, "dpo")

@@ -28,7 +28,7 @@ def easy_data(tmp_path_factory):
 
 
 def _cfg(data, **kw) -> RMConfig:
-    base = dict(max_steps=12, batch_size=8, lr=3e-3, warmup_steps=2, checkpoint_every=6, eval_every=6, log_every=1,
+    base = dict(max_steps=12, batch_size=8, lr=3e-3, warmup_steps=2, checkpoint_every=6, eval_every=6, log_every=1, device="cpu",
                 data=[str(data[0])], eval_data=[str(data[1])])
     base.update(kw)
     return cfgmod.build(RMConfig, base, "rm")
