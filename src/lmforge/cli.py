@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "lmforge.eval.commands",
     "lmforge.infer.commands",
     "lmforge.posttrain.commands",
+    "lmforge.posttrain.pref_commands",
 ]
 
 

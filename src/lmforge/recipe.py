@@ -51,6 +51,8 @@ STAGES: dict[str, StageSpec] = {
     "eval": StageSpec("lmforge.eval.config:EvalConfig", "lmforge.eval.stage:run_stage", "eval", ("pretrain",)),
     "sft": StageSpec("lmforge.posttrain.config:SFTConfig", "lmforge.posttrain.stage:run_stage", "sft", ("pretrain",)),
     "chat_eval": StageSpec("lmforge.eval.chat_stage:ChatEvalConfig", "lmforge.eval.chat_stage:run_stage", "chat_eval", ("sft",)),
+    "rm": StageSpec("lmforge.posttrain.rm:RMConfig", "lmforge.posttrain.pref_stages:run_rm_stage", "rm", ("sft",)),
+    "dpo": StageSpec("lmforge.posttrain.dpo:DPOConfig", "lmforge.posttrain.pref_stages:run_dpo_stage", "dpo", ("sft",)),
 }
 
 

@@ -72,13 +72,15 @@ def test_nf4_codes_packing_and_padding():
         Q.nf4_quantize(odd, 7)
 
 
+@pytest.mark.parametrize("kernel", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_kernel_equals_dequantize_and_matmul(dtype):
+def test_int8_kernel_equals_dequantize_and_matmul(dtype, kernel, monkeypatch):
+    monkeypatch.setattr(Q.Int8Linear, "use_kernel", kernel)  # BLAS by default; torch's int8 kernel when enabled
     torch.manual_seed(0)
     lin = nn.Linear(96, 40, bias=True)
     q = Q.Int8Linear.from_linear(lin).to(dtype)
     x = torch.randn(2, 3, 96, dtype=dtype)
-    assert Q._int8_kernel_ok(x.reshape(-1, 96))
+    assert Q._int8_kernel_ok(x.reshape(-1, 96)) == kernel
     with torch.no_grad():
         y = q(x)
     want = x.float() @ q.dequantize(torch.float32).T + lin.bias.detach()
@@ -87,7 +89,7 @@ def test_int8_kernel_equals_dequantize_and_matmul(dtype):
     assert y.dtype == dtype and y.shape == (2, 3, 40)
     # widths the bf16 kernel does not take go through dequantize-and-matmul
     assert not Q._int8_kernel_ok(torch.randn(2, 100, dtype=torch.bfloat16))
-    assert Q._int8_kernel_ok(torch.randn(2, 100))
+    assert Q._int8_kernel_ok(torch.randn(2, 100)) == kernel
 
 
 @pytest.mark.parametrize("kind", ["int8", "nf4"])

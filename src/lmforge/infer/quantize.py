@@ -133,10 +133,16 @@ def int8_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _int8_kernel_ok(x: torch.Tensor) -> bool:
-    """Whether torch's CPU `_weight_int8pack_mm` takes this input. Checked in torch 2.13 CPU: it
-    needs a 2-D input contiguous in its last dimension (we pass one) and has no autograd formula
-    (`_QuantMatmul` supplies the backward); fp32 and fp16 accept any width, bf16 crashes on widths
-    that are not a multiple of 16, so reduced precision is kept to those."""
+    """Whether to use torch's CPU `_weight_int8pack_mm` for this input (`Int8Linear.use_kernel`, off
+    by default). Measured in torch 2.13 CPU on this project's 2-core AVX2 machine, 768 -> 2048, one
+    thread: the kernel took 2.2 / 23 / 93 / 7,216 ms for 1 / 8 / 32 / 2,048 rows against 0.8 / 2.1 /
+    2.5 / 92 ms for int8 -> fp32 conversion + BLAS matmul (a QLoRA-int8 training step was 18x slower
+    through it), so the BLAS path is the default. When enabled: it needs a 2-D input contiguous in
+    its last dimension (we pass one) and has no autograd formula (`_QuantMatmul` supplies the
+    backward); fp32 and fp16 accept any width, bf16 crashes on widths that are not a multiple of 16,
+    so reduced precision is kept to those."""
+    if not Int8Linear.use_kernel:
+        return False
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
     if torch.compiler.is_compiling():
@@ -148,6 +154,7 @@ class Int8Linear(QuantizedLinear):
     """Weight-only int8 per output channel: buffers `weight` (int8, out x in) and `scale` (out,)."""
 
     kind = "int8"
+    use_kernel = False  # torch's `_weight_int8pack_mm` on CPU: slower than BLAS here (see `_int8_kernel_ok`)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype = torch.float32,
                  device=None):
