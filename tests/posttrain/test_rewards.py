@@ -136,3 +136,10 @@ def test_which_word_task_split_matches_sft_and_has_one_right_option():
         assert len(opts) == 4 and opts.count(r["meta"]["answer"]) == 1
         assert ", ".join(opts) in r["messages"][0]["content"]
     assert which_word_prompts(paths, seed=0, n_train=20, n_heldout=5) == which_word_prompts(paths, seed=0, n_train=20, n_heldout=5)
+
+
+def test_choice_reward_gives_partial_credit_below_the_exact_answer():
+    meta = {"answer": "crow", "options": ["crow", "cow", "hen", "owl"]}
+    s = W.load_reward("choice")
+    right, option, close, far = s.score([PROMPT] * 4, ["Crow.", "owl", "crowd", "zzzz"], [meta] * 4)
+    assert right == 1.0 and option == 0.25 and 0.0 < close < 0.25 and far == 0.0

@@ -10,6 +10,9 @@ record's other fields (e.g. `answer` for the built-in task). `reward` names one 
 
 * `"exact"`: 1.0 when the answer equals `meta["answer"]` after normalisation (case, surrounding
   whitespace, quotes and final punctuation), else 0.0: the built-in verifiable task's reward;
+* `"choice"`: 1.0 for the exact answer, else partial credit up to 0.25 (another of the listed
+  `meta["options"]`: the right form; or the spelling similarity to the answer): the built-in
+  task's default for training, so a small model gets a signal before it first answers right;
 * `"module:function"`: a function in an importable module;
 * `"path/to/file.py:function"`: a function in a Python file (relative paths resolve like the
   recipe's other paths);
@@ -25,6 +28,7 @@ step (a NaN reward is a broken reward, not a low one).
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.util
 import math
@@ -55,6 +59,21 @@ def exact_answer_reward(prompt, completion: str, *, answer: str | None = None, *
     if answer is None:
         raise KeyError("the prompt record has no 'answer' field for the exact-answer reward")
     return 1.0 if normalize_answer(completion) == normalize_answer(answer) else 0.0
+
+
+def choice_reward(prompt, completion: str, *, answer: str | None = None, options=None, partial: float = 0.25,
+                  **meta) -> float:
+    """The multiple-choice task's shaped reward: 1.0 for the right answer (exact match); otherwise
+    partial credit up to `partial`: the full `partial` for another of the listed `options` (the
+    answer has the right form, as a format reward), else `partial` times the spelling similarity to
+    the right answer (difflib's ratio). Gives a small model a learning signal long before it first
+    answers right; the task accuracy stays the exact match."""
+    if exact_answer_reward(prompt, completion, answer=answer):
+        return 1.0
+    norm = normalize_answer(completion)
+    if options and any(norm == normalize_answer(o) for o in options):
+        return float(partial)
+    return float(partial) * difflib.SequenceMatcher(None, norm, normalize_answer(answer)).ratio()
 
 
 def load_function(spec: str, resolve: Callable[[str], Path] = Path) -> RewardFn:
@@ -170,16 +189,18 @@ def _reward_model_batch(path: Path, device=None) -> Callable[[list, list[str]], 
 
 
 def load_reward(spec: str, on_error: float | str = 0.0, resolve: Callable[[str], Path] = Path, device=None) -> Scorer:
-    """The `Scorer` for a reward spec ("exact", "module:function", "file.py:function", "rm:PATH")."""
+    """The `Scorer` for a reward spec ("exact", "choice", "module:function", "file.py:function", "rm:PATH")."""
     if on_error != "skip" and not (isinstance(on_error, numbers.Real) and math.isfinite(on_error)):
         raise ConfigError(f"reward_on_error = {on_error!r}: give a finite number or \"skip\"")
     spec = spec.strip()
     if spec == "exact":
         return Scorer("exact", fn=exact_answer_reward, on_error=on_error)
+    if spec == "choice":
+        return Scorer("choice", fn=choice_reward, on_error=on_error)
     if spec.startswith("rm:"):
         path = resolve(spec[3:])
         return Scorer(spec, batch_fn=_reward_model_batch(path, device), on_error=on_error)
     return Scorer(spec, fn=load_function(spec, resolve), on_error=on_error)
 
 
-__all__ = ["RewardFn", "Scorer", "normalize_answer", "exact_answer_reward", "load_function", "load_reward"]
+__all__ = ["RewardFn", "Scorer", "normalize_answer", "exact_answer_reward", "choice_reward", "load_function", "load_reward"]

@@ -91,7 +91,7 @@ class RLConfig(TrainerConfig):
     base: str = ""  # the policy to start from ("" = the run's latest SFT model); any path lmforge generate takes
     tokenizer: str = ""  # "" = the base model's
     algorithm: Literal["grpo", "rloo", "reinforce", "ppo"] = "grpo"
-    reward: str = "exact"  # "exact" | "module:function" | "path/file.py:function" | "rm:PATH"
+    reward: str = "choice"  # "choice" (exact + partial credit) | "exact" | "module:function" | "file.py:function" | "rm:PATH"
     reward_on_error: float | Literal["skip"] = 0.0  # score of a failed reward call, or "skip" the sample
     data: list[str] = field(default_factory=list)  # prompt JSONL ({"prompt" or "messages", other fields -> meta}); [] = built-in task
     eval_data: list[str] = field(default_factory=list)  # held-out prompt JSONL; [] = `heldout` of data split off
@@ -729,7 +729,9 @@ def run_rl(cfg: RLConfig, out_dir: str | Path, *, base: str | Path, seed: int = 
         reference.requires_grad_(False)
         reference.eval()
 
-    acc_before, answers_before = task_accuracy(model, tok, held_set, scorer, cfg.eval_tokens, cfg.gen_batch)
+    # the held-out figure: exact-match accuracy for the built-in rewards, else the mean configured reward
+    acc_scorer = load_reward("exact", cfg.reward_on_error) if cfg.reward.strip() in ("exact", "choice") else scorer
+    acc_before, answers_before = task_accuracy(model, tok, held_set, acc_scorer, cfg.eval_tokens, cfg.gen_batch)
     if runtime.is_main:
         d = out_dir / "data"
         d.mkdir(parents=True, exist_ok=True)
@@ -741,7 +743,7 @@ def run_rl(cfg: RLConfig, out_dir: str | Path, *, base: str | Path, seed: int = 
     last_eval: dict = {"answers": answers_before}
 
     def evaluate(ts):
-        acc, answers = task_accuracy(ts.model, tok, held_set, scorer, cfg.eval_tokens, cfg.gen_batch)
+        acc, answers = task_accuracy(ts.model, tok, held_set, acc_scorer, cfg.eval_tokens, cfg.gen_batch)
         last_eval["answers"] = answers
         return {"heldout_reward": acc} if acc is not None else {}
 
