@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "lmforge.infer.commands",
     "lmforge.posttrain.commands",
     "lmforge.posttrain.pref_commands",
+    "lmforge.posttrain.rl_commands",
 ]
 
 

@@ -53,6 +53,7 @@ STAGES: dict[str, StageSpec] = {
     "chat_eval": StageSpec("lmforge.eval.chat_stage:ChatEvalConfig", "lmforge.eval.chat_stage:run_stage", "chat_eval", ("sft",)),
     "rm": StageSpec("lmforge.posttrain.rm:RMConfig", "lmforge.posttrain.pref_stages:run_rm_stage", "rm", ("sft",)),
     "dpo": StageSpec("lmforge.posttrain.dpo:DPOConfig", "lmforge.posttrain.pref_stages:run_dpo_stage", "dpo", ("sft",)),
+    "rl": StageSpec("lmforge.posttrain.rl:RLConfig", "lmforge.posttrain.rl_stage:run_stage", "rl", ("sft",)),
 }
 
 
