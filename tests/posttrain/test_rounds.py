@@ -154,3 +154,23 @@ def test_rounds_cli_with_base(tmp_path, run_root, capsys):
     args.overrides = ["dpo.max_steps=2"]
     with pytest.raises(ConfigError, match="only --rounds.KEY"):
         args.func(args)
+
+
+def test_an_rl_round_with_a_retrained_reward_model(tmp_path, run_root):
+    cfg = _rounds_cfg(rounds=1, train="rl", retrain_rm=True, n=2,
+                      rm={"max_steps": 2, "pairs": 20, "batch_size": 4, "checkpoint_every": 2, "eval_every": 2, "device": "cpu"},
+                      rl={"max_steps": 2, "prompts_per_step": 2, "group_size": 2, "max_new_tokens": 3, "eval_prompts": 2,
+                          "eval_tokens": 3, "checkpoint_every": 2, "device": "cpu"})
+    res = run_rounds(cfg, tmp_path / "rounds", base=run_root / "sft", reward_model=run_root / "rm", seed=2,
+                     resolve=lambda p: run_root / p)
+    info = res.rounds[0]
+    rd = tmp_path / "rounds" / "round_1"
+    assert info["reward_model"] == "round_1/rm/step_000002" and info["rm_train"]["steps"] == 2
+    assert read_json(rd / "rm" / "step_000002" / "state.json")["base"].endswith("sft/t/step_000010")
+    assert read_json(rd / "data" / "stats.json")["reward_model"].startswith(str(rd / "rm" / "step_000002"))
+    state = read_json(rd / "rl" / "step_000002" / "state.json")
+    assert state["reward"] == f"rm:{rd / 'rm' / 'step_000002'}" and info["train"]["steps"] == 2
+    # 12 prompts: at most a tenth (1) held out, given to RL as its held-out set
+    assert len((rd / "data" / "prompts.jsonl").read_text().splitlines()) == 11
+    assert len((rd / "data" / "heldout_prompts.jsonl").read_text().splitlines()) == 1
+    assert info["model"] == "round_1/rl/step_000002" and res.final_heldout_reward is not None
