@@ -190,7 +190,8 @@ def rounds_report(res, cfg, rel) -> str:
             f"{_fmt(s.get('heldout_greedy_reward'))} | {_cell(_train_cell(res.train, info.get('train', {})))} | "
             f"`{rel(res.out_dir / info['model'])}` |")
     lines.append(f"| final | | | | | | {_fmt(res.final_heldout_reward)} | | `{rel(res.final_model) if res.final_model else '-'}` |")
-    lines += ["", f"`lmforge generate {rel(res.out_dir)}` loads the newest round's model (`{rel(res.out_dir / 'latest')}`)."]
+    lines += ["", f"The newest round's model is named by `{rel(res.out_dir / 'latest')}`: `lmforge generate` (and every other "
+                  f"consumer) loads it from the `{rel(res.out_dir)}` directory."]
     last = res.rounds[-1] if res.rounds else None
     if last is not None:
         from lmforge.rundir import read_json
