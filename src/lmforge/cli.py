@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "lmforge.posttrain.commands",
     "lmforge.posttrain.pref_commands",
     "lmforge.posttrain.rl_commands",
+    "lmforge.posttrain.rounds_commands",
 ]
 
 
@@ -43,7 +44,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lmforge",
-        description="Train a language model from scratch: crawl -> corpus -> tokenizer -> pretraining -> evaluation.",
+        description="Train a language model from scratch: crawl -> corpus -> tokenizer -> pretraining -> evaluation -> SFT, reward model, DPO, RL.",
         epilog="Any --section.key VALUE option overrides a recipe value (e.g. --data.langid.threshold 0.5).",
     )
     p.add_argument("--version", action="version", version=f"lmforge {__version__}")

@@ -54,6 +54,10 @@ STAGES: dict[str, StageSpec] = {
     "rm": StageSpec("lmforge.posttrain.rm:RMConfig", "lmforge.posttrain.pref_stages:run_rm_stage", "rm", ("sft",)),
     "dpo": StageSpec("lmforge.posttrain.dpo:DPOConfig", "lmforge.posttrain.pref_stages:run_dpo_stage", "dpo", ("sft",)),
     "rl": StageSpec("lmforge.posttrain.rl:RLConfig", "lmforge.posttrain.rl_stage:run_stage", "rl", ("sft",)),
+    "rejection": StageSpec("lmforge.posttrain.rejection:RejectionConfig", "lmforge.posttrain.rounds_stage:run_rejection_stage",
+                           "rejection", ("sft", "rm")),
+    "rounds": StageSpec("lmforge.posttrain.rounds:RoundsConfig", "lmforge.posttrain.rounds_stage:run_rounds_stage", "rounds",
+                        ("sft", "rm")),
 }
 
 
@@ -227,6 +231,16 @@ def write_report(rd: RunDir, run: RunConfig) -> Path:
         section = (out / "report.md").read_text(encoding="utf-8") if (out / "report.md").exists() else ""
         parts.append(f"\n## {name}\n\n_{m.get('wall_time_s', 0):.1f} s, finished {m.get('finished_at', '')}_\n\n{section.strip()}\n")
     return atomic_write_text(rd.report, "\n".join(parts))
+
+
+def rounded(v, nd: int = 4):
+    """A figure for a manifest's counts: None stays None, numbers are rounded to `nd` places."""
+    return None if v is None else round(float(v), nd)
+
+
+def fmt(v, nd: int = 4) -> str:
+    """A figure for a report table: '-' for None, else with thousands separators and `nd` places."""
+    return "-" if v is None else f"{v:,.{nd}f}"
 
 
 def stage_runner(name: str) -> Callable[[StageContext], StageResult]:

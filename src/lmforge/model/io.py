@@ -38,9 +38,9 @@ from lmforge.rundir import atomic_write_bytes, atomic_write_json, read_json
 
 STEP_RE = re.compile(r"^step_(\d+)$")
 # Stage directories of a run that hold models, newest stage first (same step_N/ + latest layout).
-MODEL_STAGE_DIRS = ("rl", "dpo", "sft", "checkpoints")
+MODEL_STAGE_DIRS = ("rounds", "rl", "dpo", "sft", "checkpoints")
 # Recipe stage name -> its directory in the run, for the stages that produce a model.
-MODEL_STAGES = {"pretrain": "checkpoints", "sft": "sft", "dpo": "dpo", "rl": "rl"}
+MODEL_STAGES = {"pretrain": "checkpoints", "sft": "sft", "dpo": "dpo", "rl": "rl", "rounds": "rounds"}
 # Files a loaded model depends on; their checksums in state.json are verified before loading.
 VERIFIED = ("model.safetensors", "config.json", "tokenizer.json")
 

@@ -300,7 +300,7 @@ def run_dpo(cfg: DPOConfig, out_dir: str | Path, *, base: str | Path, seed: int 
         hooks["extra_files"] = lambda _ts: {"adapter.safetensors": L.adapter_bytes(model, lcfg)}
         hooks["restore_weights"] = lambda m, step_dir: L.load_adapter(m, step_dir / "adapter.safetensors")
     lora_state = dataclasses.asdict(cfg.lora) if cfg.lora.r else None
-    extra_state = {"stage": "dpo", "chat_template": template_id(), "base": str(ref.path), "lora": lora_state,
+    extra_state = {"stage": "dpo", "chat_template": template_id(), "base": str(ref.path.resolve()), "lora": lora_state,
                    "loss": cfg.loss, "beta": cfg.beta, "reference": cfg.reference}
     res = T.fit(
         tcfg, runtime, model, batches, make_dpo_loss(cfg.beta, cfg.loss, ref_model), out_dir, name="dpo",

@@ -17,6 +17,8 @@ import dataclasses
 
 from lmforge.errors import InputError
 from lmforge.recipe import StageContext, StageResult
+from lmforge.recipe import fmt as _fmt
+from lmforge.recipe import rounded as _r
 
 
 def _base(ctx: StageContext, cfg, section: str):
@@ -70,14 +72,6 @@ def run_dpo_stage(ctx: StageContext) -> StageResult:
 
 
 # ---- report sections ---------------------------------------------------------------------------
-
-
-def _r(v, nd: int = 4):
-    return None if v is None else round(float(v), nd)
-
-
-def _fmt(v, nd: int = 4) -> str:
-    return "-" if v is None else f"{v:,.{nd}f}"
 
 
 def _mode(cfg) -> str:

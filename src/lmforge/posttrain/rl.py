@@ -756,7 +756,7 @@ def run_rl(cfg: RLConfig, out_dir: str | Path, *, base: str | Path, seed: int = 
         hooks["extra_files"] = lambda ts: {"value_head.safetensors": _value_head_bytes(model)}
         hooks["restore_weights"] = _restore_with_value_head
     extra_state = {"stage": "rl", "algorithm": cfg.algorithm, "reward": cfg.reward, "chat_template": template_id(),
-                   "base": str(ref.path)}
+                   "base": str(ref.path.resolve())}
     res = T.fit(
         tcfg, runtime, model, source, make_loss(cfg), out_dir, name="rl",
         run_config={**cfgmod.to_dict(cfg), "base": str(ref.path)}, resume_free=RLConfig.RESUME_FREE,

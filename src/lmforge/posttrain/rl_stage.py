@@ -16,6 +16,8 @@ import dataclasses
 
 from lmforge.errors import InputError
 from lmforge.recipe import StageContext, StageResult
+from lmforge.recipe import fmt as _fmt
+from lmforge.recipe import rounded as _r
 
 
 def run_stage(ctx: StageContext) -> StageResult:
@@ -47,14 +49,6 @@ def run_stage(ctx: StageContext) -> StageResult:
         "checkpoint": rel(res.checkpoint) if res.checkpoint else None,
     }
     return StageResult(counts=counts, report=report_markdown(res, cfg, rel))
-
-
-def _r(v, nd: int = 4):
-    return None if v is None else round(float(v), nd)
-
-
-def _fmt(v, nd: int = 4) -> str:
-    return "-" if v is None else f"{v:,.{nd}f}"
 
 
 def report_markdown(res, cfg, rel) -> str:

@@ -386,7 +386,7 @@ def run_rm(cfg: RMConfig, out_dir: str | Path, *, base: str | Path, seed: int = 
         m.head.load_state_dict(load_head(step_dir / HEAD_FILE, m.backbone.cfg.d_model, next(m.parameters()).device).state_dict())
 
     lora_state = dataclasses.asdict(cfg.lora) if cfg.lora.r else None
-    extra_state = {"stage": "rm", "chat_template": template_id(), "base": str(ref.path), "lora": lora_state}
+    extra_state = {"stage": "rm", "chat_template": template_id(), "base": str(ref.path.resolve()), "lora": lora_state}
     res = T.fit(
         tcfg, runtime, model, batches, make_rm_loss(cfg.margin, cfg.center), out_dir, name="rm",
         run_config={**cfgmod.to_dict(cfg), "seq_len": max_tokens, "base": str(ref.path), "data_fingerprint": batches.fingerprint},

@@ -192,7 +192,7 @@ def run_sft(cfg: SFTConfig, out_dir: str | Path, *, base: str | Path, seed: int 
                          dp_rank=runtime.info.dp_rank, dp_size=runtime.info.dp_size, device=runtime.device)
 
     lora_state = dataclasses.asdict(cfg.lora) if cfg.lora.r else None
-    extra_state = {"chat_template": template_id(), "base": str(ref.path), "lora": lora_state, "stage": "sft"}
+    extra_state = {"chat_template": template_id(), "base": str(ref.path.resolve()), "lora": lora_state, "stage": "sft"}
     hooks: dict = {}
     if lcfg is not None:
         hooks["export_weights"] = lambda _weights: L.merged_state_dict(model)

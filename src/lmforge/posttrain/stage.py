@@ -8,6 +8,8 @@ import dataclasses
 
 from lmforge.errors import InputError
 from lmforge.recipe import StageContext, StageResult
+from lmforge.recipe import fmt as _fmt
+from lmforge.recipe import rounded as _r
 
 
 def run_stage(ctx: StageContext) -> StageResult:
@@ -30,10 +32,6 @@ def run_stage(ctx: StageContext) -> StageResult:
         "tokens_per_s": _r(res.tokens_per_s, 1), "checkpoint": rel(res.checkpoint) if res.checkpoint else None,
     }
     return StageResult(counts=counts, report=report_markdown(res, cfg, rel))
-
-
-def _r(v, nd: int = 4):
-    return None if v is None else round(float(v), nd)
 
 
 def report_markdown(res, cfg, rel) -> str:
@@ -75,5 +73,3 @@ def report_markdown(res, cfg, rel) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _fmt(v, nd: int = 4) -> str:
-    return "-" if v is None else f"{v:,.{nd}f}"

@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 
 from lmforge.recipe import StageContext, StageResult
+from lmforge.recipe import fmt as _fmt
+from lmforge.recipe import rounded as _r
 
 
 def run_stage(ctx: StageContext) -> StageResult:
@@ -33,10 +35,6 @@ def run_stage(ctx: StageContext) -> StageResult:
         "checkpoint": str(res.checkpoint.relative_to(ctx.run_dir.root)) if res.checkpoint else None,
     }
     return StageResult(counts=counts, report=report_markdown(res, cfg, ctx, name))
-
-
-def _r(v, nd: int = 4):
-    return None if v is None else round(float(v), nd)
 
 
 def report_markdown(res, cfg, ctx: StageContext, name: str) -> str:
@@ -73,5 +71,3 @@ def report_markdown(res, cfg, ctx: StageContext, name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _fmt(v, nd: int = 4) -> str:
-    return "-" if v is None else f"{v:,.{nd}f}"
