@@ -91,17 +91,23 @@ def record_to_messages(record) -> tuple[list[dict] | None, str | None]:
     return None, "no 'messages' and no 'prompt'/'completion'"
 
 
-def read_chat_jsonl(paths: Iterable[str | Path]) -> tuple[list[dict], dict]:
-    """Conversations `{"messages": [...], "source": "file:line", ...other keys}` from JSONL files,
-    and stats {lines, conversations, malformed, blank}. Malformed lines are logged (file:line and
-    why) and skipped; a missing file or one without a single usable line is an InputError."""
-    convs: list[dict] = []
-    stats = {"lines": 0, "conversations": 0, "malformed": 0, "blank": 0}
+def read_jsonl_records(paths: Iterable[str | Path], parse, *, kind: str, missing: str, noun: str, needs: str
+                       ) -> tuple[list[dict], dict]:
+    """The one JSONL reader of post-training data (chat conversations, preference pairs, prompts).
+
+    `parse(record) -> (item dict | None, why | "")`: None + why for a malformed line (logged once with
+    file:line and skipped, counted in `malformed`), an item with `why` set for a line that parses but
+    is dropped all the same (logged, counted under that `why` as the stats key, e.g. "identical").
+    Each kept item gets `source` = "file:line". Stats: lines, blank, malformed, + dropped reasons.
+    A missing file (`<missing> not found`), or a file with no usable line (`no usable <noun> (each line
+    needs <needs>)`), is an InputError; log lines say "malformed <kind> line"."""
+    items: list[dict] = []
+    stats = {"lines": 0, "malformed": 0, "blank": 0}
     for p in paths:
         p = Path(p)
         if not p.is_file():
-            raise InputError(f"chat data not found: {p}")
-        before = len(convs)
+            raise InputError(f"{missing} not found: {p}")
+        before = len(items)
         with _open_text(p) as f:
             for lineno, line in enumerate(f, 1):
                 stats["lines"] += 1
@@ -111,18 +117,37 @@ def read_chat_jsonl(paths: Iterable[str | Path]) -> tuple[list[dict], dict]:
                 try:
                     rec = json.loads(line)
                 except ValueError as e:
-                    why = f"bad JSON ({e.msg})"
-                    msgs = None
+                    item, why = None, f"bad JSON ({e.msg})"
                 else:
-                    msgs, why = record_to_messages(rec)
-                if msgs is None:
+                    item, why = parse(rec)
+                if item is None:
                     stats["malformed"] += 1
-                    logger.warning("%s:%d: skipped malformed chat line: %s", p, lineno, why)
+                    logger.warning("%s:%d: skipped malformed %s line: %s", p, lineno, kind, why)
                     continue
-                extra = {k: v for k, v in rec.items() if k not in ("messages", "prompt", "completion", "system")}
-                convs.append({**extra, "messages": msgs, "source": f"{p}:{lineno}"})
-        if len(convs) == before:
-            raise InputError(f"{p}: no usable conversation (each line needs 'messages' or 'prompt'/'completion')")
+                if why:
+                    stats[why] = stats.get(why, 0) + 1
+                    logger.warning("%s:%d: skipped %s line: %s", p, lineno, kind, why)
+                    continue
+                items.append({**item, "source": f"{p}:{lineno}"})
+        if len(items) == before:
+            raise InputError(f"{p}: no usable {noun} (each line needs {needs})")
+    return items, stats
+
+
+def read_chat_jsonl(paths: Iterable[str | Path]) -> tuple[list[dict], dict]:
+    """Conversations `{"messages": [...], "source": "file:line", ...other keys}` from JSONL files,
+    and stats {lines, conversations, malformed, blank}. Malformed lines are logged (file:line and
+    why) and skipped; a missing file or one without a single usable line is an InputError."""
+
+    def parse(rec):
+        msgs, why = record_to_messages(rec)
+        if msgs is None:
+            return None, why
+        extra = {k: v for k, v in rec.items() if k not in ("messages", "prompt", "completion", "system")}
+        return {**extra, "messages": msgs}, ""
+
+    convs, stats = read_jsonl_records(paths, parse, kind="chat", missing="chat data", noun="conversation",
+                                      needs="'messages' or 'prompt'/'completion'")
     stats["conversations"] = len(convs)
     return convs, stats
 

@@ -80,39 +80,20 @@ def read_pref_jsonl(paths: Iterable[str | Path]) -> tuple[list[dict], dict]:
     JSONL files, and stats {lines, pairs, malformed, identical, blank}. Malformed lines are logged
     (file:line and why) and skipped; identical chosen/rejected pairs are counted and dropped. A
     missing file, or one without a usable pair, is an InputError."""
-    from lmforge.posttrain.chat_data import _open_text
+    from lmforge.posttrain.chat_data import read_jsonl_records
 
-    pairs: list[dict] = []
-    stats = {"lines": 0, "pairs": 0, "malformed": 0, "identical": 0, "blank": 0}
-    for p in paths:
-        p = Path(p)
-        if not p.is_file():
-            raise InputError(f"preference data not found: {p}")
-        before = len(pairs)
-        with _open_text(p) as f:
-            for lineno, line in enumerate(f, 1):
-                stats["lines"] += 1
-                if not line.strip():
-                    stats["blank"] += 1
-                    continue
-                try:
-                    rec = json.loads(line)
-                except ValueError as e:
-                    pair, why = None, f"bad JSON ({e.msg})"
-                else:
-                    pair, why = record_to_pair(rec)
-                if pair is None:
-                    stats["malformed"] += 1
-                    logger.warning("%s:%d: skipped malformed preference line: %s", p, lineno, why)
-                    continue
-                if pair["chosen"].strip() == pair["rejected"].strip():
-                    stats["identical"] += 1
-                    logger.warning("%s:%d: skipped a pair whose chosen and rejected answers are identical", p, lineno)
-                    continue
-                extra = {k: v for k, v in rec.items() if k not in ("prompt", "chosen", "rejected")}
-                pairs.append({**extra, **pair, "source": f"{p}:{lineno}"})
-        if len(pairs) == before:
-            raise InputError(f"{p}: no usable preference pair (each line needs 'prompt', 'chosen' and 'rejected')")
+    def parse(rec):
+        pair, why = record_to_pair(rec)
+        if pair is None:
+            return None, why
+        if pair["chosen"].strip() == pair["rejected"].strip():
+            return pair, "identical"  # counted and dropped: chosen and rejected are the same answer
+        extra = {k: v for k, v in rec.items() if k not in ("prompt", "chosen", "rejected")}
+        return {**extra, **pair}, ""
+
+    pairs, stats = read_jsonl_records(paths, parse, kind="preference", missing="preference data", noun="preference pair",
+                                      needs="'prompt', 'chosen' and 'rejected'")
+    stats.setdefault("identical", 0)
     stats["pairs"] = len(pairs)
     return pairs, stats
 

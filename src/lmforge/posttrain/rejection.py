@@ -144,35 +144,10 @@ def read_prompts_jsonl(paths: Sequence[str | Path]) -> tuple[list[dict], dict]:
     """Prompt records from JSONL files and counts {lines, prompts, malformed, blank}. A malformed
     line is logged with file:line and skipped; a missing file or one without a usable prompt is an
     InputError."""
-    from lmforge.posttrain.chat_data import _open_text
+    from lmforge.posttrain.chat_data import read_jsonl_records
 
-    out: list[dict] = []
-    stats = {"lines": 0, "prompts": 0, "malformed": 0, "blank": 0}
-    for p in paths:
-        p = Path(p)
-        if not p.is_file():
-            raise InputError(f"prompt file not found: {p}")
-        before = len(out)
-        with _open_text(p) as f:
-            for lineno, line in enumerate(f, 1):
-                stats["lines"] += 1
-                if not line.strip():
-                    stats["blank"] += 1
-                    continue
-                try:
-                    rec = json.loads(line)
-                except ValueError as e:
-                    got, why = None, f"bad JSON ({e.msg})"
-                else:
-                    got, why = prompt_from_record(rec)
-                if got is None:
-                    stats["malformed"] += 1
-                    logger.warning("%s:%d: skipped malformed prompt line: %s", p, lineno, why)
-                    continue
-                got["source"] = f"{p}:{lineno}"
-                out.append(got)
-        if len(out) == before:
-            raise InputError(f"{p}: no usable prompt (each line needs 'messages' or 'prompt' ending with a user turn)")
+    out, stats = read_jsonl_records(paths, prompt_from_record, kind="prompt", missing="prompt file", noun="prompt",
+                                    needs="'messages' or 'prompt' ending with a user turn")
     stats["prompts"] = len(out)
     return out, stats
 
