@@ -174,5 +174,11 @@ def test_cli_with_user_data_counts_malformed_lines(tmp_path, base_ckpt, capsys):
     assert rc == 0
     stats = read_json(tmp_path / "out" / "data" / "stats.json")
     assert stats["read_malformed"] == 2 and stats["read_conversations"] == 11
+    capsys.readouterr()
+    # the fine-tuned model answers a user message through the chat template
+    assert main(["generate", str(tmp_path / "out"), "--chat", "--prompt", "Say yes.", "--json", "--max-new-tokens", "4",
+                 "--temperature", "0"]) == 0
+    rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rec["prompt"] == "Say yes." and rec["model"].endswith("step_000002")
     assert main(["sft", "--base", str(base_ckpt), "--out", str(tmp_path / "o2"), "--sft.lr", "abc"]) == 2
     assert "sft.lr" in capsys.readouterr().err

@@ -35,6 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     g.add_argument("--dtype", choices=_DTYPES, help="cast the weights (default: float32)")
     g.add_argument("--json", action="store_true", help="print JSON lines instead of text")
+    g.add_argument("--chat", action="store_true",
+                   help="each prompt is a user message, rendered with the chat template (for SFT / DPO / RL models)")
     g.set_defaults(func=_cmd_generate)
 
     e = sub.add_parser("export", help="export a checkpoint to another format")
@@ -81,11 +83,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     device = _device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     model, tok, ref = load_model_and_tokenizer(args.checkpoint, device=device, dtype=dtype, tokenizer=args.tokenizer)
-    bos = [tok.bos_id] if tok.bos_id is not None else []
-    prompts = [bos + tok.encode(p) for p in args.prompt]
+    if args.chat:
+        from lmforge.tokenizer.chat import render_prompt
+
+        prompts = [render_prompt(tok, [{"role": "user", "content": p}]) for p in args.prompt]
+    else:
+        bos = [tok.bos_id] if tok.bos_id is not None else []
+        prompts = [bos + tok.encode(p) for p in args.prompt]
     outs = generate(model, prompts, params, tokenizer=tok)
     for o in outs:
-        prompt = args.prompt[o.prompt_index]
+        prompt = args.prompt[o.prompt_index] + ("\n" if args.chat and not args.json else "")
         # special tokens (a weak model's stray <|pad|>) are left out of the text, as before the engine
         completion = o.text if args.stop and o.text is not None else tok.decode(o.token_ids, skip_special=True)
         if o.finish_reason == "context":
