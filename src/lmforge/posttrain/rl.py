@@ -16,7 +16,9 @@ One rollout (`RolloutSource._rollout`):
    (`RewardNaN`, naming the step, before the weights change); `stall_steps` rollouts in a row where
    every group has one reward (nothing to learn from) stop it too (`NoLearningSignal`);
 4. the old log-probs (and the reference's, when `kl_coef > 0`; PPO: the old values) in one no-grad
-   pass; then the advantages:
+   pass — skipped when each rollout feeds exactly one update (not PPO, `ppo_epochs = minibatches = 1`:
+   the old log-probs are the update's own, detached, and the ratio is 1; TRL skips it likewise for
+   `num_iterations = 1`); then the advantages:
    * grpo: group-normalised `(r - mean_g) / (std_g + eps)` (`scale_rewards = false`: `r - mean_g`);
    * rloo: leave-one-out `r_i - mean_{j != i} r_j`;
    * reinforce: `r - b`, b a moving average of the mean reward (`baseline = "ema"`) or the group mean;
@@ -336,6 +338,9 @@ class Rollout:
     old_values: torch.Tensor | None = None
     returns: torch.Tensor | None = None
     stats: dict = field(default_factory=dict)
+    # each rollout feeds exactly one update (ppo_epochs = minibatches = 1, not PPO): the old log-probs are
+    # the update's own, detached (the ratio is 1), so the no-grad pass that would compute them is skipped
+    on_policy: bool = False
 
     TENSORS = ("x", "y", "mask", "old_logp", "adv", "ref_logp", "old_values", "returns")
 
@@ -345,10 +350,10 @@ class Rollout:
         valid_t = (sub["y"] != -100).any(0).nonzero()
         T_ = int(valid_t.max()) + 1 if valid_t.numel() else 1
         sub = {k: (v[:, :T_] if v is not None else None) for k, v in sub.items()}
-        return Rollout(**sub, stats=self.stats)
+        return Rollout(**sub, stats=self.stats, on_policy=self.on_policy)
 
     def to_json(self) -> dict:
-        out = {"stats": self.stats}
+        out = {"stats": self.stats, "on_policy": self.on_policy}
         for k in self.TENSORS:
             t = getattr(self, k)
             out[k] = None if t is None else {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
@@ -361,7 +366,7 @@ class Rollout:
         for k in cls.TENSORS:
             v = d.get(k)
             kw[k] = None if v is None else torch.tensor(v["data"], dtype=getattr(torch, v["dtype"]), device=device).view(v["shape"])
-        return cls(**kw, stats=dict(d.get("stats", {})))
+        return cls(**kw, stats=dict(d.get("stats", {})), on_policy=bool(d.get("on_policy", False)))
 
 
 @dataclass
@@ -457,8 +462,9 @@ class RolloutSource:
         chosen = self._take(cfg.prompts_per_step)
         prompts = [self.prompts.ids[i] for i in chosen]
         t0 = time.perf_counter()
+        on_policy = cfg.algorithm != "ppo" and cfg.ppo_epochs == 1 and cfg.minibatches == 1
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                                top_p=cfg.top_p, n=G, seed=_mix(self.seed, self.rollouts, 0, 1))
+                                top_p=cfg.top_p, n=G, seed=_mix(self.seed, self.rollouts, 0, 1), logprobs=on_policy)
         outs = generate(core, prompts, params, tokenizer=tok, max_batch=cfg.gen_batch)
         gen_s = time.perf_counter() - t0
         self.rollouts += 1
@@ -494,19 +500,25 @@ class RolloutSource:
         y[~valid.flatten()] = -100  # skipped samples: no loss
         x, y = x.to(self.device), y.to(self.device)
         mask = (y != -100).float()
-        old_logp, old_values = self._forward(core, x, y, values=cfg.algorithm == "ppo")
+        if on_policy:  # the update computes its own log-probs; the sampled tokens' ones come from the engine
+            old_logp, old_values = torch.zeros_like(mask), None
+            sampled = [lp for o in outs for lp in (o.logprobs or [])]
+            entropy = -sum(sampled) / len(sampled) if sampled else 0.0
+        else:
+            old_logp, old_values = self._forward(core, x, y, values=cfg.algorithm == "ppo")
+            entropy = float(masked_mean(-old_logp, mask))
         ref_logp = self._forward(self.ref, x, y)[0] if self.ref is not None else None
         stats = {"reward_mean": float(r[valid].mean()) if valid.any() else 0.0,
                  "reward_std": float(r[valid].std()) if valid.sum() > 1 else 0.0,
                  "response_len": float(sum(len(s) for _, s in rows) / len(rows)),
-                 "entropy": float(masked_mean(-old_logp, mask)),
+                 "entropy": entropy,
                  "reward_failed": float(self.scorer.errors - errors_before),
                  "gen_s": gen_s, "samples_per_s": len(rows) / gen_s if gen_s > 0 else 0.0}
-        if ref_logp is not None:
+        if ref_logp is not None and not on_policy:  # on policy, the update logs "kl" from its own pass
             stats["kl_rollout"] = float(masked_mean(k3_kl(old_logp, ref_logp), mask))
         rd = r.to(self.device)
         vd = valid.to(self.device)
-        out = Rollout(x, y, mask, old_logp, torch.zeros_like(old_logp), ref_logp, old_values, None, stats)
+        out = Rollout(x, y, mask, old_logp, torch.zeros_like(old_logp), ref_logp, old_values, None, stats, on_policy)
         if cfg.algorithm == "ppo":
             self._ppo_advantages(out, rd.flatten())
         else:
@@ -597,7 +609,8 @@ def make_loss(cfg: RLConfig):
         else:
             logp = core.token_logprobs(b.x, b.y)
         logp = logp.float()
-        loss, clip_frac = clipped_policy_loss(logp, b.old_logp, b.adv, b.mask, cfg.clip_eps, cfg.loss_agg)
+        old_logp = logp.detach() if b.on_policy else b.old_logp
+        loss, clip_frac = clipped_policy_loss(logp, old_logp, b.adv, b.mask, cfg.clip_eps, cfg.loss_agg)
         metrics = {"policy_loss": loss.detach(), "clip_frac": clip_frac, **b.stats}
         if b.ref_logp is not None:
             kl = k3_kl(logp, b.ref_logp)
