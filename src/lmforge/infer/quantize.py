@@ -27,6 +27,7 @@ module is which kind, in the file's metadata).
 
 from __future__ import annotations
 
+import abc
 import json
 from pathlib import Path
 
@@ -62,7 +63,7 @@ class _QuantMatmul(torch.autograd.Function):
         return ctx.module._matmul_grad(g), None
 
 
-class QuantizedLinear(nn.Module):
+class QuantizedLinear(nn.Module, metaclass=abc.ABCMeta):
     """Base of the weight-only quantized linear layers: y = x W^T (+ bias) with W stored quantized.
     Subclasses store their buffers, implement `dequantize`, `weight_bytes`, `from_linear`, `empty`,
     and may override `_matmul` (a fused kernel) and `_matmul_grad`."""
@@ -79,18 +80,18 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("bias", bias.detach().clone().to(dtype))
 
     @property
+    @abc.abstractmethod
     def dtype(self) -> torch.dtype:
         """The floating dtype the weight dequantizes to by default (that of the scales)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The fp weight (out_features, in_features)."""
-        raise NotImplementedError
 
     @property
+    @abc.abstractmethod
     def weight_bytes(self) -> int:
         """Bytes this module stores for its weight (quantized values + scales), bias excluded."""
-        raise NotImplementedError
 
     def spec(self) -> dict:
         """JSON-able description from which `empty` rebuilds this module (before loading its state)."""
