@@ -165,3 +165,34 @@ def test_progress_is_a_bar_on_a_terminal_and_silent_when_off(monkeypatch):
     monkeypatch.setenv("LMFORGE_PROGRESS", "0")
     out = _Pipe()
     assert list(log.progress(range(3), desc="x", file=out)) == [0, 1, 2] and out.getvalue() == ""
+
+
+def test_a_stage_reruns_when_a_recipe_section_it_reads_changes(tmp_path, monkeypatch):
+    """A stage whose work reads other recipe sections (the rounds stage reads [dpo], [sft], ...) is
+    fingerprinted with them: changing such a section reruns it; an unrelated change does not."""
+    from lmforge import recipe as R
+
+    calls = []
+    real_import = R._import
+
+    def fake_import(path):
+        if path == "probe:run":
+            return lambda ctx: calls.append(ctx.name) or R.StageResult()
+        return real_import(path)
+
+    monkeypatch.setattr(R, "_import", fake_import)
+    monkeypatch.setitem(R.STAGES, "probe", R.StageSpec("lmforge.eval.config:EvalConfig", "probe:run", "probe", sections=("dpo",)))
+    recipe = tmp_path / "r.toml"
+
+    def run(dpo_steps, rl_steps=5):
+        recipe.write_text(f'[run]\nname = "p"\nstages = ["probe"]\n[probe]\nlimit = 100\n[dpo]\nmax_steps = {dpo_steps}\n'
+                          f'[rl]\nmax_steps = {rl_steps}\n')
+        R.run_recipe(recipe, run_dir=tmp_path / "run")
+
+    run(10)
+    run(10)
+    assert calls == ["probe"]  # second run: the manifest matches, skipped
+    run(10, rl_steps=7)
+    assert calls == ["probe"]  # [rl] is not read by this stage: still skipped
+    run(20)
+    assert calls == ["probe", "probe"]  # [dpo] changed: rerun

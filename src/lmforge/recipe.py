@@ -41,6 +41,7 @@ class StageSpec:
     run: str  # "module:function" taking a StageContext, returning a StageResult
     out: str  # output directory name inside the run directory
     after: tuple[str, ...] = ()  # stages whose output this one reads (their fingerprints feed ours)
+    sections: tuple[str, ...] = ()  # other recipe sections this stage's work reads (they feed its fingerprint too)
 
 
 # The stages a recipe can name, in pipeline order.
@@ -57,7 +58,7 @@ STAGES: dict[str, StageSpec] = {
     "rejection": StageSpec("lmforge.posttrain.rejection:RejectionConfig", "lmforge.posttrain.rounds_stage:run_rejection_stage",
                            "rejection", ("sft", "rm")),
     "rounds": StageSpec("lmforge.posttrain.rounds:RoundsConfig", "lmforge.posttrain.rounds_stage:run_rounds_stage", "rounds",
-                        ("sft", "rm")),
+                        ("sft", "rm"), sections=("sft", "dpo", "rl", "rm", "rejection")),
 }
 
 
@@ -164,6 +165,7 @@ def run_recipe(
             "seed": run.seed,
             "upstream": up,
             "inputs": inputs_fp(base) if callable(inputs_fp) else None,
+            **({"sections": {sec: raw.get(sec, {}) for sec in spec.sections}} if spec.sections else {}),
         })
         fps[name] = fp
         out = rd / spec.out
