@@ -177,3 +177,41 @@ def test_cli_dpo_and_rm_with_user_data(tmp_path, chat_base, easy_data, monkeypat
     assert cli.main(["dpo", "--base", str(chat_base), "--out", str(tmp_path / "o2"), "--dpo.beta", "abc"]) == 2
     assert "dpo.beta" in capsys.readouterr().err
     assert cli.main(["rm", "--out", str(tmp_path / "o3")]) == 2
+
+
+def test_dpo_killed_with_sigkill_resumes_to_the_same_weights(tmp_path, chat_base, easy_data):
+    """A real `lmforge dpo` subprocess is killed with SIGKILL after a checkpoint; the rerun resumes
+    there and ends with the uninterrupted run's weights."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    over = dict(max_steps=40, checkpoint_every=4, keep_last=2, eval_every=0, log_every=2)
+    args = [f"--dpo.{k}={v}" for k, v in over.items()] + [
+        "--dpo.batch_size=8", "--dpo.lr=3e-3", "--dpo.warmup_steps=1", "--dpo.device=cpu", "--dpo.sample_tokens=0",
+        "--dpo.beta=0.5", f"--dpo.eval_data=['{easy_data[1]}']"]
+    out = tmp_path / "killed"
+    env = dict(os.environ, LMFORGE_PROGRESS="0", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "lmforge", "dpo", "--base", str(chat_base), "--out", str(out), "--seed", "2",
+                             "--data", str(easy_data[0]), *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (out / "step_000004" / "state.json").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline, "the DPO subprocess made no checkpoint in time"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # the subprocess's thread count: bit-exact comparison
+    try:
+        cfg = _cfg(easy_data, **over)
+        again = run_dpo(cfg, out, base=chat_base, seed=2)
+        ref = run_dpo(cfg, tmp_path / "ref", base=chat_base, seed=2)
+    finally:
+        torch.set_num_threads(n)
+    assert again.resumed_from is not None and 4 <= again.resumed_from < 40
+    a, b = ck.load_weights(again.checkpoint), ck.load_weights(ref.checkpoint)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
