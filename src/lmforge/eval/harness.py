@@ -295,7 +295,7 @@ def evaluate_checkpoints(checkpoints: list[tuple[str, Path]], tok: Tok, tasks: l
                          resume: bool = True, on_result: Callable[[str, str, dict], None] | None = None) -> dict:
     """Evaluate each checkpoint on each task; writes out_dir/<label>/<task>.json and out_dir/summary.json.
     A (checkpoint, task) whose JSON already exists is not recomputed when `resume`."""
-    from lmforge.model.io import load_checkpoint
+    from lmforge.infer import load_model  # plain checkpoints through model.io, quantized ones too
 
     dev = pick_device(device)
     summary: dict[str, dict] = read_json(out_dir / "summary.json", {}) if resume else {}
@@ -305,7 +305,7 @@ def evaluate_checkpoints(checkpoints: list[tuple[str, Path]], tok: Tok, tasks: l
         todo = [t for t, n in zip(tasks, names) if not (resume and (out_dir / label / f"{n}.json").is_file())]
         row = summary.setdefault(label, {})
         if todo:
-            model, _ = load_checkpoint(ckpt, device=dev)  # checksums verified against state.json
+            model, _ = load_model(ckpt, device=dev)  # checksums verified against state.json
             if model.cfg.vocab_size < tok.vocab_size:
                 raise InputError(f"tokenizer has {tok.vocab_size} tokens but the model {ckpt} only {model.cfg.vocab_size}")
             logger.info("eval %s (%s): %s", label, ckpt, ", ".join(t[0] if isinstance(t, tuple) else t.name for t in todo))

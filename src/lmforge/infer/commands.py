@@ -50,6 +50,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     h.set_defaults(func=_cmd_export_hf)
     e.set_defaults(func=lambda a: (e.print_help(), 1)[1])
 
+    from lmforge.infer.quantize_cmd import register as register_quantize
+
+    register_quantize(sub)  # lmforge quantize
+
 
 def _device(name: str):
     import torch

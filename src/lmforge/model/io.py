@@ -286,6 +286,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
 
         model = load_hf(ref.path, device=device, dtype=dtype)
     else:
+        state = read_json(ref.path / "state.json")
+        if isinstance(state, dict) and isinstance(state.get("quantization"), dict):  # written by `lmforge quantize`
+            raise InputError(f"{ref.path} is a quantized checkpoint ({state['quantization'].get('kind')}): "
+                             "load it with lmforge.infer.load_model_and_tokenizer (or lmforge.infer.load_model)")
         if verify:
             verify_checksums(ref.path)
         model = load_model(ref.path, device=device, dtype=dtype)
