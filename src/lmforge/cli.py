@@ -27,6 +27,10 @@ COMMAND_MODULES = [
     "lmforge.posttrain.pref_commands",
     "lmforge.posttrain.rl_commands",
     "lmforge.posttrain.rounds_commands",
+    "lmforge.posttrain.distill_commands",
+    "lmforge.posttrain.medusa_commands",
+    "lmforge.infer.compress_commands",
+    "lmforge.serve.commands",
 ]
 
 

@@ -48,6 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     h.add_argument("--dtype", default="float32", choices=_DTYPES)
     h.add_argument("--check", action="store_true", help="load the export with transformers and compare logits")
     h.set_defaults(func=_cmd_export_hf)
+    from lmforge.infer.gguf import add_export_parser as add_gguf
+
+    add_gguf(esub)  # lmforge export gguf
     e.set_defaults(func=lambda a: (e.print_help(), 1)[1])
 
     from lmforge.infer.quantize_cmd import register as register_quantize
