@@ -149,3 +149,13 @@ def test_uint32_and_empty_corpus(trained_dir, tmp_path):
     write_shard(corpus / "a.jsonl.zst", [Document("b", "", {})])
     with pytest.raises(InputError, match="no documents"):
         encode_corpus(corpus_shards(corpus), trained_dir, tmp_path / "t2", tmp_path / "w2")
+
+
+def test_hf_backend_writes_the_same_shards(small_corpus, trained_dir, tmp_path):
+    """The `backend` switch (used by the tokenizer benchmark's peer side) changes the encoder only."""
+    fast = _encode(small_corpus, trained_dir, tmp_path / "fast", seed=3)
+    slow = _encode(small_corpus, trained_dir, tmp_path / "slow", seed=3, backend="tokenizers")
+    assert fast["totals"] == slow["totals"] and fast["train"] == slow["train"]
+    for split in ("train", "val"):
+        assert np.array_equal(read_tokens(tmp_path / "fast" / "tokens", split), read_tokens(tmp_path / "slow" / "tokens", split))
+    assert np.array_equal(fast["counts"], slow["counts"])

@@ -110,3 +110,19 @@ def test_unreadable_files_are_one_line_errors(tmp_path):
     (tmp_path / "tokenizer.json").write_text('{"model": {"type": "Unigram"}}')
     with pytest.raises(InputError, match="nor one HF tokenizers can read"):
         Tokenizer.from_file(tmp_path)
+
+
+def test_threaded_chunks_and_arrays_match_one_by_one(trained_dir, sample_dir):
+    """The chunked thread-pool batch and the uint32-array path give the ids of encoding each text alone
+    (special strings stay plain text, lone surrogates are repaired as tiktoken's own wrapper does)."""
+    fast = Tokenizer.from_file(trained_dir)
+    slow = Tokenizer.from_file(trained_dir / "tokenizer.json", backend="tokenizers")
+    texts = _texts(sample_dir) + ["a <|bos|> b <|eos|>", "lone \udc80 surrogate", ""]
+    one = [fast.encode(t) for t in texts]
+    for threads in (1, 2, 3):
+        assert fast.encode_batch(texts, num_threads=threads) == one
+        arrays = fast.encode_arrays(texts, num_threads=threads)
+        assert all(a.dtype.name == "uint32" for a in arrays)
+        assert [a.tolist() for a in arrays] == one
+    clean = texts[:-2]  # HF tokenizers rejects lone surrogates
+    assert [a.tolist() for a in slow.encode_arrays(clean)] == one[:-2]

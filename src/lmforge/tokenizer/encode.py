@@ -18,7 +18,6 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
-from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,7 @@ import numpy as np
 from lmforge.errors import InputError
 from lmforge.log import logger, progress
 from lmforge.rundir import atomic_dir, atomic_file, atomic_write_json, read_json
-from lmforge.tokenizer.runtime import load_tokenizer
+from lmforge.tokenizer.runtime import Tokenizer
 from lmforge.tokenizer.runtime import tokenizer_file as _tokenizer_file
 
 INDEX = "index.json"
@@ -54,6 +53,7 @@ class _Task:
     batch_docs: int
     threads: int
     key: dict
+    backend: str = "auto"
 
 
 def _marker(work: Path, i: int) -> Path:
@@ -64,7 +64,7 @@ def _encode_shard(task: _Task) -> dict:
     """Encode one corpus shard into the work dir; returns its marker dict."""
     from lmforge.tokenizer.corpus import ReadStats, iter_docs
 
-    tok = load_tokenizer(task.tokenizer_file)
+    tok = Tokenizer.from_file(task.tokenizer_file, backend=task.backend)
     work = Path(task.work_dir)
     stats = ReadStats()
     sources: dict[str, int] = {}
@@ -75,10 +75,10 @@ def _encode_shard(task: _Task) -> dict:
     with atomic_file(work / f"enc_{task.index:05d}.bin") as out:
         def flush(texts: list[str], srcs: list[int]) -> None:
             nonlocal n_tokens
-            ids = tok.encode_batch(texts, num_threads=task.threads)
+            ids = tok.encode_arrays(texts, num_threads=task.threads)  # uint32 arrays: no Python int per token
             lens = [len(x) for x in ids]
             total = sum(lens)
-            arr = np.fromiter(chain.from_iterable(ids), dtype=np.uint32, count=total)
+            arr = np.concatenate(ids) if ids else np.zeros(0, dtype=np.uint32)
             out.write(arr.tobytes())
             counts[:] += np.bincount(arr, minlength=tok.vocab_size)[: tok.vocab_size]
             for t, n, s in zip(texts, lens, srcs):
@@ -112,7 +112,8 @@ def _shard_key(shard: Path, tokenizer_sha: str) -> dict:
     return {"shard": str(shard), "size": st.st_size, "mtime": int(st.st_mtime), "tokenizer": tokenizer_sha}
 
 
-def _encode_all(shards: list[Path], tokenizer_file: Path, work: Path, workers: int, batch_docs: int) -> list[dict]:
+def _encode_all(shards: list[Path], tokenizer_file: Path, work: Path, workers: int, batch_docs: int,
+                backend: str = "auto") -> list[dict]:
     work.mkdir(parents=True, exist_ok=True)
     sha = file_sha(tokenizer_file)
     markers: dict[int, dict] = {}
@@ -125,7 +126,7 @@ def _encode_all(shards: list[Path], tokenizer_file: Path, work: Path, workers: i
         if m and all(m.get(k) == v for k, v in key.items()) and all((work / f"enc_{i:05d}{ext}").exists() for ext in (".bin", ".docs.npy", ".counts.npy")):
             markers[i] = m
         else:
-            todo.append(_Task(i, str(s), str(tokenizer_file), str(work), batch_docs, threads, key))
+            todo.append(_Task(i, str(s), str(tokenizer_file), str(work), batch_docs, threads, key, backend))
     if markers:
         logger.info("tokenizer: %d of %d corpus shards already encoded (resuming)", len(markers), len(shards))
     if todo:
@@ -190,18 +191,20 @@ def encode_corpus(
     seed: int = 1234,
     workers: int = 1,
     batch_docs: int = 512,
+    backend: str = "auto",
 ) -> dict:
-    """Encode corpus shards into `tokens_dir` (train/ + val/ + index.json). Returns the index plus `counts`."""
+    """Encode corpus shards into `tokens_dir` (train/ + val/ + index.json). Returns the index plus `counts`.
+    `backend` picks the tokenizer runtime's backend (`Tokenizer.from_file`); the ids are the same."""
     t0 = time.time()
     tok_file = _tokenizer_file(tokenizer_dir)
-    tok = load_tokenizer(tok_file)
+    tok = Tokenizer.from_file(tok_file, backend=backend)
     if tok.bos_id is None:
         raise InputError(f"{tok_file}: no <|bos|> token (token shards put one before each document)")
     np_dtype = np.dtype("<u2") if (dtype == "uint16" or (dtype == "auto" and tok.vocab_size <= 65536)) else np.dtype("<u4")
     if np_dtype == np.dtype("<u2") and tok.vocab_size > 65536:
         raise InputError(f"dtype uint16 cannot hold a vocabulary of {tok.vocab_size} ids")
     work = Path(work_dir)
-    markers = _encode_all(shards, tok_file, work, max(1, workers), batch_docs)
+    markers = _encode_all(shards, tok_file, work, max(1, workers), batch_docs, backend)
     t_enc = time.time() - t0
 
     # global document table

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,8 @@ import numpy as np
 from lmforge.errors import InputError
 
 _MISSING = object()
+_NO_SPECIAL: frozenset[str] = frozenset()
+_MIN_CHUNK = 16  # texts per thread-pool task, at least
 
 # Names tried, in order, for the three ids every consumer needs (after special_tokens.json and
 # tokenizer_config.json beside the file).
@@ -79,6 +82,7 @@ class _Tiktoken:
 
     def __init__(self, enc):
         self.enc = enc
+        self._core = enc._core_bpe  # tiktoken's Rust object: its calls skip the Python wrapper
         self.size = enc.max_token_value + 1
 
     def encode(self, text: str, allow_special: bool) -> list[int]:
@@ -86,10 +90,37 @@ class _Tiktoken:
             return self.enc.encode(text, allowed_special="all")
         return self.enc.encode_ordinary(text)
 
+    def _one_ordinary(self, text: str) -> list[int]:
+        try:
+            return self._core.encode_ordinary(text)  # the GIL is released inside
+        except UnicodeEncodeError:  # lone surrogates: tiktoken's wrapper repairs them
+            return self.enc.encode_ordinary(text)
+
+    def _one_array(self, text: str) -> np.ndarray:
+        try:
+            # an empty allowed set: special-token strings are encoded as plain text, as encode_ordinary
+            return np.frombuffer(self._core.encode_to_tiktoken_buffer(text, _NO_SPECIAL), dtype=np.uint32)
+        except UnicodeEncodeError:
+            return np.asarray(self.enc.encode_ordinary(text), dtype=np.uint32)
+
+    def _chunked(self, fn, texts: list[str], num_threads: int) -> list:
+        """`fn` over `texts` on `num_threads` threads, in contiguous chunks: one pool task per chunk
+        instead of one per text (tiktoken's own batch call pays a future per text)."""
+        if num_threads <= 1 or len(texts) < 2 * _MIN_CHUNK:
+            return [fn(t) for t in texts]
+        k = min(num_threads * 4, len(texts) // _MIN_CHUNK)
+        step = -(-len(texts) // k)
+        chunks = [texts[i:i + step] for i in range(0, len(texts), step)]
+        with ThreadPoolExecutor(num_threads) as ex:
+            return [x for part in ex.map(lambda c: [fn(t) for t in c], chunks) for x in part]
+
     def encode_batch(self, texts: list[str], num_threads: int, allow_special: bool) -> list[list[int]]:
         if allow_special:
             return self.enc.encode_batch(texts, num_threads=num_threads, allowed_special="all")
-        return self.enc.encode_ordinary_batch(texts, num_threads=num_threads)
+        return self._chunked(self._one_ordinary, texts, num_threads)
+
+    def encode_arrays(self, texts: list[str], num_threads: int) -> list[np.ndarray]:
+        return self._chunked(self._one_array, texts, num_threads)
 
     def decode(self, ids: list[int]) -> str:
         return self.enc.decode(ids, errors="replace")
@@ -121,6 +152,10 @@ class _HF:
     def encode_batch(self, texts: list[str], num_threads: int, allow_special: bool) -> list[list[int]]:
         self._special_as_text(allow_special)
         return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+    def encode_arrays(self, texts: list[str], num_threads: int) -> list[np.ndarray]:
+        self._special_as_text(False)
+        return [np.asarray(e.ids, dtype=np.uint32) for e in self.hf.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(ids, skip_special_tokens=False)
@@ -197,6 +232,11 @@ class Tokenizer:
         if skip_special:
             ids = [i for i in ids if i not in self._special_ids]
         return self._b.decode(ids)
+
+    def encode_arrays(self, texts: list[str], num_threads: int = 0) -> list[np.ndarray]:
+        """`encode_batch` (special strings as plain text) with each text's ids as a uint32 array:
+        no Python int per token (tiktoken writes the ids straight into the array's buffer)."""
+        return self._b.encode_arrays(list(texts), num_threads or min(8, os.cpu_count() or 1))
 
     # ---- vocabulary
     def special_id(self, name: str, default=_MISSING) -> int | None:
