@@ -3,7 +3,8 @@
 
 `load_model_and_tokenizer(path)` is the one way every consumer (generate, serve, post-training)
 turns what a user points at — a run directory, checkpoints directory, `latest`, step directory,
-HF folder, a quantized checkpoint written by `lmforge quantize` — into a verified model on a device
+HF folder, a quantized checkpoint written by `lmforge quantize`, a low-rank one written by
+`lmforge lowrank` — into a verified model on a device
 plus the `lmforge.tokenizer.Tokenizer` that belongs to it (`load_model(path)`: the model alone).
 Imports stay inside the functions so `lmforge --help` does not load torch.
 """
@@ -50,11 +51,17 @@ def load_model(path: str | Path, device="cpu", dtype=None, verify: bool = True):
     the checksums are verified, the plain Transformer is built from config.json, its linear layers
     are swapped for the recorded quantized modules and the quantized tensors loaded
     (`quantize.load_quantized`). model/ cannot build quantized modules, so this is the loader
-    every consumer of a quantized checkpoint goes through."""
+    every consumer of a quantized checkpoint goes through. A low-rank checkpoint (state.json records
+    "lowrank") is loaded the same way, its recorded modules swapped for `compress.LowRankLinear`.
+    Pruned checkpoints are plain ones (structured pruning writes its smaller config)."""
     from lmforge.model.io import load_checkpoint, load_config, resolve_model, verify_checksums
 
+    from lmforge.infer.compress import load_lowrank, lowrank_of
+
     ref = resolve_model(path)
-    if ref.kind != "lmforge" or quantization_of(ref.path) is None:
+    quantized = ref.kind == "lmforge" and quantization_of(ref.path) is not None
+    lowrank = ref.kind == "lmforge" and not quantized and lowrank_of(ref.path) is not None
+    if not (quantized or lowrank):
         return load_checkpoint(ref.path, device=device, dtype=dtype, verify=verify)
     import torch
 
@@ -63,11 +70,14 @@ def load_model(path: str | Path, device="cpu", dtype=None, verify: bool = True):
 
     if verify:
         verify_checksums(ref.path)
-    # built normally on the CPU (dense weights allocated, then replaced): the quantized modules
-    # need real tensors to load into, and the RoPE tables are computed at construction
+    # built normally on the CPU (dense weights allocated, then replaced): the quantized / low-rank
+    # modules need real tensors to load into, and the RoPE tables are computed at construction
     with torch.device("cpu"):
         model = Transformer(load_config(ref.path))
-    load_quantized(model, ref.path / "model.safetensors")
+    if quantized:
+        load_quantized(model, ref.path / "model.safetensors")
+    else:  # written by `lmforge lowrank` (or distilled into a low-rank student): state.json records the ranks
+        load_lowrank(model, ref.path)
     model.to(device)
     if dtype is not None:
         model.to(dtype)

@@ -25,30 +25,42 @@ class ModelConfig:
     moe_experts: int = 0
     moe_top_k: int = 2
     moe_aux_loss_coef: float = 0.01
+    # width of one attention head; 0 = d_model / n_heads. Explicit when heads were pruned
+    # (lmforge prune --method heads): then n_heads * head_dim may differ from d_model
+    head_dim: int = 0
 
     def __post_init__(self) -> None:
         if self.n_kv_heads == 0:
             self.n_kv_heads = self.n_heads
+        if not self.head_dim and self.n_heads:
+            self.head_dim = self.d_model // self.n_heads
         if self.ffn_hidden == 0:
             h = int(8 * self.d_model / 3)
             self.ffn_hidden = self.multiple_of * ((h + self.multiple_of - 1) // self.multiple_of)
 
+    @property
+    def derived_head_dim(self) -> bool:
+        """True when head_dim is d_model / n_heads (the default; not written to config.json)."""
+        return self.n_heads > 0 and self.d_model % self.n_heads == 0 and self.head_dim == self.d_model // self.n_heads
+
     def validate(self) -> None:
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.head_dim <= 0:
+            raise ValueError(f"head_dim must be > 0, got {self.head_dim}")
+        if self.d_model % self.n_heads and self.head_dim == self.d_model // self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}), or head_dim set")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
-        if (self.d_model // self.n_heads) % 2:
+        if self.head_dim % 2:
             raise ValueError("head dimension must be even for RoPE")
         if self.moe_experts and not 1 <= self.moe_top_k <= self.moe_experts:
             raise ValueError(f"moe_top_k must be in [1, moe_experts={self.moe_experts}]")
 
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
-
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields as saved in config.json; `head_dim` only when it is not d_model / n_heads."""
+        d = dataclasses.asdict(self)
+        if self.derived_head_dim:
+            d.pop("head_dim")
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":

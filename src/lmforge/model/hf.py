@@ -219,11 +219,9 @@ def lmforge_config(hf_cfg: dict, where: str = "config.json") -> ModelConfig:
             max_seq_len=int(hf_cfg.get("max_position_embeddings", 2048)), rope_theta=float(theta),
             norm_eps=float(hf_cfg.get("rms_norm_eps", 1e-6)), qk_norm=arch == "qwen3",
             tie_embeddings=bool(hf_cfg.get("tie_word_embeddings", arch == "qwen3")),
-            init_std=float(hf_cfg.get("initializer_range", 0.02)))
+            init_std=float(hf_cfg.get("initializer_range", 0.02)), head_dim=head_dim)
     except (KeyError, TypeError, ValueError) as e:
         raise InputError(f"{where}: missing or bad field ({type(e).__name__}: {e})") from None
-    if head_dim != cfg.head_dim:
-        raise InputError(f"{where}: head_dim {head_dim} != hidden_size / num_attention_heads ({cfg.head_dim}); lmforge ties them")
     try:
         cfg.validate()
     except ValueError as e:
