@@ -166,10 +166,40 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     logging.getLogger("lmforge").setLevel(args.log_level.upper())
     config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=args.drain_timeout or None,
                             access_log=args.log_level == "debug", lifespan="on")
-    server = uvicorn.Server(config)
+    server = _Server(config)
     server.run(sockets=[sock])
     print("lmforge serve: stopped", flush=True)
     return 0
+
+
+def _server_class():
+    import contextlib
+    import signal
+    import threading
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, except that a SIGTERM / SIGINT that ended a graceful shutdown is not
+        raised again afterwards: a drained shutdown exits 0."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            old = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, h in old.items():
+                    signal.signal(s, h)
+
+    return Server
+
+
+def _Server(config):
+    return _server_class()(config)
 
 
 # ---- lmforge chat -----------------------------------------------------------------------------
