@@ -16,7 +16,8 @@ pruning of attention heads and MLP channels, and low-rank factorisation of linea
   (||Wq_h|| ||Wo_h||, ||W1_j|| ||W3_j|| ||W2[:, j]||). A pruned head/channel whose contribution is
   exactly zero leaves the outputs unchanged. With grouped-query attention the groups stay
   uniform: `keep_heads` a multiple of n_kv_heads keeps every key/value head and the best query
-  heads of each group; otherwise a multiple of the group size keeps whole groups.
+  heads of each group; a multiple of the group size keeps the best whole groups (key/value heads
+  removed too); when both fit, the way that keeps the larger total score.
 - Low rank (`lowrank_model`): each linear layer W (out x in) is replaced by a `LowRankLinear`
   (W ~ U_r S_r V_r^T stored as up = U_r sqrt(S_r) and down = sqrt(S_r) V_r^T) with the smallest
   rank r whose singular values keep `energy` of sum(s^2), only where r (in + out) < in * out.
@@ -187,18 +188,20 @@ def importance(model, calib: list[list[int]] | None = None) -> tuple[torch.Tenso
 # ---- structured pruning ------------------------------------------------------------------------
 
 
-def _head_selection(scores: torch.Tensor, keep: int, n_kv: int) -> tuple[list[int], list[int]]:
-    """(kept query heads, kept key/value heads) of one layer, both sorted (module docstring)."""
+def _head_selection(scores: torch.Tensor, keep: int, n_kv: int, whole_groups: bool) -> tuple[list[int], list[int]]:
+    """(kept query heads, kept key/value heads) of one layer, both sorted: the best keep / n_kv query
+    heads of every group (every kv head stays), or with `whole_groups` the best keep / group-size
+    groups by their summed score."""
     H = scores.shape[0]
     g = H // n_kv
-    if keep % n_kv == 0:  # the best keep / n_kv query heads of every group; every kv head stays
+    if not whole_groups:
         per = keep // n_kv
         q = []
         for grp in range(n_kv):
             s = scores[grp * g : (grp + 1) * g]
             q += sorted(grp * g + int(j) for j in s.topk(per).indices)
         return q, list(range(n_kv))
-    groups = scores.view(n_kv, g).sum(1)  # whole groups, by their summed score
+    groups = scores.view(n_kv, g).sum(1)
     kv = sorted(int(j) for j in groups.topk(keep // g).indices)
     return [k * g + j for k in kv for j in range(g)], kv
 
@@ -223,10 +226,16 @@ def prune_heads(model, keep_heads: int, head_scores: torch.Tensor):
     _check_keep_heads(cfg, keep_heads)
     H, hd, d = cfg.n_heads, cfg.head_dim, cfg.d_model
     sd = dict(model.state_dict())
+    # with grouped-query attention both ways may fit keep_heads: the one that keeps the larger
+    # total score over all layers is used in every layer (n_kv_heads is one number per model)
+    ways = [w for w, ok in ((False, keep_heads % cfg.n_kv_heads == 0), (True, keep_heads % (H // cfg.n_kv_heads) == 0)) if ok]
+    kept_score = {w: sum(float(head_scores[i][_head_selection(head_scores[i], keep_heads, cfg.n_kv_heads, w)[0]].sum())
+                         for i in range(cfg.n_layers)) for w in ways}
+    whole = max(ways, key=lambda w: kept_score[w])  # ties: per-group (the first), which keeps every kv head
     kept = {}
     new_kv = None
     for i in range(cfg.n_layers):
-        q, kv = _head_selection(head_scores[i], keep_heads, cfg.n_kv_heads)
+        q, kv = _head_selection(head_scores[i], keep_heads, cfg.n_kv_heads, whole)
         new_kv = len(kv)
         kept[i] = q
         p = f"layers.{i}.attn."
