@@ -512,36 +512,26 @@ class BatchEngine:
         return self._stopping and not self._drain
 
     def _prefill(self, batch: list[tuple[_Group, int, int]]) -> None:
-        """One forward over the uncached part of every admitted prompt (right-padded), keys/values
-        written into their blocks; keeps the last position's logits of each fresh prompt."""
+        """A forward over the uncached part of each admitted prompt (one prompt per forward: no
+        padding), keys/values written into its blocks; keeps the last position's logits of each
+        fresh prompt for its first token."""
         bs, dev = self.block_size, self.device
-        B = len(batch)
-        T = max(1, max(todo for _, _, todo in batch))
-        nb = max(len(g.seqs[0].blocks) for g, _, _ in batch)
-        idx = torch.zeros(B, T, dtype=torch.long)
-        pos = torch.zeros(B, T, dtype=torch.long)
-        slots = torch.full((B, T), SCRATCH_BLOCK * bs, dtype=torch.long)
-        table = torch.full((B, nb), SCRATCH_BLOCK, dtype=torch.long)
-        for i, (g, start, todo) in enumerate(batch):
-            s = g.seqs[0]
-            blocks = torch.tensor(s.blocks, dtype=torch.long)
-            table[i, : len(s.blocks)] = blocks
-            if todo:
-                p = torch.arange(start, start + todo)
-                idx[i, :todo] = torch.tensor(s.tokens[start : start + todo])
-                pos[i, :todo] = p
-                pos[i, todo:] = start + todo - 1
-                slots[i, :todo] = blocks[p // bs] * bs + p % bs
-        gather = (table[:, :, None] * bs + torch.arange(bs)).view(B, nb * bs)
-        idx, pos, slots, gather = (t.to(dev, non_blocking=True) for t in (idx, pos, slots, gather))
-        mask = (torch.arange(nb * bs, device=dev)[None, None, :] <= pos[:, :, None])[:, None]
-        self._step_meta.slots, self._step_meta.gather = slots.view(-1), gather
-        h = self.model.hidden_states(idx, pos=pos, mask=mask)
-        self._prefill_h = h
-        self._prefill_rows = {id(g): (i, todo) for i, (g, _, todo) in enumerate(batch)}
-        self._stats["prefill_tokens"] += sum(todo for _, _, todo in batch)
+        self._prefill_logits: dict[int, torch.Tensor] = {}
         for g, start, todo in batch:
             s = g.seqs[0]
+            if todo:
+                p = torch.arange(start, start + todo)
+                blocks = torch.tensor(s.blocks, dtype=torch.long)
+                slots = blocks[p // bs] * bs + p % bs
+                S = len(s.blocks) * bs
+                idx = torch.tensor(s.tokens[start : start + todo], dtype=torch.long)[None]
+                idx, pos, slots, table = (t.to(dev, non_blocking=True) for t in (idx, p[None], slots, blocks[None]))
+                mask = _additive_mask(pos, S, self.dtype)[:, None]  # (1, 1, T, S)
+                self._step_meta.slots, self._step_meta.table = slots, table
+                h = self.model.hidden_states(idx, pos=pos, mask=mask)
+                if g.fresh:
+                    self._prefill_logits[id(g)] = self.model.lm_head(h[0, -1:]).float()
+                self._stats["prefill_tokens"] += todo
             s.computed = start + todo
             self._register_full_blocks(s)
 
@@ -559,21 +549,10 @@ class BatchEngine:
             self.allocator.register(s.blocks[i], h, blk)
 
     def _sample_first(self, groups: list[_Group]) -> None:
-        h = self._prefill_h
-        rows = []
-        seqs = []
-        for g in groups:
-            i, todo = self._prefill_rows[id(g)]
-            rows.append((i, todo - 1))
-            seqs.append(g.seqs)
-        b = torch.tensor([r[0] for r in rows], device=self.device)
-        t = torch.tensor([r[1] for r in rows], device=self.device)
-        logits = self.model.lm_head(h[b, t]).float()
-        self._prefill_h = None
         # one row per sample: the n samples of a prompt start from the same logits
-        reps = torch.tensor([len(s) for s in seqs], device=self.device)
-        logits = logits.repeat_interleave(reps, 0) if int(reps.max()) > 1 else logits
-        self._sample_and_advance([s for ss in seqs for s in ss], logits)
+        logits = torch.cat([self._prefill_logits[id(g)].expand(len(g.seqs), -1) for g in groups])
+        self._prefill_logits = {}
+        self._sample_and_advance([s for g in groups for s in g.seqs], logits)
 
     # ---- decode
     def _decode(self) -> None:
@@ -610,11 +589,10 @@ class BatchEngine:
             meta[1, r] = s.computed
         slot = table.gather(1, (meta[1] // bs)[:, None]).squeeze(1) * bs + meta[1] % bs
         slot[B:] = SCRATCH_BLOCK * bs
-        gather = (table[:, :, None] * bs + torch.arange(bs)).view(Bp, nbp * bs)
-        meta, slot, gather = (t.to(self.device, non_blocking=True) for t in (meta, slot, gather))
+        meta, slot, table = (t.to(self.device, non_blocking=True) for t in (meta, slot, table))
         pos = meta[1][:, None]
-        mask = (torch.arange(nbp * bs, device=self.device)[None, :] <= pos)[:, None, None, :]
-        self._step_meta.slots, self._step_meta.gather = slot, gather
+        mask = _additive_mask(pos, nbp * bs, self.dtype)[:, None]  # (B, 1, 1, S)
+        self._step_meta.slots, self._step_meta.table = slot, table
         logits = self._decode_forward(meta[0][:, None], pos, mask)[:B]
         for s in seqs:
             s.computed += 1
@@ -812,6 +790,13 @@ def _forward_last(model, tok: torch.Tensor, pos: torch.Tensor, mask: torch.Tenso
     """tokens (B, 1) at positions (B, 1) -> next-token logits (B, V) fp32 (caches set beforehand)."""
     logits, _ = model(tok, pos=pos, mask=mask)
     return logits[:, -1].float()
+
+
+def _additive_mask(pos: torch.Tensor, S: int, dtype) -> torch.Tensor:
+    """(B, T) query positions -> (B, T, S) additive mask: 0 where key position <= query position,
+    -inf elsewhere (SDPA's CPU kernel takes a float mask as is; a boolean one it converts per layer)."""
+    keys = torch.arange(S, device=pos.device)
+    return torch.zeros((), dtype=dtype, device=pos.device).masked_fill(keys > pos[..., None], float("-inf"))
 
 
 def _bucket(n: int) -> int:

@@ -12,12 +12,13 @@ of one shared pool, addressed through a per-sequence block table (the PagedAtten
   keys and for values, plugged into the model's cache protocol (`Attention.cache.update(k, v,
   pos)`). Which slots a forward writes and which it reads are not derived from `pos` but set for
   all layers at once in a shared `PagedStep` before the forward: `slots` (the flat slot of every
-  query token; padding tokens write into the reserved scratch block 0) and `gather` (B, S), the
-  flat slot of logical position s of row b (from its block table). `update` scatters the new
-  keys/values with `index_copy_` and gathers the rows' keys/values back in logical order, so
-  attention sees an ordinary (B, heads, S, head_dim) tensor and the caller's mask
-  (`key position <= query position`) does the rest. Gather-based attention: plain indexing ops,
-  the same on CPU and CUDA.
+  query token; padding tokens write into the reserved scratch block 0) and `table` (B, nb), each
+  row's block table (padded with the scratch block). `update` scatters the new keys/values with
+  `index_copy_` and gathers each row's blocks in logical order with one `index_select` of whole
+  blocks (block_size x heads x head_dim contiguous values each: a few large copies, about twice as
+  fast on CPU as gathering token slots), so attention sees an ordinary (B, heads, nb*block_size,
+  head_dim) tensor and the caller's mask (`key position <= query position`) does the rest.
+  Gather-based attention: plain indexing ops, the same on CPU and CUDA.
 """
 
 from __future__ import annotations
@@ -157,11 +158,11 @@ class BlockAllocator:
 @dataclass
 class PagedStep:
     """What one forward writes and reads, shared by every layer's `PagedKVCache`: `slots` (N,) the
-    flat slot of each query token in row-major (B, T) order, `gather` (B, S) the flat slot of each
-    logical key position of each row."""
+    flat slot (block * block_size + offset) of each query token in row-major (B, T) order, `table`
+    (B, nb) the block table of each row (logical block i of row b is block table[b, i])."""
 
     slots: torch.Tensor | None = None
-    gather: torch.Tensor | None = None
+    table: torch.Tensor | None = None
 
 
 class PagedKVCache(nn.Module):
@@ -173,20 +174,28 @@ class PagedKVCache(nn.Module):
                  step: PagedStep):
         super().__init__()
         n = num_blocks * block_size
+        # token-major storage: slot s = block * block_size + offset holds (heads, head_dim)
         self.k = torch.zeros(n, n_kv_heads, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros(n, n_kv_heads, head_dim, dtype=dtype, device=device)
+        self._kb = self.k.view(num_blocks, -1)  # one row per block, for whole-block gathers
+        self._vb = self.v.view(num_blocks, -1)
+        self.block_size = block_size
         self.step = step
 
     def update(self, k: torch.Tensor, v: torch.Tensor, pos) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v: (B, heads, T, head_dim). Writes them at `step.slots`, returns (B, heads, S, head_dim)
-        keys/values gathered through `step.gather`. `pos` (the logical positions) is used by the
-        model for RoPE; the slots come from the block tables."""
+        keys/values of the blocks in `step.table` (S = nb * block_size). `pos` (the logical
+        positions) is used by the model for RoPE; the slots come from the block tables."""
         B, H, T, D = k.shape
         slots = self.step.slots
         self.k.index_copy_(0, slots, k.transpose(1, 2).reshape(B * T, H, D).to(self.k.dtype))
         self.v.index_copy_(0, slots, v.transpose(1, 2).reshape(B * T, H, D).to(self.v.dtype))
-        g = self.step.gather
-        return self.k[g].transpose(1, 2), self.v[g].transpose(1, 2)
+        table = self.step.table
+        S = table.shape[1] * self.block_size
+        idx = table.reshape(-1)
+        kk = self._kb.index_select(0, idx).view(table.shape[0], S, H, D).transpose(1, 2)
+        vv = self._vb.index_select(0, idx).view(table.shape[0], S, H, D).transpose(1, 2)
+        return kk, vv
 
     def copy_block(self, src: int, dst: int, block_size: int) -> None:
         s, d = src * block_size, dst * block_size
