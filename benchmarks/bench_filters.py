@@ -1,35 +1,63 @@
 """Heuristic filters: lmforge vs datatrove on the same real documents, in the same run.
 
 Input (built once, cached under benchmarks/out/): the pages of
-../shared/corpus/web/python-docs.warc.gz extracted with trafilatura (as FineWeb's pipeline
-does), plus English and other-language manpages, dictionary entries and fortunes.
+../shared/corpus/web/python-docs.warc.gz extracted with trafilatura (precision mode, as
+FineWeb's pipeline does), plus English and other-language manpages, dictionary entries and
+fortunes.
 
-Each document goes through the four FineWeb filters in pipeline order (Gopher repetition,
-Gopher quality, C4 with FineWeb's settings, FineWeb quality), once with datatrove's classes
-and once with lmforge's; every filter sees every document (the decision of one does not
-hide documents from the next), C4 works on a copy since it rewrites text. The time of each
-filter call is measured; both sides run in one process on one core.
+Both sides run the four FineWeb filters in pipeline order on each document: Gopher
+repetition -> Gopher quality -> C4 (FineWeb's settings: no terminal-punctuation rule) ->
+FineWeb quality. A document dropped by a filter goes no further, and FineWeb gets C4's
+rewritten text, as in both tools' pipelines.
+- datatrove (in its own environment, .venv-peers, one long-lived worker process:
+  benchmarks/peers/worker.py `filters`): `filter(doc)` of GopherRepetitionFilter,
+  GopherQualityFilter, C4QualityFilter(filter_no_terminal_punct=False), FineWebQualityFilter;
+- lmforge (this process): `decide(doc)` of GopherRepetitionFilter, GopherQualityFilter,
+  C4Filter, FineWebFilter with their defaults.
+Each side's timer wraps each filter call only (building the document object, reading the
+input and comparing results are outside). One core per side; the input is cut into slices
+and the sides take turns on each slice, in rotating order, so that both see the same load.
 
-    python benchmarks/bench_filters.py [--web N] [--manpages N] [--dictionary N] [--fortunes N] [--words | --words-only]
+What is shared between filters, per side:
+- datatrove caches its word split on the text (`split_into_parts`, an lru_cache of 5), so its
+  Gopher quality (and FineWeb, when C4 left the text unchanged) reuses Gopher repetition's
+  spaCy split; spaCy keeps its own per-chunk cache across documents.
+- lmforge passes nothing from one filter to the next: Gopher repetition splits the words it
+  hashes; Gopher quality and FineWeb count tokens from per-chunk statistics (a process-wide
+  memo of distinct whitespace chunks, filled by whichever filter meets a chunk first; like
+  spaCy's cache it persists across documents).
+"pipeline" timings are the filters as the pipeline runs them (headline: all four). "alone"
+timings run each filter in a pass of its own over the texts that reached it in the
+pipeline, with datatrove's per-text split cache cleared before each call (outside the
+timer), so each filter pays its own word split; the process-wide per-chunk caches of both
+sides stay warm.
 
-Prints documents/s per core for each filter and side, the speed ratio, and the decision
-agreement per filter; writes the disagreements to benchmarks/out/filters_disagreements.jsonl
-and a bar chart to benchmarks/out/filters_speed.png.
+    python benchmarks/bench_filters.py [--web N] [--manpages N] [--dictionary N] [--fortunes N] [--slices 4]
+
+Prints docs/s per filter and side, the ratios, and the agreement (same filter drops the
+document, or both keep it with byte-identical text); writes the disagreements to
+benchmarks/out/filters_disagreements.jsonl. Last line: `RESULT {json}` (headline = all four
+filters, pipeline order, lmforge docs/s over datatrove docs/s; goal 10).
 """
 
 from __future__ import annotations
 
 import argparse
 import gzip
+import hashlib
 import itertools
 import json
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
 CORPUS = HERE.parents[1] / "shared" / "corpus"
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "src"))
 
 
 def extracted_web(path: Path = CORPUS / "web" / "python-docs.warc.gz") -> list[dict]:
@@ -37,17 +65,17 @@ def extracted_web(path: Path = CORPUS / "web" / "python-docs.warc.gz") -> list[d
     cache = OUT / "python-docs.extracted.jsonl"
     if not cache.exists():
         import trafilatura
-        from warcio.archiveiterator import ArchiveIterator
+
+        from lmforge.data.readers import ReadStats, expand_inputs, parse_inputs, read_file
 
         OUT.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp")
-        with open(path, "rb") as f, open(tmp, "w") as w:
-            for rec in ArchiveIterator(f):
-                if rec.rec_type != "response":
+        with open(tmp, "w") as w:
+            for d in (d for f in expand_inputs(parse_inputs([str(path)]), Path) for d in read_file(f, ReadStats())):
+                if d.metadata.get("format") != "html":
                     continue
-                url = rec.rec_headers.get_header("WARC-Target-URI")
-                html = rec.content_stream().read().decode("utf-8", "replace")
-                text = trafilatura.extract(html, favor_precision=True, include_comments=False, deduplicate=True)
+                url = d.metadata["url"]
+                text = trafilatura.extract(d.text, favor_precision=True, include_comments=False, deduplicate=True)
                 if text:
                     w.write(json.dumps({"id": url, "text": text, "metadata": {"url": url, "source": "web"}}) + "\n")
         tmp.rename(cache)
@@ -73,24 +101,51 @@ def load_docs(args) -> list[dict]:
     return docs
 
 
-def word_agreement(docs: list[dict]) -> None:
-    """Share of whitespace chunks (by occurrence) that lmforge splits into exactly the same
-    tokens as the spaCy English tokenizer datatrove uses, with the most frequent differences."""
-    from collections import Counter
+NAMES = ["gopher_repetition", "gopher_quality", "c4", "fineweb"]
+# datatrove's reasons -> lmforge's (the same rules, one renamed for clarity)
+RENAME = {"gopher_enough_stop_words": "gopher_few_stop_words"}
 
-    import spacy
 
-    from lmforge.data.filters.text import split_words
+def lmforge_filters(docs: list[dict]) -> dict:
+    """lmforge's side, the same protocol as the peer worker's `filters` (see the module docstring)."""
+    from lmforge.data.document import Document
+    from lmforge.data.filters import C4Filter, FineWebFilter, GopherQualityFilter, GopherRepetitionFilter
 
-    tok = spacy.blank("en").tokenizer
-    chunks = Counter(c for d in docs for c in d["text"].split())
-    diff = Counter()
-    for c, k in chunks.items():
-        if [t.text for t in tok(c)] != split_words(c):
-            diff[c] = k
-    total = sum(chunks.values())
-    print(f"\nword splitting: {1 - sum(diff.values()) / total:.3%} of {total} chunks ({len(chunks)} distinct) split as spaCy does")
-    print("most frequent differences:", ", ".join(f"{c!r} x{k}" for c, k in diff.most_common(8)))
+    fl = [GopherRepetitionFilter(), GopherQualityFilter(), C4Filter(), FineWebFilter()]
+    t_pipe, seen = [0.0] * 4, [0] * 4
+    inputs: list[list[str]] = [[], [], [], []]
+    results = []
+    perf = time.perf_counter
+    for d in docs:
+        doc = Document(d["id"], d["text"], dict(d["metadata"]))
+        out = None
+        for i, f in enumerate(fl):
+            inputs[i].append(doc.text)
+            t0 = perf()
+            r = f.decide(doc)
+            t_pipe[i] += perf() - t0
+            seen[i] += 1
+            if r is not None:
+                out = [i, r]
+                break
+        results.append(out or [4, hashlib.sha1(doc.text.encode("utf-8", "surrogatepass")).hexdigest()])
+    t_alone = [0.0] * 4
+    for i, f in enumerate(fl):
+        for text in inputs[i]:  # nothing per-document to clear on this side
+            doc = Document("x", text, {})
+            t0 = perf()
+            f.decide(doc)
+            t_alone[i] += perf() - t0
+    return {"pipeline_s": t_pipe, "alone_s": t_alone, "seen": seen, "results": results}
+
+
+def _add(total: dict | None, r: dict) -> dict:
+    if total is None:
+        return {k: list(v) for k, v in r.items()}
+    for k in ("pipeline_s", "alone_s", "seen"):
+        total[k] = [a + b for a, b in zip(total[k], r[k])]
+    total["results"] += r["results"]
+    return total
 
 
 def main() -> int:
@@ -99,102 +154,75 @@ def main() -> int:
     ap.add_argument("--manpages", type=int, default=400, help="English manpages (plus a quarter as many others)")
     ap.add_argument("--dictionary", type=int, default=1500)
     ap.add_argument("--fortunes", type=int, default=1500)
-    ap.add_argument("--words", action="store_true", help="also compare word splitting with spaCy's English tokenizer, chunk by chunk")
-    ap.add_argument("--words-only", action="store_true", help="only the word-splitting comparison")
+    ap.add_argument("--slices", type=int, default=4, help="the sides take turns on this many slices of the input")
     args = ap.parse_args()
-    if args.words_only:
-        word_agreement(load_docs(args))
-        return 0
-
-    from datatrove.data import Document as DTDoc
-    from datatrove.pipeline.filters import C4QualityFilter, FineWebQualityFilter, GopherQualityFilter, GopherRepetitionFilter
-
-    from lmforge.data.document import Document
-    from lmforge.data.filters import C4Filter, FineWebFilter, GopherQualityFilter as LQ, GopherRepetitionFilter as LR
+    from peer_env import Peer, lmforge_versions
 
     docs = load_docs(args)
-    names = ["gopher_repetition", "gopher_quality", "c4", "fineweb"]
-    dt = [GopherRepetitionFilter(), GopherQualityFilter(), C4QualityFilter(filter_no_terminal_punct=False), FineWebQualityFilter()]
-    lm = [LR(), LQ(), C4Filter(), FineWebFilter()]
-    # datatrove's reasons -> lmforge's (the same rules, one renamed for clarity)
-    rename = {"gopher_enough_stop_words": "gopher_few_stop_words"}
-
-    t_dt = [0.0] * 4
-    t_lm = [0.0] * 4
-    agree = [0] * 4
-    c4_text_same = 0
-    c4_both_kept = 0
-    disagreements = []
     total_chars = sum(len(d["text"]) for d in docs)
-    print(f"{len(docs)} documents, {total_chars / 1e6:.1f} M characters", file=sys.stderr)
-    for k, d in enumerate(docs):
-        res_dt, res_lm = [], []
-        c4_out = [None, None]
-        for i in range(4):
-            doc = DTDoc(text=d["text"], id=d["id"], metadata=dict(d["metadata"]))
-            t0 = time.perf_counter()
-            r = dt[i].filter(doc)
-            t_dt[i] += time.perf_counter() - t0
-            r = None if r is True else rename.get(r[1], r[1]) if isinstance(r, tuple) else "dropped"
-            res_dt.append(r)
-            if i == 2:
-                c4_out[0] = doc.text
-        for i in range(4):
-            doc = Document(d["id"], d["text"], dict(d["metadata"]))
-            t0 = time.perf_counter()
-            r = lm[i].decide(doc)
-            t_lm[i] += time.perf_counter() - t0
-            res_lm.append(r)
-            if i == 2:
-                c4_out[1] = doc.text
-        for i in range(4):
-            if (res_dt[i] is None) == (res_lm[i] is None):
-                agree[i] += 1
-            else:
-                disagreements.append({"filter": names[i], "id": d["id"], "datatrove": res_dt[i], "lmforge": res_lm[i]})
-        if res_dt[2] is None and res_lm[2] is None:
-            c4_both_kept += 1
-            c4_text_same += c4_out[0] == c4_out[1]
-        if (k + 1) % 500 == 0:
-            print(f"  {k + 1}/{len(docs)}", file=sys.stderr)
+    load0 = os.getloadavg()
+    print(f"{len(docs)} documents, {total_chars / 1e6:.1f} M characters; load average before: {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}")
+    k = max(1, args.slices)
+    # interleave the sources: every slice gets the same mix
+    slices = [docs[i::k] for i in range(k)]
+    res: dict[str, dict | None] = {"datatrove": None, "lmforge": None}
+    order: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="bench_filters_") as tmp, Peer() as peer:
+        print(peer.describe())
+        print(lmforge_versions("numpy"))
+        for i, part in enumerate(slices):
+            path = Path(tmp) / f"slice{i}.jsonl"
+            path.write_text("".join(json.dumps(d) + "\n" for d in part), encoding="utf-8")
+            order += part
+            sides = ["datatrove", "lmforge"] if i % 2 == 0 else ["lmforge", "datatrove"]
+            for side in sides:
+                r = peer.call("filters", docs_path=str(path)) if side == "datatrove" else lmforge_filters(part)
+                res[side] = _add(res[side], r)
+            print(f"  slice {i + 1}/{k} done", file=sys.stderr)
+    load1 = os.getloadavg()
+    dt, lm = res["datatrove"], res["lmforge"]
+    assert dt is not None and lm is not None
+    n = len(order)
+    agree, same_drop_reason, disagreements = 0, 0, []
+    kept_both = kept_same_text = 0
+    for d, a, b in zip(order, dt["results"], lm["results"]):
+        if a[0] == 4 and b[0] == 4:
+            kept_both += 1
+            kept_same_text += a[1] == b[1]
+        if a[0] == b[0]:
+            agree += 1
+            same_drop_reason += a[0] == 4 or RENAME.get(a[1], a[1]) == b[1]
+        else:
+            disagreements.append({"id": d["id"], "datatrove": [NAMES[a[0]] if a[0] < 4 else "kept", a[1]],
+                                  "lmforge": [NAMES[b[0]] if b[0] < 4 else "kept", b[1]]})
 
-    n = len(docs)
-    rows = []
-    print()
-    print(f"{'filter':<20}{'datatrove docs/s':>18}{'lmforge docs/s':>16}{'speed-up':>10}{'same decision':>16}")
-    for i, name in enumerate(names):
-        a, b = n / t_dt[i], n / t_lm[i]
-        rows.append((name, a, b, b / a, agree[i] / n))
-        print(f"{name:<20}{a:>18.1f}{b:>16.1f}{b / a:>9.1f}x{agree[i] / n:>15.2%}")
-    a, b = n / sum(t_dt), n / sum(t_lm)
-    print(f"{'all four':<20}{a:>18.1f}{b:>16.1f}{b / a:>9.1f}x")
-    print(f"\nC4: identical rewritten text on {c4_text_same}/{c4_both_kept} documents both sides keep")
-    if args.words:
-        word_agreement(docs)
+    print(f"\n{'filter':<19}{'docs in':>8}{'datatrove docs/s':>18}{'lmforge docs/s':>16}{'ratio':>8}"
+          f"{'alone: datatrove':>18}{'lmforge':>9}{'ratio':>8}")
+    per = {}
+    for i, name in enumerate(NAMES):
+        a, b = dt["seen"][i] / dt["pipeline_s"][i], lm["seen"][i] / lm["pipeline_s"][i]
+        aa, bb = dt["seen"][i] / dt["alone_s"][i], lm["seen"][i] / lm["alone_s"][i]
+        per[name] = {"pipeline": round(b / a, 2), "alone": round(bb / aa, 2)}
+        print(f"{name:<19}{lm['seen'][i]:>8}{a:>18.1f}{b:>16.1f}{b / a:>7.1f}x{aa:>18.1f}{bb:>9.1f}{bb / aa:>7.1f}x")
+    a, b = n / sum(dt["pipeline_s"]), n / sum(lm["pipeline_s"])
+    aa, bb = n / sum(dt["alone_s"]), n / sum(lm["alone_s"])
+    head = b / a
+    print(f"{'all four':<19}{n:>8}{a:>18.1f}{b:>16.1f}{head:>7.1f}x{aa:>18.1f}{bb:>9.1f}{bb / aa:>7.1f}x")
+    print("(docs/s of a filter = documents that reached it / seconds in its calls; 'all four' = all documents / "
+          "seconds in all filter calls)")
+    print(f"\nsame outcome (the same filter drops it, or both keep it): {agree}/{n} ({agree / n:.2%}); "
+          f"same drop reason too: {same_drop_reason}/{n}")
+    print(f"kept by both: {kept_both}, with byte-identical text after C4: {kept_same_text}")
     OUT.mkdir(parents=True, exist_ok=True)
     with open(OUT / "filters_disagreements.jsonl", "w") as f:
         for r in disagreements:
             f.write(json.dumps(r) + "\n")
     print(f"{len(disagreements)} disagreements -> {OUT / 'filters_disagreements.jsonl'}")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 3.5))
-        x = range(len(rows))
-        ax.bar([i - 0.2 for i in x], [r[1] for r in rows], 0.4, label="datatrove")
-        ax.bar([i + 0.2 for i in x], [r[2] for r in rows], 0.4, label="lmforge")
-        ax.set_xticks(list(x), [f"{r[0]}\n{r[3]:.0f}x, {r[4]:.1%} agree" for r in rows], fontsize=8)
-        ax.set_yscale("log")
-        ax.set_ylabel("documents/s (one core)")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(OUT / "filters_speed.png", dpi=120)
-        print(f"plot -> {OUT / 'filters_speed.png'}")
-    except ImportError:
-        pass
+    print(f"load average after: {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f} (2 cores; figures under load are noisy, the ratio is what to read)")
+    print("RESULT " + json.dumps({"bench": "filters", "headline": round(head, 2), "goal": 10, "unit": "x docs/s, all four filters, pipeline order",
+                                  "alone_all_four": round((bb / aa), 2), "per_filter": per, "docs": n,
+                                  "same_outcome": round(agree / n, 4), "same_text_kept": [kept_same_text, kept_both],
+                                  "load_before": round(load0[0], 2), "load_after": round(load1[0], 2)}))
     return 0
 
 

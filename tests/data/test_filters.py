@@ -343,3 +343,28 @@ def test_same_decisions_as_reference_implementation(sample_dir):
         for ref, ours in pairs:
             ref_keep = ref.filter(DTDoc(text=r["text"], id=r["id"])) is True
             assert (ours.decide(Document(r["id"], r["text"])) is None) == ref_keep, (ours.name, r["id"])
+
+
+def test_token_stats_equal_the_word_list_statistics_on_real_text():
+    """Gopher quality and FineWeb count tokens from per-chunk statistics instead of the word list:
+    the sums must be exactly those of split_words + word_stats, stop words included."""
+    import gzip
+    import itertools
+    import json
+    from pathlib import Path
+
+    from lmforge.data.filters.text import token_stats, word_stats
+
+    corpus = Path(__file__).resolve().parents[3] / "shared" / "corpus"
+    texts = ["", "  \n ", "Hello, world.", "can't won't id Id cannot (the) the. The", "e.g. U.S. $3.50 10% 2GB well-known ...x…"]
+    for name, n in (("multilingual/manpages.jsonl.gz", 150), ("multilingual/fortunes.jsonl.gz", 300), ("code/python-stdlib.jsonl.gz", 15)):
+        if (corpus / name).exists():
+            with gzip.open(corpus / name, "rt") as f:
+                texts += [json.loads(line)["text"] for line in itertools.islice(f, n)]
+    stop = frozenset(["the", "be", "to", "of", "and", "that", "have", "with", "id", "can't", "("])
+    for t in texts * 2:  # the second round reads the memoised chunks
+        w = split_words(t)
+        ts = token_stats(t)
+        assert (ts.tokens, ts.symbols, ts.symbol_chars, ts.alpha, ts.chars) == (len(w), *word_stats(w), sum(map(len, w))), t[:80]
+        found = len(stop.intersection(w))
+        assert [ts.has_tokens(stop, k) for k in range(6)] == [found >= k for k in range(6)], t[:80]

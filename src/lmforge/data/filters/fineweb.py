@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lmforge.data.document import Document
-from lmforge.data.filters.gopher import _check_keep, duplicates, words_of
-from lmforge.data.filters.text import TERMINAL_PUNCTUATION
+from lmforge.data.filters.gopher import _check_keep, duplicates
+from lmforge.data.filters.text import TERMINAL_PUNCTUATION, count_tokens
 from lmforge.data.step import Filter
 
 
@@ -68,7 +68,6 @@ class FineWebFilter(Filter):
             return "short_line_ratio"
         if duplicates(lines)[1] / max(1, len(text) - text.count("\n")) > c.char_duplicates_ratio:
             return "char_dup_ratio"
-        words = words_of(text)
-        if text.count("\n") / max(1, len(words)) > c.new_line_ratio:
+        if text.count("\n") / max(1, count_tokens(text)) > c.new_line_ratio:
             return "list_ratio"
         return None

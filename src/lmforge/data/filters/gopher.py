@@ -3,11 +3,14 @@
 Both filters follow FineWeb's settings by default. A threshold set to 0 turns that rule
 off. Drop reasons name the rule (`dup_para_frac`, `top_2_gram`, `gopher_short_doc`, ...).
 
-Speed: words are split once per document by `text.split_words` (cached between the two
-Gopher filters, which see the same text one after the other); n-grams are tuples of words
-are 64-bit hashes computed with numpy from the words' (cached) string hashes, and the
-sequential duplicated-n-gram scan visits only the positions whose n-gram occurs more than
-once.
+Speed: the repetition filter splits words with `text.split_words`; its n-grams are 64-bit
+hashes computed with numpy from the words' (cached) string hashes, and the sequential
+duplicated-n-gram scan visits only the positions whose n-gram occurs more than once. The
+quality filter needs only counts, so it never builds the word list: `text.token_stats`
+counts the distinct whitespace chunks in C and sums their memoised per-chunk token
+statistics with one numpy product (the same numbers `split_words` + `word_stats` give).
+Nothing is cached from one filter to the next: each filter costs the same alone as in the
+pipeline.
 """
 
 from __future__ import annotations
@@ -19,23 +22,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lmforge.data.document import Document
-from lmforge.data.filters.text import split_words, word_stats
+from lmforge.data.filters.text import split_words, token_stats
 from lmforge.data.step import Filter
 
 _PARAGRAPH_SPLIT = re.compile(r"\n{2,}")
 _LINE_SPLIT = re.compile(r"\n+")
-
-_last_words: tuple[str, list[str]] = ("", [])
-
-
-def words_of(text: str) -> list[str]:
-    """`split_words(text)`, remembering the last document (the filters run back to back on it)."""
-    global _last_words
-    if _last_words[0] is text or _last_words[0] == text:
-        return _last_words[1]
-    words = split_words(text)
-    _last_words = (text, words)
-    return words
 
 
 def duplicates(items: list[str]) -> tuple[int, int]:
@@ -188,7 +179,7 @@ class GopherRepetitionFilter(Filter):
             return "dup_line_frac"
         if c.dup_line_char_frac and dup_chars / size > c.dup_line_char_frac:
             return "dup_line_char_frac"
-        wa = WordArrays(words_of(text))
+        wa = WordArrays(split_words(text))
         for n, frac in self.top:
             if wa.n >= n and top_ngram_chars(wa, n) / size > frac:
                 return f"top_{n}_gram"
@@ -249,9 +240,9 @@ class GopherQualityFilter(Filter):
     def decide(self, doc: Document) -> str | None:
         c = self.cfg
         text = doc.text
-        words = words_of(text)
-        n_words = len(words)
-        n_sym, sym_chars, n_alpha = word_stats(words)
+        ts = token_stats(text)
+        n_words = ts.tokens
+        n_sym, sym_chars, n_alpha = ts.symbols, ts.symbol_chars, ts.alpha
         n_real = n_words - n_sym
         if c.min_doc_words and n_real < c.min_doc_words:
             return "gopher_short_doc"
@@ -259,7 +250,7 @@ class GopherQualityFilter(Filter):
             return "gopher_long_doc"
         if n_words == 0 or n_real == 0:
             return "gopher_short_doc"
-        avg = (sum(map(len, words)) - sym_chars) / n_real
+        avg = (ts.chars - sym_chars) / n_real
         if c.min_avg_word_length and avg < c.min_avg_word_length:
             return "gopher_below_avg_threshold"
         if c.max_avg_word_length and avg > c.max_avg_word_length:
@@ -286,7 +277,7 @@ class GopherQualityFilter(Filter):
         if c.min_alpha_words_ratio:
             if n_alpha / n_words < c.min_alpha_words_ratio:
                 return "gopher_below_alpha_threshold"
-        if c.min_stop_words and len(self.stop_words.intersection(words)) < c.min_stop_words:
+        if c.min_stop_words and not ts.has_tokens(self.stop_words, c.min_stop_words):
             return "gopher_few_stop_words"
         return None
 

@@ -16,8 +16,11 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections import Counter
+from dataclasses import dataclass
 from functools import lru_cache
 from itertools import filterfalse
+
+import numpy as np
 
 # --- character classes -------------------------------------------------------------------
 
@@ -372,3 +375,100 @@ def split_sentences(text: str) -> list[str]:
     if rest or not out:
         out.append(rest)
     return [s for s in out if s] or [text]
+
+
+# --- per-chunk token statistics ------------------------------------------------------------
+#
+# `split_words` works chunk by chunk (whitespace-separated), so any sum over a document's
+# tokens is a sum over its distinct chunks, each weighted by how often it occurs. The filters
+# that need only counts (Gopher quality, FineWeb) count chunks with `Counter(text.split())`
+# (C code), look each distinct chunk up in a table of its token statistics (memoised across
+# documents; a new chunk is split once), and add the rows up with one numpy product: no word
+# list, no per-word Python loop.
+
+# columns of the chunk table
+TOKENS, SYMBOLS, SYMBOL_CHARS, ALPHA, CHARS, SINGLE = range(6)
+_TABLE_CAP = 200_000  # distinct chunks remembered; the table starts afresh when full
+_table = np.zeros((1024, 6), dtype=np.int64)
+_index: dict[str, int] = {}
+_multi: dict[int, list[str]] = {}  # tokens of the chunks that are not a single token equal to themselves
+
+
+def _add_chunks(chunks: list[str]) -> None:
+    """Add new chunks to the table (each split once)."""
+    global _table
+    i0 = len(_index)
+    need = i0 + len(chunks)
+    if need > len(_table):
+        _table = np.concatenate([_table, np.zeros((max(need, 2 * len(_table)) - len(_table), 6), dtype=np.int64)])
+    rows = []
+    for k, c in enumerate(chunks):
+        if c.isalnum() and not ((c[0].isdigit() and not c.isdigit()) or c in _SPECIAL):  # one plain token (split_words' fast path)
+            rows.append((1, 0, 0, not c.isnumeric(), len(c), 1))
+            continue
+        toks = split_words(c)
+        n_sym = sym_chars = n_alpha = 0
+        for w in toks:
+            if w.isalnum():
+                n_alpha += not w.isnumeric()
+            elif not w.translate(_PUNCT_DELETE):
+                n_sym += 1
+                sym_chars += len(w)
+            elif has_alpha(w):
+                n_alpha += 1
+        single = len(toks) == 1 and toks[0] == c
+        rows.append((len(toks), n_sym, sym_chars, n_alpha, sum(map(len, toks)), single))
+        if not single:
+            _multi[i0 + k] = toks
+    _table[i0:need] = rows
+    _index.update(zip(chunks, range(i0, need)))
+
+
+@dataclass
+class TokenStats:
+    """Sums over the tokens `split_words(text)` would give, without building that list."""
+
+    tokens: int  # number of tokens
+    symbols: int  # tokens made only of punctuation/symbols
+    symbol_chars: int  # characters in those
+    alpha: int  # tokens with at least one letter
+    chars: int  # characters in all tokens
+    chunks: Counter  # distinct whitespace-separated chunks -> occurrences
+    rows: np.ndarray  # their rows in the chunk table, in the same order (valid until the next token_stats call)
+
+    def has_tokens(self, wanted: frozenset[str], at_least: int) -> bool:
+        """Whether at least `at_least` distinct tokens of `wanted` occur in the text."""
+        if at_least <= 0:
+            return True
+        single = _table[self.rows, SINGLE]
+        found = {w for w in wanted.intersection(self.chunks) if _table[_index[w], SINGLE]}
+        if len(found) >= at_least:
+            return True
+        for r in self.rows[single == 0].tolist():
+            found.update(wanted.intersection(_multi[r]))
+            if len(found) >= at_least:
+                return True
+        return False
+
+
+def token_stats(text: str) -> TokenStats:
+    """Token count, symbol tokens, their characters, tokens with a letter and total token
+    characters of `text`, exactly as `split_words(text)` and `word_stats` would give them."""
+    counts = Counter(text.split())  # C loops from here on: counting, set difference, lookups
+    if not counts:
+        return TokenStats(0, 0, 0, 0, 0, counts, np.zeros(0, np.int64))
+    if len(_index) + len(counts) > _TABLE_CAP:
+        _index.clear()
+        _multi.clear()
+    new = set(counts).difference(_index)  # iterates the (small) counts, probes the dict
+    if new:
+        _add_chunks(list(new))
+    n = len(counts)
+    rows = np.fromiter(map(_index.__getitem__, counts), dtype=np.int64, count=n)
+    tot = np.fromiter(counts.values(), dtype=np.int64, count=n) @ _table[rows, : CHARS + 1]
+    return TokenStats(int(tot[TOKENS]), int(tot[SYMBOLS]), int(tot[SYMBOL_CHARS]), int(tot[ALPHA]), int(tot[CHARS]), counts, rows)
+
+
+def count_tokens(text: str) -> int:
+    """len(split_words(text)), without building the list."""
+    return token_stats(text).tokens

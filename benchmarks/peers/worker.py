@@ -1,0 +1,257 @@
+"""The peers' side of the data benchmarks, run inside .venv-peers (see benchmarks/peer_env.py).
+
+Reads one JSON request per line on stdin ({"fn": name, "args": {...}}) and answers one JSON
+line ({"result": ...} or {"error": ...}) on the original stdout; everything the libraries
+print goes to stderr. Every timer here sits inside this process, around the peer's own
+calls only (loading the request's input file and writing the answer are outside it).
+Imports nothing from lmforge: this environment does not have it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import sys
+import time
+import traceback
+from pathlib import Path
+
+
+def _cpu_seconds() -> float:
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+def _quiet_datatrove() -> None:
+    from datatrove.utils.logging import logger
+
+    logger.remove()  # per-task log tables and one line per timeout; the answers carry the counts
+
+
+def versions() -> dict:
+    import importlib.metadata as m
+
+    out = {}
+    for p in ("datatrove", "datasketch", "trafilatura", "spacy", "xxhash", "numpy", "lxml", "fasttext-numpy2-wheel"):
+        try:
+            out[p] = m.version(p)
+        except m.PackageNotFoundError:
+            pass
+    out["python"] = sys.version.split()[0]
+    return out
+
+
+def sha1(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+# ------------------------------------------------------------------------------ heuristic filters
+
+def filters(docs_path: str) -> dict:
+    """datatrove's FineWeb filters (Gopher repetition, Gopher quality, C4 with FineWeb's settings,
+    FineWeb quality) on the documents of a JSONL file, in pipeline order: a document dropped by a
+    filter goes no further, and FineWeb sees C4's rewritten text.
+
+    pipeline: per-filter seconds of `filter(doc)` calls in that order; datatrove's word split is
+    lru-cached on the text (`split_into_parts`, 5 entries), so Gopher quality reuses Gopher
+    repetition's split, as in a datatrove pipeline.
+    alone: each filter in a pass of its own over the texts that reached it in the pipeline,
+    with that cache cleared before each call (outside the timer): what the filter costs by itself.
+    """
+    from datatrove.data import Document
+    from datatrove.pipeline.filters import C4QualityFilter, FineWebQualityFilter, GopherQualityFilter, GopherRepetitionFilter
+    from datatrove.utils.text import split_into_parts
+
+    docs = [json.loads(line) for line in open(docs_path, encoding="utf-8")]
+    fl = [GopherRepetitionFilter(), GopherQualityFilter(), C4QualityFilter(filter_no_terminal_punct=False), FineWebQualityFilter()]
+    t_pipe, seen = [0.0] * 4, [0] * 4
+    inputs: list[list[str]] = [[], [], [], []]
+    results = []
+    perf = time.perf_counter
+    for d in docs:
+        doc = Document(text=d["text"], id=d["id"], metadata=dict(d["metadata"]))
+        out = None
+        for i, f in enumerate(fl):
+            inputs[i].append(doc.text)
+            t0 = perf()
+            r = f.filter(doc)
+            t_pipe[i] += perf() - t0
+            seen[i] += 1
+            if r is not True:
+                out = [i, r[1] if isinstance(r, tuple) else "dropped"]
+                break
+        results.append(out or [4, sha1(doc.text)])
+    t_alone = [0.0] * 4
+    for i, f in enumerate(fl):
+        for text in inputs[i]:
+            doc = Document(text=text, id="x")
+            split_into_parts.cache_clear()
+            t0 = perf()
+            f.filter(doc)
+            t_alone[i] += perf() - t0
+    return {"pipeline_s": t_pipe, "alone_s": t_alone, "seen": seen, "results": results}
+
+
+# ------------------------------------------------------------------------------ MinHash
+
+_DELIM = bytes(c if (chr(c).isascii() and (chr(c).isalnum() or c == 0x5F)) or c >= 0x80 else 0x20 for c in range(256))
+
+
+def _shingles(text: str, n: int = 5) -> list[bytes]:
+    """Word 5-grams as bytes, with the normalisation lmforge's MinHash uses (lower case, split on
+    anything but ASCII letters, digits, underscore and non-ASCII bytes), joined by spaces."""
+    w = text.lower().encode("utf-8", "surrogatepass").translate(_DELIM).split()
+    if not w:
+        return []
+    if len(w) < n:
+        return [b" ".join(w)]
+    return [b" ".join(w[i : i + n]) for i in range(len(w) - n + 1)]
+
+
+def datasketch_signatures(texts_path: str, num_perm: int = 112, repeat: int = 1, pairs: list | None = None) -> dict:
+    """datasketch's fastest path for many documents: `MinHash.bulk` (permutations generated once,
+    one `update_batch` per document), then `LeanMinHash` (what LSH indexes keep).
+
+    with_shingling_s: text -> shingle bytes -> MinHash.bulk, all timed (the stages lmforge times);
+    bulk_only_s: MinHash.bulk on shingles built beforehand (not timed: in datasketch's favour).
+    Best of `repeat` runs each. `pairs`: (i, j) whose estimated Jaccard is returned."""
+    from datasketch import LeanMinHash, MinHash
+
+    texts = [json.loads(line)["text"] for line in open(texts_path, encoding="utf-8")]
+    perf = time.perf_counter
+    best_all = best_bulk = float("inf")
+    for _ in range(repeat):
+        t0 = perf()
+        sh = [_shingles(t) for t in texts]
+        mh = MinHash.bulk(sh, num_perm=num_perm)
+        lean = [LeanMinHash(m) for m in mh]
+        best_all = min(best_all, perf() - t0)
+        t0 = perf()
+        mh = MinHash.bulk(sh, num_perm=num_perm)
+        lean = [LeanMinHash(m) for m in mh]
+        best_bulk = min(best_bulk, perf() - t0)
+    est = [float(lean[i].jaccard(lean[j])) for i, j in (pairs or [])]
+    return {"with_shingling_s": best_all, "bulk_only_s": best_bulk, "docs": len(texts), "shingles": sum(map(len, sh)), "pair_estimates": est}
+
+
+def datatrove_minhash(input_path: str, work: str) -> dict:
+    """datatrove's four MinHash stages on one compressed JSONL file, LocalPipelineExecutor with one
+    task and one worker (14 bucket tasks run one after another), 64-bit hashes, FineWeb's 14 x 8
+    bands, uncompressed JSONL output (its fastest writer). Returns seconds per stage and the
+    ids of the kept documents."""
+    from datatrove.executor import LocalPipelineExecutor
+    from datatrove.pipeline.dedup.minhash import (
+        MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter, MinhashDedupSignature,
+    )
+    from datatrove.pipeline.readers import JsonlReader
+    from datatrove.pipeline.writers import JsonlWriter
+    from datatrove.utils.hashing import HashConfig
+
+    _quiet_datatrove()
+    src, w = Path(input_path), Path(work)
+    cfg = MinhashConfig(hash_config=HashConfig(precision=64), num_buckets=14, hashes_per_bucket=8, n_grams=5)
+
+    def reader():
+        return JsonlReader(str(src.parent), glob_pattern=src.name)
+
+    def run(pipeline, tasks, logs):
+        LocalPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=1, logging_dir=str(w / logs)).run()
+
+    times = {}
+    perf = time.perf_counter
+    t0 = perf()
+    run([reader(), MinhashDedupSignature(output_folder=str(w / "sigs"), config=cfg)], 1, "logs1")
+    times["signatures"] = perf() - t0
+    t = perf()
+    run([MinhashDedupBuckets(input_folder=str(w / "sigs"), output_folder=str(w / "buckets"), config=cfg)], cfg.num_buckets, "logs2")
+    times["buckets"] = perf() - t
+    t = perf()
+    run([MinhashDedupCluster(input_folder=str(w / "buckets"), output_folder=str(w / "remove"), config=cfg)], 1, "logs3")
+    times["clusters"] = perf() - t
+    t = perf()
+    run([reader(), MinhashDedupFilter(input_folder=str(w / "remove")), JsonlWriter(str(w / "out"), compression=None)], 1, "logs4")
+    times["filter"] = perf() - t
+    total = perf() - t0
+    kept = []
+    for f in sorted((w / "out").glob("*.jsonl")):
+        with open(f, encoding="utf-8") as fh:
+            kept += [json.loads(line)["id"] for line in fh]
+    return {"s": total, "stages_s": times, "kept_ids": kept}
+
+
+# ------------------------------------------------------------------------------ extraction pipeline
+
+def extract_pipeline(warc: str, extractor: dict, lid_model: str, keep_texts: bool = True) -> dict:
+    """WarcReader -> Trafilatura(**extractor) -> LanguageFilter (lid.176, English, 0.65) ->
+    GopherRepetitionFilter -> GopherQualityFilter -> C4QualityFilter (FineWeb's settings) ->
+    FineWebQualityFilter, chained in this process as LocalPipelineExecutor runs one task.
+    Timed from the reader's first record to the last kept document; its extraction runs in
+    datatrove's sandbox process with its wall-clock `timeout`."""
+    import datatrove.utils.lid as lid
+    from datatrove.pipeline.extractors import Trafilatura
+    from datatrove.pipeline.filters import (C4QualityFilter, FineWebQualityFilter, GopherQualityFilter,
+                                            GopherRepetitionFilter, LanguageFilter)
+    from datatrove.pipeline.readers import WarcReader
+
+    _quiet_datatrove()
+    lid.FT176LID.MODEL_URL = lid_model
+    p = Path(warc)
+    reader, ext = WarcReader(str(p.parent), glob_pattern=p.name), Trafilatura(**extractor)
+    texts: dict[str, str] = {}
+
+    def tap(data, rank=0, world_size=1):  # the extracted text per URL, for the output comparison
+        for d in data:
+            texts[d.metadata.get("url", d.id)] = d.text
+            yield d
+
+    pipeline = [reader, ext, tap, LanguageFilter(), GopherRepetitionFilter(), GopherQualityFilter(),
+                C4QualityFilter(filter_no_terminal_punct=False), FineWebQualityFilter()]
+    c0, t0 = _cpu_seconds(), time.perf_counter()
+    data = None
+    for step in pipeline:
+        data = step(data, 0, 1)
+    kept = sum(1 for _ in data)
+    wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+
+    def count(step, key):
+        return int(step.stats[key].total) if key in step.stats.stats else 0
+
+    steps = {step.name: dict({k: int(v.total) for k, v in step.stats.stats.items()}, time_s=round(step.stats.time_stats.total, 3))
+             for step in pipeline if hasattr(step, "stats")}
+    return {"pages": count(reader, "documents"), "wall_s": wall, "cpu_s": cpu, "timeouts": count(ext, "timeout"),
+            "kept": kept, "steps": steps, "texts": texts if keep_texts else {}}
+
+
+def trafilatura_reference(html_path: str) -> dict:
+    """trafilatura.extract(html) with its defaults, per page, no time limit: the reference text
+    for the extraction F1 (pages: a JSON list of [url, html])."""
+    import trafilatura
+
+    pages = json.load(open(html_path, encoding="utf-8"))
+    return {url: trafilatura.extract(html) or "" for url, html in pages}
+
+
+FUNCTIONS = {f.__name__: f for f in (versions, filters, datasketch_signatures, datatrove_minhash, extract_pipeline, trafilatura_reference)}
+
+
+def main() -> None:
+    out = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # whatever the libraries print goes to stderr, not into the answers
+    sys.stdout = sys.stderr
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        req = json.loads(line)
+        try:
+            res = {"result": FUNCTIONS[req["fn"]](**req.get("args", {}))}
+        except Exception as e:  # the benchmark reports it as one line
+            traceback.print_exc()
+            res = {"error": f"{type(e).__name__}: {e}"}
+        out.write(json.dumps(res) + "\n")
+        out.flush()
+
+
+if __name__ == "__main__":
+    main()
