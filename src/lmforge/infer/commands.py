@@ -2,11 +2,17 @@
 
     lmforge generate MODEL --prompt TEXT [--prompt TEXT ...] [--max-new-tokens N] [--temperature T]
                      [--top-k K] [--top-p P] [--repetition-penalty R] [--stop S] [-n N] [--seed S]
+                     [--draft MODEL [--draft-tokens K] | --medusa HEADS_DIR [--draft-tokens K]]
     lmforge export hf MODEL OUT [--tokenizer DIR] [--dtype float32|bfloat16|float16] [--check]
 
 MODEL is anything `lmforge.model.io.resolve_model` accepts: a run directory (its latest model), a
 checkpoints directory, its `latest` file, a step_* directory, a `save_model` directory, or (for
 generate) a Hugging Face Llama/Qwen3 folder. Checkpoint checksums are verified before loading.
+
+`--draft MODEL` decodes speculatively (lmforge.infer.speculative) with a smaller model that has the
+same tokenizer, `--medusa DIR` with Medusa heads trained by `lmforge medusa` (lmforge.infer.medusa):
+the same output as without (identical greedy text, the same sampling distribution), one sequence
+at a time; the acceptance statistics go to stderr, or as a last JSON line with --json.
 """
 
 from __future__ import annotations
@@ -37,6 +43,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--json", action="store_true", help="print JSON lines instead of text")
     g.add_argument("--chat", action="store_true",
                    help="each prompt is a user message, rendered with the chat template (for SFT / DPO / RL models)")
+    g.add_argument("--draft", help="speculative decoding: a draft model with the same tokenizer (run, checkpoint or "
+                   "step directory, e.g. a distilled student or a quantized copy)")
+    g.add_argument("--medusa", help="speculative decoding with Medusa heads (a directory written by `lmforge medusa`)")
+    g.add_argument("--draft-tokens", type=int,
+                   help="guesses per target step (default 4 with --draft, the number of heads with --medusa)")
     g.set_defaults(func=_cmd_generate)
 
     e = sub.add_parser("export", help="export a checkpoint to another format")
@@ -97,7 +108,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     else:
         bos = [tok.bos_id] if tok.bos_id is not None else []
         prompts = [bos + tok.encode(p) for p in args.prompt]
-    outs = generate(model, prompts, params, tokenizer=tok)
+    spec = None
+    if args.draft or args.medusa:
+        outs, spec = _speculative(args, model, tok, ref, prompts, params, device, dtype)
+    else:
+        if args.draft_tokens is not None:
+            raise ConfigError("--draft-tokens needs --draft MODEL or --medusa DIR")
+        outs = generate(model, prompts, params, tokenizer=tok)
     for o in outs:
         prompt = args.prompt[o.prompt_index] + ("\n" if args.chat and not args.json else "")
         # special tokens (a weak model's stray <|pad|>) are left out of the text, as before the engine
@@ -110,7 +127,54 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                               "finish_reason": o.finish_reason, "model": str(ref.path)}, ensure_ascii=False))
         else:
             print(prompt + completion)
+    if spec is not None:
+        method, stats = spec
+        if args.json:
+            print(json.dumps({"speculative": {"method": method, **stats.to_dict()}}))
+        else:
+            print(f"lmforge: {method}: {stats.summary()}", file=sys.stderr)
     return 0
+
+
+def _speculative(args, model, tok, ref, prompts, params, device, dtype):
+    """(completions, (method, SpecStats)) for --draft / --medusa."""
+    from lmforge.errors import ConfigError, InputError
+
+    if args.draft and args.medusa:
+        raise ConfigError("give either --draft MODEL or --medusa DIR, not both")
+    if args.draft_tokens is not None and args.draft_tokens < 1:
+        raise ConfigError(f"--draft-tokens must be >= 1, got {args.draft_tokens}")
+    if args.medusa:
+        from lmforge.infer.medusa import load_heads, medusa_generate, read_meta
+
+        heads = load_heads(args.medusa, model, device=device)
+        base = read_meta(args.medusa)[1].get("base") or {}
+        if base.get("checksum") and base.get("checksum") != _weights_checksum(ref.path):
+            print(f"lmforge: note: the Medusa heads were trained on {base.get('path')}, not on {ref.path}: "
+                  "the output is unchanged, the acceptance may be low", file=sys.stderr)
+        if args.draft_tokens is not None and args.draft_tokens > heads.cfg.heads:
+            raise ConfigError(f"--draft-tokens {args.draft_tokens}: the heads in {args.medusa} guess at most {heads.cfg.heads}")
+        outs, stats = medusa_generate(model, heads, prompts, params, tokenizer=tok, k=args.draft_tokens)
+        return outs, ("medusa", stats)
+    from lmforge.infer import load_model
+    from lmforge.infer.speculative import same_tokenizer, speculative_generate
+    from lmforge.model.io import resolve_model
+    from lmforge.tokenizer import Tokenizer
+
+    dref = resolve_model(args.draft)
+    draft, dref = load_model(dref.path, device=device, dtype=dtype)
+    if dref.tokenizer is not None and not same_tokenizer(tok, Tokenizer.from_file(dref.tokenizer)):
+        raise InputError(f"the draft model {dref.path} has another tokenizer than the model ({dref.tokenizer}): "
+                         "a draft must share the target's tokenizer")
+    outs, stats = speculative_generate(model, draft, prompts, params, tokenizer=tok, k=args.draft_tokens or 4)
+    return outs, ("draft", stats)
+
+
+def _weights_checksum(path: Path) -> str | None:
+    from lmforge.rundir import read_json
+
+    state = read_json(Path(path) / "state.json", {}) or {}
+    return (state.get("checksums") or {}).get("model.safetensors") if isinstance(state, dict) else None
 
 
 def _cmd_export_hf(args: argparse.Namespace) -> int:
