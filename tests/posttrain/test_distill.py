@@ -225,3 +225,19 @@ def test_cli_distill_runs(setup, tmp_path, capsys):
     assert "held-out bits/byte" in out and "3 steps" in out
     state = json.loads(((tmp_path / "c") / "step_000003" / "state.json").read_text())
     assert state["distill"] == {"temperature": 1.5, "alpha": 0.8}
+
+
+def test_student_init_from_teacher_layers():
+    from lmforge.posttrain.distill import build_student, init_from_teacher, teacher_layers
+
+    assert teacher_layers(4, 2) == [0, 3] and teacher_layers(4, 1) == [3] and teacher_layers(6, 3) == [0, 2, 5]
+    torch.manual_seed(0)
+    teacher = Transformer(preset("tiny", vocab_size=512, max_seq_len=64, d_model=64, n_layers=2))
+    student = build_student("tiny", teacher.cfg, {"d_model": 64, "n_layers": 1}, 0, "cpu")
+    assert init_from_teacher(student, teacher) == [1]
+    assert torch.equal(student.tok_emb.weight, teacher.tok_emb.weight)
+    for (k, v), w in zip(student.layers[0].state_dict().items(), teacher.layers[1].state_dict().values()):
+        assert torch.equal(v, w), k
+    narrow = build_student("tiny", teacher.cfg, {"d_model": 32, "n_layers": 1}, 0, "cpu")
+    with pytest.raises(ConfigError, match="d_model"):
+        init_from_teacher(narrow, teacher)

@@ -3,7 +3,8 @@
 A student (a fresh model from a preset, smaller than the teacher, or an existing checkpoint: a
 pruned or low-rank model from `lmforge prune` / `lmforge lowrank`, the recovery fine-tuning path)
 is trained on the teacher's soft targets, mixed with the hard next-token labels (Hinton et al.
-2015):
+2015). A fresh student may start from the teacher's embedding, head and evenly spaced layers
+(`student_init = "teacher"`, as DistilBERT does) when it has the teacher's width:
 
     loss = alpha * T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) + (1 - alpha) * CE(z_s, y)
 
@@ -57,6 +58,9 @@ class DistillConfig(TrainerConfig):
     chunk_rows: int = 1024  # rows of (rows x vocab) logits formed at a time for the KL
     keep_sparsity: bool = True  # a magnitude-pruned student keeps its zeros
     heldout_sequences: int = 8  # held-out windows the student's bits per byte is measured on
+    # a fresh (preset) student: "random" initialisation, or "teacher": the teacher's embedding,
+    # head and evenly spaced layers copied in (same width needed)
+    student_init: Literal["random", "teacher"] = "random"
     # trainer defaults for distillation (keys as in [pretrain]); a fresh student takes the
     # pretraining defaults instead (muon) unless these are given
     max_steps: int = 200
@@ -336,6 +340,39 @@ def build_student(preset_name: str, teacher_cfg, overrides: dict, seed: int, dev
     return model
 
 
+def teacher_layers(n_teacher: int, n_student: int) -> list[int]:
+    """Teacher layers a student of `n_student` layers starts from: evenly spaced, first and last
+    included (the last one feeds the output head)."""
+    if n_student == 1:
+        return [n_teacher - 1]
+    return [round(i * (n_teacher - 1) / (n_student - 1)) for i in range(n_student)]
+
+
+@torch.no_grad()
+def init_from_teacher(student, teacher) -> list[int]:
+    """Copy the teacher's embedding, final norm, output head and evenly spaced layers
+    (`teacher_layers`) into a fresh student of the same width (DistilBERT's initialisation);
+    returns the teacher layers used. ConfigError when the shapes differ."""
+    from lmforge.infer.compress import check_plain
+
+    check_plain(teacher, "--student-init teacher")
+    sc, tc = student.cfg, teacher.cfg
+    same = ("d_model", "n_heads", "n_kv_heads", "head_dim", "ffn_hidden", "qk_norm", "moe_experts", "tie_embeddings")
+    diff = [k for k in same if getattr(sc, k) != getattr(tc, k)]
+    if diff:
+        raise ConfigError(f"--student-init teacher needs the teacher's layer shape; the student differs in {', '.join(diff)}")
+    if sc.n_layers > tc.n_layers:
+        raise ConfigError(f"--student-init teacher: the student has more layers ({sc.n_layers}) than the teacher ({tc.n_layers})")
+    idx = teacher_layers(tc.n_layers, sc.n_layers)
+    student.tok_emb.weight.copy_(teacher.tok_emb.weight)
+    student.norm.load_state_dict(teacher.norm.state_dict())
+    if not sc.tie_embeddings:
+        student.lm_head.weight.copy_(teacher.lm_head.weight)
+    for i, j in enumerate(idx):
+        student.layers[i].load_state_dict(teacher.layers[j].state_dict())
+    return idx
+
+
 def heldout_bpb(model, seqs, nbytes) -> float:
     from lmforge.infer.quantize_cmd import heldout_metrics
 
@@ -383,6 +420,8 @@ def run_distill(cfg: DistillConfig, teacher: str | Path, out_dir: str | Path, *,
     else:
         smodel = build_student(student_preset, teacher_model.cfg, student_overrides or {}, seed, runtime.device)
         student_desc = f"preset {student_preset}" + (f" {student_overrides}" if student_overrides else "")
+        if cfg.student_init == "teacher":
+            student_desc += f", initialised from teacher layers {init_from_teacher(smodel, teacher_model)}"
     if smodel.cfg.vocab_size != teacher_model.cfg.vocab_size:
         raise InputError(f"the student's vocabulary ({smodel.cfg.vocab_size}) differs from the teacher's "
                          f"({teacher_model.cfg.vocab_size})")
@@ -448,5 +487,6 @@ def run_distill(cfg: DistillConfig, teacher: str | Path, out_dir: str | Path, *,
         tokens_per_s=res.tokens_per_s, wall_time_s=time.time() - t0, resumed_from=res.resumed_from, history=history)
 
 
-__all__ = ["DistillConfig", "DistillResult", "MaskedLinear", "distill_objective", "kd_terms", "make_loss", "mask_pruned",
+__all__ = ["DistillConfig", "DistillResult", "MaskedLinear", "distill_objective", "init_from_teacher", "kd_terms", "make_loss",
+           "mask_pruned",
            "run_distill", "same_tokenizer", "text_stream", "training_stream"]

@@ -8,6 +8,8 @@ default: the teacher run's train tokens, else the bundled sample dictionary. --t
 --alpha A (weight of the soft KL term; 1 - A on the hard labels), --steps N, --batch-size B,
 --seq-len L, --lr, --optimizer, --seed, --no-keep-sparsity, and any `--distill.KEY VALUE`
 (trainer keys as in [pretrain]: schedule, warmup_steps, checkpoint_every, eval_every, device, ...).
+--student-init teacher starts a fresh student of the teacher's width from the teacher's embedding,
+head and evenly spaced layers (e.g. --student-set n_layers=2 of a 4-layer teacher: layers 0 and 3).
 A fresh student (--student-preset) trains with the pretraining defaults (muon, lr 3e-3, wsd)
 unless told otherwise; an existing one with fine-tuning defaults (adamw, lr 1e-3, cosine).
 Rerunning the same command resumes from DIR's newest checkpoint.
@@ -27,6 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--student-preset", help="fresh student from a model preset (tiny, small, ...), with the teacher's vocabulary")
     d.add_argument("--student-set", action="append", default=[], metavar="KEY=VALUE",
                    help="model field override of the preset student (repeatable), e.g. n_layers=2")
+    d.add_argument("--student-init", help="fresh student: random (default) or teacher (the teacher's embedding, head and "
+                                          "evenly spaced layers; same width)")
     d.add_argument("--out", required=True, help="output directory (step_N/ checkpoints + latest, metrics.jsonl)")
     d.add_argument("--tokens", help="tokens/ directory (index.json + train shards) to train on")
     d.add_argument("--data", action="append", default=[], help="text file to train on (.txt, .jsonl, .jsonl.gz, .jsonl.zst; repeatable)")
@@ -63,8 +67,8 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 
     if bool(args.student) == bool(args.student_preset):
         raise ConfigError("lmforge distill: give --student MODEL or --student-preset NAME (one of them)")
-    if args.student_set and not args.student_preset:
-        raise ConfigError("--student-set applies to --student-preset only")
+    if (args.student_set or args.student_init) and not args.student_preset:
+        raise ConfigError("--student-set and --student-init apply to --student-preset only")
     overrides = getattr(args, "overrides", []) or []
     bad = [o for o in overrides if not o.startswith("distill.")]
     if bad:
@@ -75,7 +79,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     cfgmod.apply_overrides(section, [o[len("distill."):] for o in overrides])
     for key, val in (("temperature", args.temperature), ("alpha", args.alpha), ("max_steps", args.steps),
                      ("batch_size", args.batch_size), ("seq_len", args.seq_len), ("lr", args.lr),
-                     ("optimizer", args.optimizer)):
+                     ("optimizer", args.optimizer), ("student_init", args.student_init)):
         if val is not None:
             section[key] = val
     if args.no_keep_sparsity:
