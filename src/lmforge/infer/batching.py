@@ -581,19 +581,16 @@ class BatchEngine:
         Bp, nbp = B, nb
         if self.compile:
             Bp, nbp = _bucket(B), _bucket(nb)
-        table = torch.full((Bp, nbp), SCRATCH_BLOCK, dtype=torch.long)
-        meta = torch.zeros(2, Bp, dtype=torch.long)  # token, position
-        for r, s in enumerate(seqs):
-            table[r, : len(s.blocks)] = torch.tensor(s.blocks)
-            meta[0, r] = s.tokens[s.computed]
-            meta[1, r] = s.computed
-        slot = table.gather(1, (meta[1] // bs)[:, None]).squeeze(1) * bs + meta[1] % bs
-        slot[B:] = SCRATCH_BLOCK * bs
-        meta, slot, table = (t.to(self.device, non_blocking=True) for t in (meta, slot, table))
-        pos = meta[1][:, None]
+        # every per-row input in one host tensor (one copy to the device): block table | token, position, slot
+        pad = [SCRATCH_BLOCK] * nbp
+        rows = [s.blocks + pad[len(s.blocks):] + [s.tokens[s.computed], s.computed,
+                                                   s.blocks[s.computed // bs] * bs + s.computed % bs] for s in seqs]
+        rows += [pad + [0, 0, SCRATCH_BLOCK * bs]] * (Bp - B)
+        dev = torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
+        table, tok, pos, slot = dev[:, :nbp].contiguous(), dev[:, nbp : nbp + 1], dev[:, nbp + 1 : nbp + 2], dev[:, nbp + 2]
         mask = _additive_mask(pos, nbp * bs, self.dtype)[:, None]  # (B, 1, 1, S)
-        self._step_meta.slots, self._step_meta.table = slot, table
-        logits = self._decode_forward(meta[0][:, None], pos, mask)[:B]
+        self._step_meta.slots, self._step_meta.table = slot.contiguous(), table
+        logits = self._decode_forward(tok.contiguous(), pos.contiguous(), mask)[:B]
         for s in seqs:
             s.computed += 1
             if s.computed % bs == 0:
