@@ -354,6 +354,10 @@ def test_bad_requests_are_refused_with_one_clear_error(model):
             e.submit([1] * 60, SamplingParams(max_new_tokens=5))  # 65 > 64: refused, not clipped
         with pytest.raises(InputError, match="KV blocks"):
             e.submit([1] * 20, SamplingParams(max_new_tokens=10))  # 30 tokens > 6 blocks of 4
+        with pytest.raises(InputError, match="KV blocks"):
+            e.submit([1] * 9, SamplingParams(max_new_tokens=2, n=5))  # 3 prompt blocks + 4 copies of the last
+        with pytest.raises(InputError, match="max_running"):
+            e.submit([1], SamplingParams(max_new_tokens=2, n=300))
         with pytest.raises(ConfigError):
             e.submit([1], SamplingParams(max_new_tokens=4, temperature=-1))
         with pytest.raises(ConfigError, match="tokenizer"):

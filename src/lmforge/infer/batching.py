@@ -345,7 +345,11 @@ class BatchEngine:
         if len(prompt) + params.max_new_tokens > ctx:
             raise ContextLimitError(f"the prompt has {len(prompt)} tokens and max_new_tokens is {params.max_new_tokens}: "
                                     f"{len(prompt) + params.max_new_tokens} is over the model's context of {ctx} tokens")
-        need = math.ceil((len(prompt) + params.max_new_tokens) / self.block_size)
+        if params.n > self.max_running:
+            raise InputError(f"n = {params.n} samples is more than the engine runs at once (max_running = {self.max_running})")
+        bs = self.block_size
+        need = max(math.ceil((len(prompt) + params.max_new_tokens) / bs),
+                   math.ceil(len(prompt) / bs) + (params.n - 1) * (len(prompt) % bs != 0))  # growth alone / n-way start
         if need > self.allocator.total:
             raise InputError(f"the request needs {need} KV blocks of {self.block_size} tokens but the engine's KV memory "
                              f"budget holds {self.allocator.total}: raise kv_memory_mb or lower max_new_tokens")
