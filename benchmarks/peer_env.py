@@ -20,6 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "peers" / "worker.py"
+LOG = Path(__file__).resolve().parent / "out" / "peer_worker.log"
 
 
 def peer_python() -> Path:
@@ -38,8 +39,10 @@ class Peer:
         for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "RAYON_NUM_THREADS"):
             env[k] = str(threads)
         env.pop("PYTHONPATH", None)  # nothing of lmforge's environment leaks into the peer's
+        LOG.parent.mkdir(parents=True, exist_ok=True)
+        self.log = open(LOG, "w")  # the peer's own logging (datatrove's tables, warnings), kept out of the results
         self.proc = subprocess.Popen([str(peer_python()), str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, env=env, cwd=str(ROOT), bufsize=1)
+                                     stderr=self.log, text=True, env=env, cwd=str(ROOT), bufsize=1)
         self.versions = self.call("versions")
 
     def call(self, fn: str, **args) -> dict:
@@ -48,10 +51,10 @@ class Peer:
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"the peer worker died during {fn!r} (exit code {self.proc.wait()}); its stderr is above")
+            raise RuntimeError(f"the peer worker died during {fn!r} (exit code {self.proc.wait()}); see {LOG}")
         r = json.loads(line)
         if "error" in r:
-            raise RuntimeError(f"peer worker, {fn}: {r['error']}")
+            raise RuntimeError(f"peer worker, {fn}: {r['error']} (traceback in {LOG})")
         return r["result"]
 
     def close(self) -> None:
@@ -62,6 +65,7 @@ class Peer:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+        self.log.close()
 
     def __enter__(self) -> "Peer":
         return self

@@ -136,6 +136,26 @@ def datasketch_signatures(texts_path: str, num_perm: int = 112, repeat: int = 1,
     return {"with_shingling_s": best_all, "bulk_only_s": best_bulk, "docs": len(texts), "shingles": sum(map(len, sh)), "pair_estimates": est}
 
 
+def datasketch_lsh(texts_path: str, num_perm: int = 112, bands: int = 14, rows: int = 8) -> dict:
+    """MinHashLSH(bands x rows) over the documents in order: which ones an earlier document
+    collides with (what LSH alone would remove), and the true Jaccard of each flagged document's
+    best earlier candidate (shingle sets as in `_shingles`)."""
+    from datasketch import MinHash, MinHashLSH
+
+    texts = [json.loads(line)["text"] for line in open(texts_path, encoding="utf-8")]
+    sh = [_shingles(t) for t in texts]
+    sets = [set(s) for s in sh]
+    lsh = MinHashLSH(num_perm=num_perm, params=(bands, rows))
+    flagged, best = [], []
+    for i, m in enumerate(MinHash.bulk(sh, num_perm=num_perm)):
+        cands = lsh.query(m)
+        if cands:
+            flagged.append(i)
+            best.append(max(len(sets[i] & sets[int(c)]) / max(1, len(sets[i] | sets[int(c)])) for c in cands))
+        lsh.insert(str(i), m)
+    return {"flagged": flagged, "best_jaccard": best}
+
+
 def datatrove_minhash(input_path: str, work: str) -> dict:
     """datatrove's four MinHash stages on one compressed JSONL file, LocalPipelineExecutor with one
     task and one worker (14 bucket tasks run one after another), 64-bit hashes, FineWeb's 14 x 8
@@ -233,7 +253,7 @@ def trafilatura_reference(html_path: str) -> dict:
     return {url: trafilatura.extract(html) or "" for url, html in pages}
 
 
-FUNCTIONS = {f.__name__: f for f in (versions, filters, datasketch_signatures, datatrove_minhash, extract_pipeline, trafilatura_reference)}
+FUNCTIONS = {f.__name__: f for f in (versions, filters, datasketch_signatures, datasketch_lsh, datatrove_minhash, extract_pipeline, trafilatura_reference)}
 
 
 def main() -> None:

@@ -72,10 +72,15 @@ def batch_shingles(texts: list[str], n: int = 5, seed: int = 0) -> tuple[np.ndar
     starts_doc = np.zeros(len(enc), np.int64)
     if len(enc) > 1:
         starts_doc[1:] = np.cumsum([len(e) + 1 for e in enc[:-1]])
-    isw = np.frombuffer(blob.translate(_FLAG_TABLE), dtype=np.int8, count=nb)
-    edge = np.diff(isw, prepend=np.int8(0))
-    ws = np.flatnonzero(edge == 1)
-    we = np.flatnonzero(edge == -1)  # the text ends with a delimiter, so every word ends
+    # word boundaries: one pass marks where "is a word byte" changes; starts and ends alternate
+    # (the blob ends with a delimiter, so every word ends)
+    isw = np.frombuffer(blob.translate(_FLAG_TABLE), dtype=np.bool_, count=nb)
+    change = np.empty(nb + 1, dtype=np.bool_)
+    change[0] = isw[0]
+    np.not_equal(isw[1:], isw[:-1], out=change[1:nb])
+    change[nb] = False
+    edges = np.flatnonzero(change)
+    ws, we = edges[0::2], edges[1::2]
     nd = len(texts)
     if len(ws) == 0:
         return _EMPTY, np.zeros(nd + 1, np.int64)
@@ -95,10 +100,9 @@ def batch_shingles(texts: list[str], n: int = 5, seed: int = 0) -> tuple[np.ndar
             sel = sel[wl[sel] > k]
         wh ^= wl.astype(U64) * _K2 ^ U64(seed)
         mix64(wh)
-        wdoc = np.searchsorted(starts_doc, ws, side="right") - 1
-        nw = np.bincount(wdoc, minlength=nd)
-        wfirst = np.zeros(nd, np.int64)
-        wfirst[1:] = np.cumsum(nw)[:-1]
+        wfirst = np.searchsorted(ws, starts_doc)  # each document's first word
+        nw = np.diff(wfirst, append=len(ws))
+        wdoc = np.repeat(np.arange(nd), nw)
         # full n-grams: windows that start and end in the same document
         k = len(wh) - n + 1
         if k > 0:
