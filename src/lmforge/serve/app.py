@@ -210,7 +210,7 @@ class _Job:
         r = self.req
         params = SamplingParams(max_new_tokens=r.max_tokens, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
                                 repetition_penalty=r.repetition_penalty, stop=tuple(r.stop), n=r.n, seed=r.seed,
-                                logprobs=r.logprobs is not None)
+                                logprobs=r.logprobs is not None, stop_token_ids=[] if r.ignore_eos else None)
         loop = asyncio.get_running_loop()
         q = self.queue
 

@@ -6,7 +6,7 @@ error `{"error": {"message", "type", "param", "code"}}` with the right status, n
 - `/v1/completions`: `prompt` as a string, a list of token ids, or a list of either (one choice
   group per prompt); `max_tokens` (default 16; 0 only with `echo`, which then scores the prompt),
   `temperature`, `top_p`, `top_k` (extension), `repetition_penalty` (extension), `stop` (string or
-  up to 4 strings), `n`, `seed`, `logprobs` (0..5: each token's log-probability plus that many
+  up to 4 strings), `ignore_eos` (vLLM's extension), `n`, `seed`, `logprobs` (0..5: each token's log-probability plus that many
   alternatives), `echo`, `stream`, `stream_options.include_usage`;
 - `/v1/chat/completions`: `messages` (roles system / user / assistant, string content or a list of
   text parts), rendered with the model's chat template; the same sampling fields, `max_tokens` or
@@ -80,6 +80,7 @@ class GenRequest:
     echo: bool = False
     stream: bool = False
     include_usage: bool = False
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens, end-of-text / end-of-turn tokens do not stop
     model: str | None = None
 
 
@@ -137,6 +138,10 @@ def _sampling(body: dict, limits: Limits, req: GenRequest) -> None:
         req.stop = [s for s in stop if s]
     else:
         raise bad("'stop' must be a string or a list of strings", "stop")
+    ig = body.get("ignore_eos", False)
+    if not isinstance(ig, bool) and ig is not None:
+        raise bad("'ignore_eos' must be a boolean", "ignore_eos")
+    req.ignore_eos = bool(ig)
     stream = body.get("stream", False)
     if not isinstance(stream, bool) and stream is not None:
         raise bad("'stream' must be a boolean", "stream")
