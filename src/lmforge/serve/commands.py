@@ -166,6 +166,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     logging.getLogger("lmforge").setLevel(args.log_level.upper())
     config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=args.drain_timeout or None,
                             access_log=args.log_level == "debug", lifespan="on")
+    # the engine thread re-takes the GIL after every torch op; with the event loop busy streaming, the
+    # default 5 ms switch interval makes it wait that long each time (a convoy): hand over sooner
+    sys.setswitchinterval(float(os.environ.get("LMFORGE_SWITCH_INTERVAL", "0.0002")))
     server = _Server(config)
     server.run(sockets=[sock])
     print("lmforge serve: stopped", flush=True)
