@@ -110,6 +110,8 @@ class MedusaHeads(nn.Module):
     def forward(self, h: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
         """(K, ..., V) logits of every head from hidden states (..., d). `lm_head`: the model's
         output head (used by heads without their own)."""
+        if self.out is None:  # shared head: one call for all heads
+            return lm_head(torch.stack([blk(h) for blk in self.blocks]))
         return torch.stack([self.head_logits(k, h, lm_head) for k in range(self.cfg.heads)])
 
 
