@@ -33,6 +33,7 @@ timer), so each filter pays its own word split; the process-wide per-chunk cache
 sides stay warm.
 
     python benchmarks/bench_filters.py [--web N] [--manpages N] [--dictionary N] [--fortunes N] [--slices 4]
+    python benchmarks/bench_filters.py --words-only   # word splitting vs spaCy's English tokenizer, chunk by chunk
 
 Prints docs/s per filter and side, the ratios, and the agreement (same filter drops the
 document, or both keep it with byte-identical text); writes the disagreements to
@@ -101,6 +102,25 @@ def load_docs(args) -> list[dict]:
     return docs
 
 
+def word_agreement(docs: list[dict], peer) -> None:
+    """Share of whitespace chunks (by occurrence) that lmforge splits into exactly the same
+    tokens as the spaCy English tokenizer datatrove uses, with the most frequent differences."""
+    from collections import Counter
+
+    from lmforge.data.filters.text import split_words
+
+    chunks = Counter(c for d in docs for c in d["text"].split())
+    distinct = list(chunks)
+    with tempfile.TemporaryDirectory(prefix="bench_words_") as tmp:
+        path = Path(tmp) / "chunks.json"
+        path.write_text(json.dumps(distinct), encoding="utf-8")
+        ref = peer.call("spacy_words", chunks_path=str(path))["tokens"]
+    diff = Counter({c: chunks[c] for c, t in zip(distinct, ref) if t != split_words(c)})
+    total = sum(chunks.values())
+    print(f"\nword splitting: {1 - sum(diff.values()) / total:.3%} of {total} chunks ({len(chunks)} distinct) split as spaCy does")
+    print("most frequent differences:", ", ".join(f"{c!r} x{k}" for c, k in diff.most_common(8)))
+
+
 NAMES = ["gopher_repetition", "gopher_quality", "c4", "fineweb"]
 # datatrove's reasons -> lmforge's (the same rules, one renamed for clarity)
 RENAME = {"gopher_enough_stop_words": "gopher_few_stop_words"}
@@ -155,10 +175,16 @@ def main() -> int:
     ap.add_argument("--dictionary", type=int, default=1500)
     ap.add_argument("--fortunes", type=int, default=1500)
     ap.add_argument("--slices", type=int, default=4, help="the sides take turns on this many slices of the input")
+    ap.add_argument("--words-only", action="store_true", help="only compare word splitting with spaCy's English tokenizer, chunk by chunk")
     args = ap.parse_args()
     from peer_env import Peer, lmforge_versions
 
     docs = load_docs(args)
+    if args.words_only:
+        with Peer() as peer:
+            print(peer.describe())
+            word_agreement(docs, peer)
+        return 0
     total_chars = sum(len(d["text"]) for d in docs)
     load0 = os.getloadavg()
     print(f"{len(docs)} documents, {total_chars / 1e6:.1f} M characters; load average before: {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}")

@@ -94,6 +94,15 @@ def filters(docs_path: str) -> dict:
     return {"pipeline_s": t_pipe, "alone_s": t_alone, "seen": seen, "results": results}
 
 
+def spacy_words(chunks_path: str) -> dict:
+    """spaCy's English tokenizer (the one datatrove's filters split words with) on each
+    whitespace chunk of a JSON list."""
+    import spacy
+
+    tok = spacy.blank("en").tokenizer
+    return {"tokens": [[t.text for t in tok(c)] for c in json.load(open(chunks_path, encoding="utf-8"))]}
+
+
 # ------------------------------------------------------------------------------ MinHash
 
 _DELIM = bytes(c if (chr(c).isascii() and (chr(c).isalnum() or c == 0x5F)) or c >= 0x80 else 0x20 for c in range(256))
@@ -248,7 +257,7 @@ def extract_pipeline(warc: str, extractor: dict, keep_texts: bool = True) -> dic
             "kept": kept, "steps": steps, "texts": texts if keep_texts else {}}
 
 
-FUNCTIONS = {f.__name__: f for f in (versions, filters, datasketch_signatures, datasketch_lsh, datatrove_minhash, extract_pipeline)}
+FUNCTIONS = {f.__name__: f for f in (versions, filters, spacy_words, datasketch_signatures, datasketch_lsh, datatrove_minhash, extract_pipeline)}
 
 
 def main() -> None:
