@@ -18,7 +18,8 @@ Three ways through the same requests, same process, same thread count:
 Each side builds its own engine before the clock starts; model build, tokenizer training and
 tokenization are outside the timings; detokenization (the engine's UTF-8-safe streaming text) is
 inside for the BatchEngine sides and, for `generate`, its own decode of the final text.
-Printed: generated tokens/s of each, the ratios, p50/p99 time to first token and per-token
+Printed: generated tokens/s of each (wall clock) and tokens per CPU-second of the process (all
+threads; a figure that other load on a shared machine disturbs less than the wall clock), the ratios, p50/p99 time to first token and per-token
 latency (time between tokens of one request) for concurrent and sequential, and whether the
 three produced the same tokens (greedy: they should, up to float ties).
 """
@@ -105,6 +106,7 @@ def run_engine(model, tok, prompts, params, concurrent: bool, **kw):
 
     submitted = {}
     outs = [None] * len(prompts)
+    c0 = time.process_time()
     t0 = time.perf_counter()
     if concurrent:
         reqs = []
@@ -118,11 +120,12 @@ def run_engine(model, tok, prompts, params, concurrent: bool, **kw):
             submitted[i] = time.perf_counter()
             outs[i] = e.submit(p, sp, on_event=watcher(i)).result()[0]
     wall = time.perf_counter() - t0
+    cpu = time.process_time() - c0
     st = e.stats()
     e.shutdown()
     ttft = [stamps[i][0] - submitted[i] for i in stamps]
     itl = [b - a for i in stamps for a, b in zip(stamps[i], stamps[i][1:])]
-    return outs, wall, ttft, itl, st
+    return outs, wall, cpu, ttft, itl, st
 
 
 def run_generate(model, tok, prompts, params):
@@ -130,10 +133,11 @@ def run_generate(model, tok, prompts, params):
 
     generate(model, [prompts[0][:8]], type(params[0])(max_new_tokens=4, temperature=0, stop_token_ids=[]), tokenizer=tok)
     outs = []
+    c0 = time.process_time()
     t0 = time.perf_counter()
     for p, sp in zip(prompts, params):
         outs.append(generate(model, [p], sp, tokenizer=tok)[0])
-    return outs, time.perf_counter() - t0
+    return outs, time.perf_counter() - t0, time.process_time() - c0
 
 
 def main() -> None:
@@ -170,13 +174,15 @@ def main() -> None:
           f"{len(prompts)} requests, prompt tokens {min(map(len, prompts))}-{max(map(len, prompts))} "
           f"(sum {sum(map(len, prompts))}), new tokens {total_new}; load {load()}", flush=True)
     kw = dict(block_size=args.block_size, max_running=args.requests, compile=args.compile)
-    c_out, c_wall, c_ttft, c_itl, c_st = run_engine(model, tok, prompts, params, True, **kw)
-    print(f"concurrent: {c_wall:.2f} s, {total_new / c_wall:.1f} tok/s  (steps {c_st['steps']}, "
-          f"peak kv blocks {c_st['kv_blocks_total']}) load {load()}", flush=True)
-    s_out, s_wall, s_ttft, s_itl, _ = run_engine(model, tok, prompts, params, False, **kw)
-    print(f"sequential: {s_wall:.2f} s, {total_new / s_wall:.1f} tok/s  load {load()}", flush=True)
-    g_out, g_wall = run_generate(model, tok, prompts, params)
-    print(f"generate (batch 1, one after another): {g_wall:.2f} s, {total_new / g_wall:.1f} tok/s  load {load()}", flush=True)
+    c_out, c_wall, c_cpu, c_ttft, c_itl, c_st = run_engine(model, tok, prompts, params, True, **kw)
+    print(f"concurrent: {c_wall:.2f} s, {total_new / c_wall:.1f} tok/s; CPU {c_cpu:.2f} s, "
+          f"{total_new / c_cpu:.1f} tok per CPU-s  (steps {c_st['steps']}) load {load()}", flush=True)
+    s_out, s_wall, s_cpu, s_ttft, s_itl, _ = run_engine(model, tok, prompts, params, False, **kw)
+    print(f"sequential: {s_wall:.2f} s, {total_new / s_wall:.1f} tok/s; CPU {s_cpu:.2f} s, "
+          f"{total_new / s_cpu:.1f} tok per CPU-s  load {load()}", flush=True)
+    g_out, g_wall, g_cpu = run_generate(model, tok, prompts, params)
+    print(f"generate (batch 1, one after another): {g_wall:.2f} s, {total_new / g_wall:.1f} tok/s; CPU {g_cpu:.2f} s, "
+          f"{total_new / g_cpu:.1f} tok per CPU-s  load {load()}", flush=True)
     same_cs = sum(a.token_ids == b.token_ids for a, b in zip(c_out, s_out))
     same_cg = sum(a.token_ids == b.token_ids for a, b in zip(c_out, g_out))
     ms = 1000.0
@@ -192,12 +198,16 @@ def main() -> None:
               f"p99 {d['itl_p99_ms']} ms")
     print(f"ratio concurrent / sequential BatchEngine: {s_wall / c_wall:.2f}x; concurrent / sequential generate: "
           f"{g_wall / c_wall:.2f}x; sequential BatchEngine / generate: {g_wall / s_wall:.2f}x")
+    print(f"CPU-time ratios (less sensitive to other load on the machine): concurrent / sequential "
+          f"{s_cpu / c_cpu:.2f}x, concurrent / generate {g_cpu / c_cpu:.2f}x")
     print(f"same tokens: concurrent vs sequential {same_cs}/{len(prompts)}, concurrent vs generate {same_cg}/{len(prompts)}")
     result("batching", s_wall / c_wall, 4.0, "generated tokens/s, 16 concurrent requests vs the same 16 one after another "
            "(BatchEngine, engine level)", tokens_per_s={"concurrent": round(total_new / c_wall, 1),
                                                         "sequential": round(total_new / s_wall, 1),
                                                         "generate_batch1": round(total_new / g_wall, 1)},
-           vs_generate=round(g_wall / c_wall, 3), latency=lat, same_tokens={"sequential": same_cs, "generate": same_cg},
+           vs_generate=round(g_wall / c_wall, 3), latency=lat,
+           cpu_seconds={"concurrent": round(c_cpu, 2), "sequential": round(s_cpu, 2), "generate_batch1": round(g_cpu, 2)},
+           cpu_ratio=round(s_cpu / c_cpu, 3), same_tokens={"sequential": same_cs, "generate": same_cg},
            threads=args.threads, device=args.device, mean_ttft_concurrent_ms=round(statistics.mean(c_ttft) * ms, 1))
 
 

@@ -141,6 +141,28 @@ def test_prefix_blocks_are_shared_and_output_unchanged(model):
     assert st["prefill_tokens"] == 27 + 2 + 1
 
 
+def test_a_burst_of_requests_with_a_common_beginning_shares_it(model):
+    system = _prompts((32,), seed=4)[0]
+    prompts = [system + q for q in _prompts((3, 5, 2, 6), seed=5)]
+    p = SamplingParams(max_new_tokens=6, temperature=0, stop_token_ids=[])
+    ref = generate(model, prompts, p)
+    gate, started = threading.Event(), threading.Event()
+    with _Engine(model, None, block_size=8) as e:
+        def hold(ev):
+            started.set()
+            gate.wait(10)
+
+        blocker = e.submit([1, 2], SamplingParams(max_new_tokens=2, temperature=0, stop_token_ids=[]), on_event=hold)
+        assert started.wait(10)
+        reqs = [e.submit(pr, p) for pr in prompts]  # all arrive while the engine is busy: one admission round
+        gate.set()
+        outs = [r.result(timeout=60)[0] for r in reqs]
+        blocker.result(timeout=60)
+        st = e.stats()
+    assert [o.token_ids for o in outs] == [r.token_ids for r in ref]
+    assert st["prefix_hits"] == 3 * 4  # the 2nd..4th reuse the 4 blocks of the shared 32 tokens
+
+
 def test_cancel_frees_blocks_and_ends_the_request(model):
     gate = threading.Event()
     with _Engine(model, None, block_size=4) as e:

@@ -10,12 +10,12 @@
 One background thread runs the step loop. Every iteration:
 1. cancellations and new submissions are taken in (a cancelled request's blocks are freed here);
 2. admission: waiting requests, first come first served, join the running batch while their
-   prompt's KV blocks fit in the free pool and `max_running` sequences are not exceeded. A
-   prompt's full blocks already in the prefix cache (same chain hash of token ids) are shared,
-   not recomputed; only the rest is prefilled. The admitted prompts are prefilled together in one
-   forward (right-padded; a bounded number of prompt tokens per iteration), and each request's
-   first token sampled. The n samples of a request share its prefill: full prompt blocks are
-   shared by reference, the last partial block is copied per sample;
+   prompt's KV blocks fit in the free pool and `max_running` sequences are not exceeded, up to
+   `max_prefill_tokens` prompt tokens per iteration. A prompt's full blocks already in the
+   prefix cache (same chain hash of token ids) are shared, not recomputed; only the rest is
+   prefilled, one prompt per forward (no padding), and the request's first token is sampled
+   right after its own prefill. The n samples of a request share its prefill: full prompt
+   blocks are shared by reference, the last partial block is copied per sample;
 3. one decode step for every running sequence: each row feeds its last token at its own
    position, its keys/values written into its own blocks, attention reading its block table
    (`lmforge.infer.paged`); one host sync per step fetches the sampled tokens (and log-probs).
@@ -234,11 +234,14 @@ class BatchEngine:
     without it, enough blocks for `max_running` (default 16) sequences of the full context.
     `max_queue`: waiting requests beyond which `submit` raises QueueFullError.
     `prefix_cache`: share the full blocks of equal prompt beginnings. `compile`: torch.compile
-    the decode step (batch and key length padded to buckets so few graphs are compiled)."""
+    the decode step (batch and key length padded to buckets so few graphs are compiled).
+    `max_prefill_tokens`: prompt tokens prefilled per iteration before the running sequences
+    take their next step (a longer prompt alone still gets in), bounding the pause that new
+    requests impose on the ones already streaming."""
 
     def __init__(self, model, tokenizer=None, *, max_running: int | None = None, kv_memory_mb: float | None = None,
                  block_size: int = 16, max_queue: int = 64, prefix_cache: bool = True, compile: bool = False,
-                 max_prefill_tokens: int = 2048):
+                 max_prefill_tokens: int = 512):
         if not isinstance(block_size, int) or block_size < 1:
             raise ConfigError(f"block_size must be a positive integer, got {block_size!r}")
         if max_running is not None and (not isinstance(max_running, int) or max_running < 1):
@@ -286,6 +289,7 @@ class BatchEngine:
         self._queued = 0  # requests submitted and not yet admitted (the queue depth)
         self._admit_counter = itertools.count()
         self._compiled = None
+        self._prefill_logits: torch.Tensor | None = None
         self._stats = {"tokens_generated": 0, "prompt_tokens": 0, "prefill_tokens": 0, "requests_submitted": 0,
                        "requests_finished": 0, "requests_cancelled": 0, "requests_failed": 0, "prefix_hits": 0,
                        "prefix_hit_tokens": 0, "preemptions": 0, "steps": 0, "ttft_sum": 0.0, "ttft_count": 0}
@@ -439,105 +443,114 @@ class BatchEngine:
 
     # ---- admission and prefill
     def _admit(self) -> None:
-        bs, alloc = self.block_size, self.allocator
-        batch: list[tuple[_Group, int, int]] = []  # (group, first token to compute, tokens to compute)
+        """Admit waiting groups, first come first served, while they fit (blocks, max_running) and
+        the iteration's prompt-token budget lasts (the first one always gets in). Each admitted
+        group is prefilled and its first token sampled before the next is looked at, so a
+        burst of requests with a common beginning shares it, and the first tokens of early
+        requests are not held back by the prefill of later ones."""
         budget = self.max_prefill_tokens
-        copies: list[tuple[int, int]] = []
+        first = True
         while self._waiting and not self._stopping_hard():
             g = self._waiting[0]
-            n = len(g.seqs)
-            if len(self._running) + sum(len(b[0].seqs) for b in batch) + n > self.max_running:
+            if len(self._running) + len(g.seqs) > self.max_running:
                 break
-            tokens = g.seqs[0].tokens
-            L = len(tokens) if g.fresh else len(tokens) - 1  # a resumed sample's last token is fed by decode
-            hits: list[int] = []
-            hashes: list[int] = []
-            if self.prefix_cache:
-                # full blocks only, and never the whole prompt: the last prompt token is computed for its logits
-                hashes = block_hashes(tokens, bs, (L - 1) // bs if g.fresh else L // bs)
-                hits = alloc.lookup(hashes, tokens)
-            start = len(hits) * bs
-            todo = L - start
-            if batch and todo > budget:
-                alloc.release_all(hits)
-                break
-            partial = L % bs != 0
-            need = math.ceil(L / bs) - len(hits) + (n - 1 if partial else 0)
-            if need > alloc.free_count:
-                alloc.release_all(hits)
+            plan = self._reserve(g, budget if not first else None)
+            if plan is None:
                 break
             self._waiting.popleft()
             if g.fresh:
                 with self._lock:
                     self._queued -= 1
-            own = [alloc.allocate() for _ in range(math.ceil(L / bs) - len(hits))]
-            first = g.seqs[0]
-            first.blocks = hits + own
-            first.hashes = hashes[: len(hits)]
-            first.computed = start
-            full = L // bs
-            for s in g.seqs[1:]:
-                for b in first.blocks[:full]:
-                    alloc.incref(b)
-                s.blocks = list(first.blocks[:full])
-                if partial:
-                    nb = alloc.allocate()
-                    s.blocks.append(nb)
-                    copies.append((first.blocks[full], nb))
-                s.hashes = list(first.hashes)
-            if hits:
-                self._stats["prefix_hits"] += len(hits)
-                self._stats["prefix_hit_tokens"] += start
-            if g.fresh:
-                self._stats["prompt_tokens"] += len(tokens)
-            budget -= todo
-            batch.append((g, start, todo))
-        if not batch:
-            return
-        self._prefill(batch)
-        for src, dst in copies:
-            for c in self._caches:
-                c.copy_block(src, dst, bs)
-        fresh_groups = [g for g, _, _ in batch if g.fresh]
-        for g, _, _ in batch:
-            L = g.seqs[0].computed
+            start, todo, copies = plan
+            self._prefill(g, start, todo)
+            for src, dst in copies:
+                for c in self._caches:
+                    c.copy_block(src, dst, self.block_size)
+            lead = g.seqs[0]
             for s in g.seqs:
-                s.computed = L
-                s.hashes = list(g.seqs[0].hashes)
+                s.computed = lead.computed
+                s.hashes = list(lead.hashes)
                 s.admitted = next(self._admit_counter)
                 if s.seen is None and g.req.params.repetition_penalty != 1.0:
                     s.seen = torch.zeros(self.cfg.vocab_size, dtype=torch.bool, device=self.device)
                     s.seen[torch.tensor(s.tokens, device=self.device)] = True
             self._running.extend(g.seqs)
-        if fresh_groups:
-            self._sample_first(fresh_groups)
+            if g.fresh:
+                # one row per sample: the n samples of a prompt start from the same logits
+                logits = self._prefill_logits.expand(len(g.seqs), -1)
+                self._prefill_logits = None
+                self._sample_and_advance(list(g.seqs), logits)
+            budget -= todo
+            first = False
+            if budget <= 0:
+                break
+
+    def _reserve(self, g: _Group, budget: int | None):
+        """Blocks for a group about to be admitted: prefix-cache hits shared, the rest allocated
+        (the n samples: full prompt blocks shared, the last partial block one copy each). None
+        (nothing taken) when they do not fit or the uncached part is over `budget`; else (first
+        position to compute, tokens to compute, [(src, dst) block copies after the prefill])."""
+        bs, alloc = self.block_size, self.allocator
+        n = len(g.seqs)
+        tokens = g.seqs[0].tokens
+        L = len(tokens) if g.fresh else len(tokens) - 1  # a resumed sample's last token is fed by decode
+        hits: list[int] = []
+        hashes: list[int] = []
+        if self.prefix_cache:
+            # full blocks only, and never the whole prompt: the last prompt token is computed for its logits
+            hashes = block_hashes(tokens, bs, (L - 1) // bs if g.fresh else L // bs)
+            hits = alloc.lookup(hashes, tokens)
+        start = len(hits) * bs
+        todo = L - start
+        partial = L % bs != 0
+        need = math.ceil(L / bs) - len(hits) + (n - 1 if partial else 0)
+        if (budget is not None and todo > budget) or need > alloc.free_count:
+            alloc.release_all(hits)
+            return None
+        lead = g.seqs[0]
+        lead.blocks = hits + [alloc.allocate() for _ in range(math.ceil(L / bs) - len(hits))]
+        lead.hashes = hashes[: len(hits)]
+        lead.computed = start
+        full = L // bs
+        copies = []
+        for s in g.seqs[1:]:
+            for b in lead.blocks[:full]:
+                alloc.incref(b)
+            s.blocks = list(lead.blocks[:full])
+            if partial:
+                nb = alloc.allocate()
+                s.blocks.append(nb)
+                copies.append((lead.blocks[full], nb))
+        if hits:
+            self._stats["prefix_hits"] += len(hits)
+            self._stats["prefix_hit_tokens"] += start
+        if g.fresh:
+            self._stats["prompt_tokens"] += len(tokens)
+        return start, todo, copies
 
     def _stopping_hard(self) -> bool:
         return self._stopping and not self._drain
 
-    def _prefill(self, batch: list[tuple[_Group, int, int]]) -> None:
-        """A forward over the uncached part of each admitted prompt (one prompt per forward: no
-        padding), keys/values written into its blocks; keeps the last position's logits of each
-        fresh prompt for its first token."""
+    def _prefill(self, g: _Group, start: int, todo: int) -> None:
+        """One forward over the uncached part of a group's tokens (no padding), keys/values written
+        into its blocks; for a fresh prompt keeps the last position's logits for its first token."""
         bs, dev = self.block_size, self.device
-        self._prefill_logits: dict[int, torch.Tensor] = {}
-        for g, start, todo in batch:
-            s = g.seqs[0]
-            if todo:
-                p = torch.arange(start, start + todo)
-                blocks = torch.tensor(s.blocks, dtype=torch.long)
-                slots = blocks[p // bs] * bs + p % bs
-                S = len(s.blocks) * bs
-                idx = torch.tensor(s.tokens[start : start + todo], dtype=torch.long)[None]
-                idx, pos, slots, table = (t.to(dev, non_blocking=True) for t in (idx, p[None], slots, blocks[None]))
-                mask = _additive_mask(pos, S, self.dtype)[:, None]  # (1, 1, T, S)
-                self._step_meta.slots, self._step_meta.table = slots, table
-                h = self.model.hidden_states(idx, pos=pos, mask=mask)
-                if g.fresh:
-                    self._prefill_logits[id(g)] = self.model.lm_head(h[0, -1:]).float()
-                self._stats["prefill_tokens"] += todo
-            s.computed = start + todo
-            self._register_full_blocks(s)
+        s = g.seqs[0]
+        if todo:
+            p = torch.arange(start, start + todo)
+            blocks = torch.tensor(s.blocks, dtype=torch.long)
+            slots = blocks[p // bs] * bs + p % bs
+            S = len(s.blocks) * bs
+            idx = torch.tensor(s.tokens[start : start + todo], dtype=torch.long)[None]
+            idx, pos, slots, table = (t.to(dev, non_blocking=True) for t in (idx, p[None], slots, blocks[None]))
+            mask = _additive_mask(pos, S, self.dtype)[:, None]  # (1, 1, T, S)
+            self._step_meta.slots, self._step_meta.table = slots, table
+            h = self.model.hidden_states(idx, pos=pos, mask=mask)
+            if g.fresh:
+                self._prefill_logits = self.model.lm_head(h[0, -1:]).float()
+            self._stats["prefill_tokens"] += todo
+        s.computed = start + todo
+        self._register_full_blocks(s)
 
     def _register_full_blocks(self, s: _Seq) -> None:
         """Put the sequence's newly filled blocks in the prefix cache."""
@@ -551,12 +564,6 @@ class BatchEngine:
             h = hash((h, blk))
             s.hashes.append(h)
             self.allocator.register(s.blocks[i], h, blk)
-
-    def _sample_first(self, groups: list[_Group]) -> None:
-        # one row per sample: the n samples of a prompt start from the same logits
-        logits = torch.cat([self._prefill_logits[id(g)].expand(len(g.seqs), -1) for g in groups])
-        self._prefill_logits = {}
-        self._sample_and_advance([s for g in groups for s in g.seqs], logits)
 
     # ---- decode
     def _decode(self) -> None:
