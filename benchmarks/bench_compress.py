@@ -12,7 +12,7 @@ way `lmforge generate` loads it, and measured the same way):
 - heads: `--method heads --keep-heads` half the heads (importance measured on the run's train tokens);
 - MLP: `--method mlp --keep-ratio 0.5`;
 - each of those three "+ recovery": `lmforge distill DENSE --student PRUNED` for --steps steps
-  (batch 4 x 128 tokens, AdamW lr 1e-3 cosine, T = 2, alpha = 0.5, the run's train tokens);
+  (batch 4 x 128 tokens, AdamW lr 3e-4 cosine, T = 2, alpha = 0.5, the run's train tokens);
 - low rank at energy 0.8, 0.9 and 0.95: `lmforge lowrank --energy E` (a layer is factorised only
   where the rank saves parameters, so at high energy few or none are);
 - distilled students: fresh models of the teacher's width with half its layers, distilled for
@@ -107,7 +107,7 @@ def main() -> int:
               f"{m['file_bytes'] / 1e6:.2f} MB, {m['decode_tok_s']:.1f} tok/s; load {load()}", flush=True)
 
     def recover(label: str, student: Path) -> None:
-        cfg = DistillConfig(max_steps=args.steps, batch_size=4, seq_len=128, optimizer="adamw", lr=1e-3, schedule="cosine",
+        cfg = DistillConfig(max_steps=args.steps, batch_size=4, seq_len=128, optimizer="adamw", lr=3e-4, schedule="cosine",
                             warmup_steps=5, checkpoint_every=0, eval_every=0, log_every=10, resume=False)
         cfg.validate()
         t0 = time.time()

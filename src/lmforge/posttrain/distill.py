@@ -65,7 +65,7 @@ class DistillConfig(TrainerConfig):
     # pretraining defaults instead (muon) unless these are given
     max_steps: int = 200
     optimizer: Literal["muon", "adamw"] = "adamw"
-    lr: float = 1e-3
+    lr: float = 3e-4
     schedule: Literal["wsd", "cosine", "constant"] = "cosine"
     warmup_steps: int = 10
     checkpoint_every: int = 100

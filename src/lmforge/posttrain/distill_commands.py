@@ -11,7 +11,7 @@ default: the teacher run's train tokens, else the bundled sample dictionary. --t
 --student-init teacher starts a fresh student of the teacher's width from the teacher's embedding,
 head and evenly spaced layers (e.g. --student-set n_layers=2 of a 4-layer teacher: layers 0 and 3).
 A fresh student (--student-preset) trains with the pretraining defaults (muon, lr 3e-3, wsd)
-unless told otherwise; an existing one with fine-tuning defaults (adamw, lr 1e-3, cosine).
+unless told otherwise; an existing one with fine-tuning defaults (adamw, lr 3e-4, cosine).
 Rerunning the same command resumes from DIR's newest checkpoint.
 """
 
