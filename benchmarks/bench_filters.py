@@ -170,10 +170,10 @@ def _add(total: dict | None, r: dict) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--web", type=int, default=10_000, help="python-docs pages (all: 516 extracted)")
-    ap.add_argument("--manpages", type=int, default=400, help="English manpages (plus a quarter as many others)")
-    ap.add_argument("--dictionary", type=int, default=1500)
-    ap.add_argument("--fortunes", type=int, default=1500)
+    ap.add_argument("--web", type=int, default=250, help="python-docs pages (all: 516 extracted)")
+    ap.add_argument("--manpages", type=int, default=160, help="English manpages (plus a quarter as many others)")
+    ap.add_argument("--dictionary", type=int, default=800)
+    ap.add_argument("--fortunes", type=int, default=800)
     ap.add_argument("--slices", type=int, default=4, help="the sides take turns on this many slices of the input")
     ap.add_argument("--words-only", action="store_true", help="only compare word splitting with spaCy's English tokenizer, chunk by chunk")
     args = ap.parse_args()

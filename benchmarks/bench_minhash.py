@@ -1,6 +1,6 @@
 """MinHash dedup: lmforge vs datasketch (signatures) and vs datatrove (end to end), same input, same run.
 
-    python benchmarks/bench_minhash.py [--dict-docs 50000] [--sketch-docs 20000] [--skip-peers]
+    python benchmarks/bench_minhash.py [--dict-docs 20000] [--sketch-docs 20000] [--skip-peers]
 
 Inputs: the first N entries of ../shared/corpus/dictionary/gcide.jsonl.gz and all of
 code/python-stdlib.jsonl.gz. One core per side. The peers run in their own environment
@@ -240,7 +240,7 @@ def false_positive_study(peer, docs: list[dict], tmp: Path) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--dict-docs", type=int, default=50000, help="dictionary entries for the end-to-end run")
+    ap.add_argument("--dict-docs", type=int, default=20000, help="dictionary entries for the end-to-end run")
     ap.add_argument("--sketch-docs", type=int, default=20000, help="dictionary entries for the signature comparison")
     ap.add_argument("--skip-peers", action="store_true", help="lmforge only (no ratios)")
     ap.add_argument("--repeat", type=int, default=3, help="signature runs per side (best is kept)")
