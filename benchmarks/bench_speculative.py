@@ -178,6 +178,20 @@ def main() -> int:
         r["seconds"] = min(r["seconds"], t)
         r["ids"] = ids
 
+    # warm-up (first calls allocate caches and pick kernels): every path once on a short run, untimed
+    short = SamplingParams(max_new_tokens=8, temperature=0, stop_token_ids=[])
+    generate(target, prompts[:1], short)
+    if draft is not None:
+        speculative_generate(target, draft, prompts[:1], short, k=args.k)
+    if heads is not None:
+        medusa_generate(target, heads, prompts[:1], short)
+    if hf is not None:
+        x = torch.tensor(prompts[:1])
+        with torch.no_grad():
+            hf[0].generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=8)
+            if hf[1] is not None:
+                hf[0].generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=8, assistant_model=hf[1])
+
     for _ in range(args.rounds):  # interleaved: every row sees the same load drift
         run_ours("lmforge plain", lambda p: generate(target, [p], params))
         if draft is not None:
@@ -222,6 +236,7 @@ def main() -> int:
 
 def hf_models(tref, dref, tok, work: Path, k: int):
     """transformers models loaded from our HF exports of the target and the draft (stop ids cleared)."""
+    import torch
     import transformers
 
     from lmforge.model.hf import export_hf
@@ -234,7 +249,7 @@ def hf_models(tref, dref, tok, work: Path, k: int):
             out.append(None)
             continue
         d = export_hf(ref.path, tmp / ref.path.name, tok.path)
-        m = transformers.AutoModelForCausalLM.from_pretrained(d, torch_dtype="float32").eval()
+        m = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
         m.generation_config.eos_token_id = None
         m.generation_config.pad_token_id = tok.pad_id if tok.pad_id is not None else 0
         out.append(m)

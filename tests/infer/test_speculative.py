@@ -93,6 +93,19 @@ def test_stop_tokens_strings_context_and_logprobs_match_the_engine(tok, prompts)
     assert b[0].finish_reason == a[0].finish_reason == "context" and b[0].token_ids == a[0].token_ids
 
 
+def test_the_models_own_quantized_copy_as_draft(tok, prompts):
+    from lmforge.infer.quantize import quantize_model
+
+    m = _target()
+    for kind, least in (("int8", 0.3), ("nf4", 0.1)):  # a random model's near-ties flip under 4-bit weights
+        draft = copy.deepcopy(m)
+        quantize_model(draft, kind, include_head=True)
+        params = SamplingParams(max_new_tokens=24, temperature=0)
+        outs, st = speculative_generate(m, draft, prompts, params, tokenizer=tok, k=4)
+        assert [o.token_ids for o in outs] == [o.token_ids for o in generate(m, prompts, params, tokenizer=tok)]
+        assert st.acceptance_rate > least
+
+
 def test_repetition_penalty_greedy_equals_the_engine(tok, prompts):
     m = _target()
     p = SamplingParams(max_new_tokens=25, temperature=0, repetition_penalty=1.5)
