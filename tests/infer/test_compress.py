@@ -279,3 +279,20 @@ def test_non_linear_modules_are_left_alone():
     m = _model(0)
     assert all(type(mod) is nn.Linear for _, mod in C.block_linears(m))
     assert "lm_head" not in dict(C.block_linears(m)) and "tok_emb" not in dict(C.block_linears(m))
+
+
+def test_head_pruned_model_exports_to_hf_and_back(tmp_path):
+    from lmforge.model.hf import export_hf, load_hf
+    from lmforge.model.io import save_model
+
+    m = _model(0)
+    small, _ = C.prune_heads(m, 2, C.importance(m)[0])
+    save_model(small, tmp_path / "small")
+    export_hf(tmp_path / "small", tmp_path / "hf")
+    hf_cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert hf_cfg["head_dim"] == 16 and hf_cfg["num_attention_heads"] == 2 and hf_cfg["hidden_size"] == 64
+    back = load_hf(tmp_path / "hf").eval()
+    assert back.cfg.head_dim == 16 and back.cfg.n_heads == 2
+    x = _x()
+    with torch.no_grad():
+        torch.testing.assert_close(back(x)[0], small(x)[0])

@@ -26,7 +26,7 @@ pruning of attention heads and MLP channels, and low-rank factorisation of linea
 
 Checkpoints are written by `write_checkpoint` (model.safetensors, config.json, tokenizer.json,
 state.json with "compression" and sha256 checksums, compress_report.json) under a temporary name.
-The tied output head and the embedding are never compressed.
+The output head and the embedding are never compressed.
 """
 
 from __future__ import annotations
