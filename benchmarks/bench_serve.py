@@ -12,7 +12,8 @@ What each side does (default load):
   request, `ignore_eos` (so every request generates max_tokens), `stream: true`. "sequential": one request at a time, each waiting for the previous one's
   `[DONE]`; "concurrent": all 16 at once. Same requests, same server process.
 - llama.cpp (`--llamacpp GGUF`): `python -m llama_cpp.server --model GGUF --n_threads T` (its fastest
-  documented path for an OpenAI server on CPU), the same 16 text prompts and sampling fields (end
+  documented path for an OpenAI server on CPU; `--interrupt_requests False`, else each new request
+  cuts the stream in progress short), the same 16 text prompts and sampling fields (end
   tokens banned by `logit_bias` -100, as it has no `ignore_eos`), the same client. Its server runs one request at a time (requests wait on a lock), so its concurrent
   and sequential rows should match.
 The timer covers the HTTP requests only: from the first request sent to the last `[DONE]` (server
@@ -95,7 +96,8 @@ def start_llamacpp(gguf: str, threads: int, ctx: int) -> tuple[subprocess.Popen,
     port = s.getsockname()[1]
     s.close()
     p = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1", "--port",
-                          str(port), "--n_threads", str(threads), "--n_ctx", str(ctx)],
+                          str(port), "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", str(ctx),
+                          "--interrupt_requests", "False"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     wait_ready(url + "/v1/models", p)
@@ -237,7 +239,8 @@ def bench(args) -> None:
             ends = end_token_ids(Tokenizer.from_file(resolve_model(args.model).tokenizer))
             lbodies = [{**{k: v for k, v in b.items() if k not in ("ignore_eos", "stream_options")},
                         "logit_bias": {str(t): -100 for t in ends}} for b in bodies]
-            lp, lurl = start_llamacpp(args.llamacpp, args.threads, ctx=args.llamacpp_ctx)
+            ctx = args.llamacpp_ctx or json.loads((resolve_model(args.model).path / "config.json").read_text())["max_seq_len"]
+            lp, lurl = start_llamacpp(args.llamacpp, args.threads, ctx=ctx)
             try:
                 lseq = asyncio.run(run_load(lurl, lbodies, concurrent=False))
                 show("llama.cpp sequential", lseq)
@@ -318,7 +321,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--llamacpp", metavar="GGUF", help="also run the load against llama-cpp-python's server on GGUF")
-    ap.add_argument("--llamacpp-ctx", type=int, default=2048)
+    ap.add_argument("--llamacpp-ctx", type=int, default=0, help="llama.cpp n_ctx (default: the model's context)")
     ap.add_argument("--soak", action="store_true", help="the 500-request reliability / memory run instead")
     ap.add_argument("--soak-requests", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
