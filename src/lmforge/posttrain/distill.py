@@ -153,6 +153,9 @@ def make_loss(teacher, temperature: float, alpha: float, chunk_rows: int):
     def distill_loss(student, batch):
         if not hasattr(student, "hidden_states"):
             raise ConfigError("distill: the student must be a plain lmforge Transformer (data-parallel wrappers are not supported)")
+        if alpha == 0.0:  # hard labels only (the no-teacher baseline): the fused loss, no teacher pass
+            _, loss = student(batch.x, batch.y, doc_ids=batch.doc_ids)
+            return loss, {"kl": torch.zeros((), device=loss.device), "ce": loss.detach()}
         with torch.no_grad():
             th = teacher.hidden_states(batch.x, batch.doc_ids)
         sh = student.hidden_states(batch.x, batch.doc_ids)
