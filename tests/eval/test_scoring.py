@@ -91,3 +91,27 @@ def test_bootstrap_stderr_is_close_to_binomial():
     se = scoring.bootstrap_stderr(v, iters=2000, seed=1)
     assert abs(se - math.sqrt(0.3 * 0.7 / 100)) < 0.006
     assert math.isnan(scoring.bootstrap_stderr([1.0]))
+
+
+def test_tree_scores_independent_of_row_packing_and_chunking():
+    """One request per row, packed rows and a small head chunk give the same scores (the packing
+    default only changes speed)."""
+    model = make_model(0).eval()
+    rng = random.Random(3)
+    reqs = [scoring.TreeRequest([0] + [rng.randrange(3, 512) for _ in range(rng.randrange(1, 20))],
+                                [[rng.randrange(3, 512) for _ in range(rng.randrange(0, 6))] for _ in range(3)])
+            for _ in range(25)]
+    alone = scoring.score_trees(model, reqs, row_tokens=1)
+    packed = scoring.score_trees(model, reqs, row_tokens=400, batch_tokens=800)
+    for a, b, r in zip(alone, packed, reqs):
+        for (la, ga, na), (lb, gb, nb), c in zip(a, b, r.continuations):
+            assert abs(la - lb) < 1e-4 and ga == gb and na == nb == len(c)
+            if not c:
+                assert (la, ga) == (0.0, True)
+    h = torch.randn(40, model.cfg.d_model)
+    tt = torch.randint(0, model.cfg.vocab_size, (40,))
+    lp, greedy = scoring._target_logprobs(model, h, tt, chunk=7)
+    with torch.no_grad():
+        ref = torch.log_softmax(model.lm_head(h), -1)
+    assert np.allclose(lp, ref.gather(1, tt[:, None]).squeeze(1).numpy(), atol=1e-5)
+    assert (greedy == (ref.argmax(-1) == tt).numpy()).all()

@@ -135,7 +135,10 @@ def build_tasks(names: list[str], *, docs: list[Path] | None = None, dictionary:
 # ---- evaluation -----------------------------------------------------------------------------
 
 
-def eval_multiple_choice(model, tok: Tok, task: Task, batch_tokens: int = 8192, bootstrap: int = 1000, seed: int = 0) -> dict:
+def eval_multiple_choice(model, tok: Tok, task: Task, batch_tokens: int = 8192, bootstrap: int = 1000, seed: int = 0,
+                         per_example: bool = False) -> dict:
+    """Score a multiple-choice task; `per_example` adds every example's log-likelihoods, continuation
+    token counts and correctness under each metric (`result["per_example"]`, in task order)."""
     spec = task.spec
     pmi = "acc_pmi" in spec.metrics
     reqs: list[scoring.TreeRequest] = []
@@ -162,7 +165,8 @@ def eval_multiple_choice(model, tok: Tok, task: Task, batch_tokens: int = 8192, 
     bar.close()
     per: dict[str, list[float]] = {m: [] for m in spec.metrics}
     rand = []
-    samples = []
+    samples: list[dict] = []
+    every: list[dict] = []
     for i, (ex, (cond, unc)) in enumerate(zip(task.examples, plan)):
         s = [scores[r][k] for r, k in cond]
         u = [scores[r][k] for r, k in unc] if unc else None
@@ -172,7 +176,9 @@ def eval_multiple_choice(model, tok: Tok, task: Task, batch_tokens: int = 8192, 
         rand.append(len(ex.gold) / len(ex.choices))
         if i < 5:
             samples.append({"id": ex.id, "gold": ex.gold, "loglik": [round(x[0], 4) for x in s], **c})
-    return {
+        if per_example:
+            every.append({"id": ex.id, "gold": ex.gold, "loglik": [x[0] for x in s], "ntok": [x[2] for x in s], **c})
+    out = {
         "metrics": {m: float(np.mean(v)) for m, v in per.items()},
         "stderr": {m: scoring.bootstrap_stderr(v, bootstrap, seed) for m, v in per.items()},
         "random": float(np.mean(rand)),
@@ -180,6 +186,9 @@ def eval_multiple_choice(model, tok: Tok, task: Task, batch_tokens: int = 8192, 
         "requests": sum(len(r.continuations) for r in reqs),
         "samples": samples,
     }
+    if per_example:
+        out["per_example"] = every
+    return out
 
 
 def greedy_until(model, tok: Tok, prompt_ids: list[int], max_new: int, stop: list[str]) -> str:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmforge.model.transformer import Transformer, apply_rope
+from lmforge.model.transformer import Transformer, plain_linear
 
 
 @dataclass
@@ -35,23 +35,46 @@ class TreeRequest:
     continuations: list[list[int]]
 
 
-def _tree_forward(model: Transformer, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _rope_rows(x: torch.Tensor, cos: torch.Tensor, sin_h: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on (B, T, heads, D) with per-row tables cos (B, T, 1, D) and the first half of
+    sin (B, T, 1, D/2): out1 = x1 c - x2 s, out2 = x2 c + x1 s (the model's apply_rope, in fewer passes)."""
+    h = x.shape[-1] // 2
+    out = x * cos
+    out[..., :h].addcmul_(x[..., h:], sin_h, value=-1.0)
+    out[..., h:].addcmul_(x[..., :h], sin_h)
+    return out
+
+
+def _qkv_weight(attn) -> torch.Tensor | None:
+    """The three projections' weights concatenated (one GEMM), when they are plain nn.Linear modules."""
+    if all(plain_linear(m) for m in (attn.wq, attn.wk, attn.wv)):
+        return torch.cat([attn.wq.weight, attn.wk.weight, attn.wv.weight])
+    return None
+
+
+def _tree_forward(model: Transformer, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor,
+                  qkv: list | None = None) -> torch.Tensor:
     """Hidden states after the final norm for rows `ids` (B, T) with explicit positions (B, T)
-    and boolean attention mask (B, 1, T, T). Uses the model's own modules."""
-    cos = model.rope_cos[pos][:, None]  # (B, 1, T, D)
-    sin = model.rope_sin[pos][:, None]
+    and attention mask (B, 1, T, T): boolean, or additive float (0 / -inf). Uses the model's own
+    modules; `qkv`: per layer, the concatenated q/k/v weight (`_qkv_weight`) or None."""
+    cos = model.rope_cos[pos][:, :, None]  # (B, T, 1, D)
+    sin_h = model.rope_sin[pos][:, :, None, : model.rope_sin.shape[-1] // 2]
     x = model.tok_emb(ids)
     B, T, _ = x.shape
-    for layer in model.layers:
+    for li, layer in enumerate(model.layers):
         a = layer.attn
         h = layer.attn_norm(x)
-        q = a.wq(h).view(B, T, -1, a.hd).transpose(1, 2)
-        k = a.wk(h).view(B, T, -1, a.hd).transpose(1, 2)
-        v = a.wv(h).view(B, T, -1, a.hd).transpose(1, 2)
+        w = qkv[li] if qkv is not None else None
+        if w is not None:
+            nq, nk = a.wq.weight.shape[0], a.wk.weight.shape[0]
+            q, k, v = F.linear(h, w).split([nq, nk, nk], dim=-1)
+        else:
+            q, k, v = a.wq(h), a.wk(h), a.wv(h)
+        q, k, v = (t.view(B, T, -1, a.hd) for t in (q, k, v))
         if a.q_norm is not None:
             q, k = a.q_norm(q), a.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+        q, k = _rope_rows(q, cos, sin_h).transpose(1, 2), _rope_rows(k, cos, sin_h).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
         x = x + a.wo(y.transpose(1, 2).reshape(B, T, -1))
         x = x + layer.mlp(layer.mlp_norm(x))
     return model.norm(x)
@@ -82,9 +105,12 @@ def score_trees(model: Transformer, requests: list[TreeRequest], batch_tokens: i
     model.eval()
     dev = model.tok_emb.weight.device
     max_len = model.cfg.max_seq_len
-    row_cap = row_tokens or 2 * max_len
     fitted = [_fit_request(r, max_len) for r in requests]
     sizes = [len(r.context) + sum(len(c) for c in r.continuations) for r in fitted]
+    # Rows are sorted by length, so padding stays small without packing; packing several requests
+    # in a row only pays for short ones: attention costs row length per token, masked or not.
+    row_cap = row_tokens or max(64, int(np.median(sizes)) if sizes else 0)
+    qkv = [_qkv_weight(layer.attn) for layer in model.layers]
     # pack requests into rows (longest first, first fit), then rows into batches
     order = sorted(range(len(fitted)), key=lambda i: -sizes[i])
     rows: list[list[int]] = []
@@ -107,20 +133,21 @@ def score_trees(model: Transformer, requests: list[TreeRequest], batch_tokens: i
         n = max(1, batch_tokens // width)
         batch = rows[bi : bi + n]
         bi += n
-        _score_batch(model, fitted, sizes, batch, dev, results)
+        _score_batch(model, fitted, sizes, batch, dev, results, qkv)
         if progress is not None:
             progress(sum(len(r) for r in batch))
     return results  # type: ignore[return-value]
 
 
-def _score_batch(model, fitted, sizes, batch, dev, results) -> None:
+def _score_batch(model, fitted, sizes, batch, dev, results, qkv=None) -> None:
     T = max(sum(sizes[i] for i in row) for row in batch)
     B = len(batch)
     ids = np.zeros((B, T), dtype=np.int64)
     pos = np.zeros((B, T), dtype=np.int64)
     seg = np.full((B, T), -1, dtype=np.int64)
     br = np.zeros((B, T), dtype=np.int64)
-    targets = []  # (row, predictor index, target token, request, choice)
+    t_row, t_pred, t_tok, t_pair = [], [], [], []  # per continuation: row, predictor positions, targets, pair index
+    pairs: list[tuple[int, int]] = []  # (request, choice)
     for b, row in enumerate(batch):
         t = 0
         for s, i in enumerate(row):
@@ -137,8 +164,13 @@ def _score_batch(model, fitted, sizes, batch, dev, results) -> None:
                 pos[b, t : t + n] = np.arange(L, L + n)
                 seg[b, t : t + n] = s
                 br[b, t : t + n] = k
-                for j in range(n):
-                    targets.append((b, last_ctx if j == 0 else t + j - 1, c[j], i, k - 1))
+                if n:
+                    # token j of the continuation is predicted from the context's last token (j = 0) or token j - 1
+                    t_pred.append(np.concatenate(([last_ctx], np.arange(t, t + n - 1))))
+                    t_tok.append(np.asarray(c, dtype=np.int64))
+                    t_row.append(np.full(n, b))
+                    t_pair.append(np.full(n, len(pairs)))
+                pairs.append((i, k - 1))
                 t += n
     segt = torch.from_numpy(seg)
     brt = torch.from_numpy(br)
@@ -149,25 +181,44 @@ def _score_batch(model, fitted, sizes, batch, dev, results) -> None:
     causal = idx[None, :] <= idx[:, None]
     mask = same & branch_ok & causal[None] & (post[:, None, :] <= post[:, :, None])
     mask |= torch.eye(T, dtype=torch.bool)[None]  # padding attends to itself (no empty rows)
-    h = _tree_forward(model, torch.from_numpy(ids).to(dev), post.to(dev), mask[:, None].to(dev))
-    if not targets:
-        return
-    tb = torch.tensor([x[0] for x in targets], device=dev)
-    tp = torch.tensor([x[1] for x in targets], device=dev)
-    tt = torch.tensor([x[2] for x in targets], device=dev)
-    logits = model.lm_head(h[tb, tp]).float()
-    logp = torch.log_softmax(logits, dim=-1)
-    lp = logp.gather(1, tt[:, None]).squeeze(1).cpu().numpy()
-    greedy = (logits.argmax(dim=-1) == tt).cpu().numpy()
-    acc: dict[tuple[int, int], list] = {}
-    for (_, _, _, i, k), l, g in zip(targets, lp, greedy):
-        a = acc.setdefault((i, k), [0.0, True, 0])
-        a[0] += float(l)
-        a[1] = a[1] and bool(g)
-        a[2] += 1
+    dtype = model.tok_emb.weight.dtype
+    # one additive mask for every layer (SDPA would convert a boolean one in each call)
+    fmask = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf"))[:, None]
+    h = _tree_forward(model, torch.from_numpy(ids).to(dev), post.to(dev), fmask.to(dev), qkv)
+    sums = np.zeros(len(pairs))
+    greedy_all = np.ones(len(pairs), dtype=bool)
+    counts = np.zeros(len(pairs), dtype=np.int64)
+    if t_tok:
+        tb = torch.from_numpy(np.concatenate(t_row)).to(dev)
+        tp = torch.from_numpy(np.concatenate(t_pred)).to(dev)
+        tt = torch.from_numpy(np.concatenate(t_tok)).to(dev)
+        pair = np.concatenate(t_pair)
+        lp, greedy = _target_logprobs(model, h[tb, tp], tt)
+        sums = np.bincount(pair, weights=lp.astype(np.float64), minlength=len(pairs))
+        greedy_all = np.bincount(pair, weights=~greedy, minlength=len(pairs)) == 0
+        counts = np.bincount(pair, minlength=len(pairs))
+    acc = {p: (float(sums[j]), bool(greedy_all[j]), int(counts[j])) for j, p in enumerate(pairs)}
     for row in batch:
         for i in row:
-            results[i] = [tuple(acc.get((i, k), [0.0, True, 0])) for k in range(len(fitted[i].continuations))]
+            results[i] = [acc[(i, k)] for k in range(len(fitted[i].continuations))]
+
+
+@torch.no_grad()
+def _target_logprobs(model, h: torch.Tensor, tt: torch.Tensor, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """log p(tt[i] | h[i]) and whether tt[i] is greedy (its logit is the row's maximum; an exact tie
+    with another token counts as greedy), through the output head in chunks of rows (each chunk's
+    logits stay in cache): logit - logsumexp, the max taken once for both."""
+    lp = torch.empty(len(tt), dtype=torch.float32, device=h.device)
+    greedy = torch.empty(len(tt), dtype=torch.bool, device=h.device)
+    for a in range(0, len(tt), chunk):
+        logits = model.lm_head(h[a : a + chunk]).float()
+        t = tt[a : a + chunk, None]
+        target = logits.gather(1, t).squeeze(1)
+        mx = logits.amax(dim=-1)
+        greedy[a : a + chunk] = target >= mx
+        lse = logits.sub_(mx[:, None]).exp_().sum(dim=-1).log_().add_(mx)
+        lp[a : a + chunk] = target - lse
+    return lp.cpu().numpy(), greedy.cpu().numpy()
 
 
 @torch.no_grad()
