@@ -38,23 +38,35 @@ def dense(tmp_path_factory):
     return root / "ck" / "step_000010"
 
 
-@pytest.fixture(scope="module", params=["int8", "nf4"])
+@pytest.fixture(scope="module", params=["int8", "int4", "nf4", "gptq-int4"])
 def quantized(request, dense, tmp_path_factory):
     out = tmp_path_factory.mktemp("out") / request.param
-    report = quantize_checkpoint(dense, request.param, out)
+    report = quantize_checkpoint(dense, request.param, out, group_size=32, samples=4)
     return request.param, out, report
+
+
+@pytest.fixture
+def exact_kernels(monkeypatch):
+    """Int8 / int4 decode calls through the dequantized weights (no bf16 kernel): the quantized model
+    then computes exactly what a dense model holding the dequantized weights computes."""
+    from lmforge.infer.quantize import Int4Linear, Int8Linear
+
+    monkeypatch.setattr(Int8Linear, "kernel_rows", 0)
+    monkeypatch.setattr(Int4Linear, "kernel_rows", 0)
 
 
 def _greedy(model, prompt, n=12):
     return generate(model, [prompt], SamplingParams(max_new_tokens=n, temperature=0.0, stop_token_ids=()))[0].token_ids
 
 
-def test_quantized_dir_loads_and_decodes_like_the_dequantized_model(dense, quantized):
-    kind, out, _ = quantized
+def test_quantized_dir_loads_and_decodes_like_the_dequantized_model(dense, quantized, exact_kernels):
+    method, out, _ = quantized
+    kind = method.removeprefix("gptq-")
     names = sorted(p.name for p in out.iterdir())
     assert names == ["config.json", "model.safetensors", "quantize_report.json", "state.json", "tokenizer.json"]
     state = json.loads((out / "state.json").read_text())
-    assert state["quantization"]["kind"] == kind and state["source"] == str(dense)
+    assert state["quantization"]["kind"] == kind and state["quantization"]["method"] == method
+    assert state["source"] == str(dense)
     assert set(state["checksums"]) == {"model.safetensors", "config.json", "tokenizer.json"}
 
     model, tok, ref = load_model_and_tokenizer(out)
@@ -74,14 +86,21 @@ def test_quantized_dir_loads_and_decodes_like_the_dequantized_model(dense, quant
     assert _greedy(model, prompt) == _greedy(ref_model, prompt)
 
     # and the fresh in-memory quantization of the dense model gives the same tokens as the loaded copy
-    fresh, _ = load_checkpoint(dense)
-    quantize_model(fresh, kind)
-    assert _greedy(fresh, prompt) == _greedy(model, prompt)
+    if method == kind:
+        fresh, _ = load_checkpoint(dense)
+        quantize_model(fresh, kind, group_size=32)
+        assert _greedy(fresh, prompt) == _greedy(model, prompt)
 
 
 def test_report_fields(quantized):
     kind, out, report = quantized
     on_disk = json.loads((out / "quantize_report.json").read_text())
+    if kind.startswith("gptq-"):
+        c = on_disk["calibration"]
+        assert c["sequences"] == 4 and c["tokens"] > 0 and "does not hold out" in c["source"]
+        assert 0 < c["output_error_vs_rtn"] < 1  # GPTQ's layer outputs on the calibration text beat rounding
+        assert on_disk["round_to_nearest"]["bpb"] > 0
+    assert on_disk["group_size"] == (32 if "int4" in kind else None)
     assert on_disk == json.loads(json.dumps(report))
     for side in ("dense", "quantized"):
         r = on_disk[side]
@@ -129,6 +148,15 @@ def test_bad_kind_and_requantizing_are_one_line_errors(dense, quantized, tmp_pat
     assert main(["quantize", str(dense), "--kind", "int3", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "int3" in err[0] and "int8" in err[0]
+    assert main(["quantize", str(dense), "--method", "int4", "--group-size", "48", "--out", str(tmp_path / "o")]) == 2
+    assert "group-size 48" in capsys.readouterr().err
+    # d_model 64 is not a multiple of 128: one line naming the layer
+    assert main(["quantize", str(dense), "--method", "int4", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a multiple of 128" in err[0]
+    assert main(["quantize", str(dense), "--method", "gptq-int4", "--group-size", "32", "--calibration",
+                 str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")]) == 2
+    assert "no such file" in capsys.readouterr().err
     _, out, _ = quantized
     assert main(["quantize", str(out), "--kind", "int8", "--out", str(tmp_path / "o")]) == 2
     assert "already quantized" in capsys.readouterr().err
@@ -156,3 +184,19 @@ def test_cli_prints_table_and_uses_run_val_tokens(tmp_path, capsys):
     assert report["quantized_modules"] == 15  # the untied head too
     model, _, _ = load_model_and_tokenizer(out)
     assert isinstance(model.lm_head, QuantizedLinear)
+
+
+def test_gptq_cli_with_a_calibration_file_and_act_order(dense, tmp_path, capsys):
+    text = tmp_path / "calib.jsonl"
+    text.write_text("\n".join(json.dumps({"text": f"Entry {i}: the meaning of a word, with a short example."})
+                              for i in range(60)) + "\nnot json\n")
+    out = tmp_path / "g8"
+    assert main(["quantize", str(dense), "--method", "gptq-int8", "--calibration", str(text), "--samples", "3",
+                 "--act-order", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "calibration: file" in printed and "act order" in printed and "GPTQ minus RTN" in printed
+    report = json.loads((out / "quantize_report.json").read_text())
+    assert report["calibration"]["sequences"] <= 3 and report["calibration"]["act_order"]
+    model, tok, _ = load_model_and_tokenizer(out)
+    assert {m.kind for m in model.modules() if isinstance(m, QuantizedLinear)} == {"int8"}
+    assert len(_greedy(model, [tok.bos_id] + tok.encode("A word"), 4)) == 4

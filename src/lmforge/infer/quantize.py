@@ -3,18 +3,29 @@ the model's code never changes, its fast paths apply only to plain `nn.Linear`
 (`lmforge.model.transformer.plain_linear`), so a quantized module is always called as a module.
 
 Kinds (`KINDS`, name -> module class):
-- "int8": `Int8Linear`, symmetric int8 per output channel (one fp scale per row). On CPU the matmul
-  runs in torch's `_weight_int8pack_mm` kernel (int8 weights read directly, never expanded in
-  memory) where it accepts the input; elsewhere dequantize-and-matmul.
+- "int8": `Int8Linear`, symmetric int8 per output channel (one fp scale per row).
+- "int4": `Int4Linear`, asymmetric 4-bit per group of `group_size` (32 / 64 / 128 / 256) input
+  columns: w = (q - 8) * scale + zero with q in 0..15, two codes per byte; torch's int4 kernels
+  (`_weight_int4pack_mm_for_cpu` on CPU, `_weight_int4pack_mm` on CUDA) multiply without expanding
+  the weight, with a dequantize-and-matmul fallback where the kernel is absent.
 - "nf4": `NF4Linear`, 4-bit NormalFloat (QLoRA, Dettmers et al. 2023): 16 code values that are
   quantiles of a normal distribution, one absmax scale per block of 64 weights, two codes packed
   per uint8. The forward dequantizes the weight block-wise, then matmuls.
+GPTQ (`lmforge.infer.gptq`) chooses the int4 / int8 values differently (calibrated error feedback)
+and stores them in the same modules.
+
+Kernel choice on CPU (measured with torch 2.13 on this project's 2-core Xeon with AVX512-BF16/AMX,
+one thread, 2048 x 768 weight; see docs/inference.md): torch's int8 and int4 weight-only kernels are
+fast only with bfloat16 activations (1 row: int4 0.3-0.5 ms, int8 0.8 ms against 0.9-1.1 ms for the
+fp32 BLAS GEMV; with fp32 activations 10-20x slower than BLAS), and they do not reuse weights across
+rows (at 64 rows they lose to BLAS). So a call with at most `kernel_rows` rows (decode: one row per
+sequence) casts the activations to bf16 and runs the kernel when the CPU has native bf16
+(`cpu_has_bf16()`); larger calls (prefill, eval, training) dequantize-and-matmul in the input's own
+dtype. `kernel_rows = 0` on a class turns the kernel off (exactly the dequantized weights' result).
 
 Every quantized module is a `QuantizedLinear`: `in_features`/`out_features`, `dequantize(dtype)`
 (the fp weight), `weight_bytes` (its stored size, for size reports), `spec()` (what is needed to
-rebuild an empty one before loading a state dict) and `empty(...)`. Further kinds (int4
-group-wise with `_weight_int4pack_mm_for_cpu`, GPTQ, which only chooses the int4 values
-differently) subclass it, override `_matmul` where torch has a kernel, and register in `KINDS`.
+rebuild an empty one before loading a state dict) and `empty(...)`.
 
 Training through a quantized module (QLoRA: the frozen base under LoRA adapters) is supported:
 the input gradient is `g @ W`, computed in the backward from the quantized weights again
@@ -22,7 +33,8 @@ the input gradient is `g @ W`, computed in the backward from the quantized weigh
 
 `quantize_model(model, kind, targets)` swaps in place; `save_quantized` / `load_quantized`
 round-trip a quantized model through safetensors (the quantized buffers plus a map of which
-module is which kind, in the file's metadata).
+module is which kind, in the file's metadata). The stored int4 layout is the kernel-independent
+one (codes + scales + zeros); the kernels' packed forms are built on first use on each device.
 """
 
 from __future__ import annotations
@@ -56,7 +68,7 @@ class _QuantMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, module):
         ctx.module = module
-        return module._matmul(x)
+        return module._matmul(x, kernel=False)  # training: the exact dequantized product, no bf16 kernel
 
     @staticmethod
     def backward(ctx, g):
@@ -98,8 +110,9 @@ class QuantizedLinear(nn.Module, metaclass=abc.ABCMeta):
         return {"kind": self.kind, "in_features": self.in_features, "out_features": self.out_features,
                 "bias": self.bias is not None}
 
-    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x (N, in) -> x W^T (N, out). Default: dequantize, then matmul."""
+    def _matmul(self, x: torch.Tensor, kernel: bool = True) -> torch.Tensor:
+        """x (N, in) -> x W^T (N, out). Default: dequantize, then matmul. `kernel=False`: no reduced-
+        precision kernel (the autograd path)."""
         return F.linear(x, self.dequantize(x.dtype))
 
     def _matmul_grad(self, g: torch.Tensor) -> torch.Tensor:
@@ -133,15 +146,29 @@ def int8_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale.to(w.dtype if w.is_floating_point() else torch.float32)
 
 
+_BF16_NATIVE: bool | None = None
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX-BF16 in /proc/cpuinfo):
+    only then are torch's CPU weight-only kernels fast (module docstring)."""
+    global _BF16_NATIVE
+    if _BF16_NATIVE is None:
+        try:
+            flags = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            flags = ""
+        _BF16_NATIVE = ("avx512_bf16" in flags) or ("amx_bf16" in flags)
+    return _BF16_NATIVE
+
+
 def _int8_kernel_ok(x: torch.Tensor) -> bool:
-    """Whether to use torch's CPU `_weight_int8pack_mm` for this input (`Int8Linear.use_kernel`, off
-    by default). Measured in torch 2.13 CPU on this project's 2-core AVX2 machine, 768 -> 2048, one
-    thread: the kernel took 2.2 / 23 / 93 / 7,216 ms for 1 / 8 / 32 / 2,048 rows against 0.8 / 2.1 /
-    2.5 / 92 ms for int8 -> fp32 conversion + BLAS matmul (a QLoRA-int8 training step was 18x slower
-    through it), so the BLAS path is the default. When enabled: it needs a 2-D input contiguous in
-    its last dimension (we pass one) and has no autograd formula (`_QuantMatmul` supplies the
-    backward); fp32 and fp16 accept any width, bf16 crashes on widths that are not a multiple of 16,
-    so reduced precision is kept to those."""
+    """Whether `Int8Linear.use_kernel` sends this input, in its own dtype, through torch's CPU
+    `_weight_int8pack_mm` (off by default: with fp32 inputs the kernel measured 2-80x slower than
+    int8 -> fp32 conversion + BLAS at 1-2,048 rows, see `_int8_decode_kernel_ok` for the bf16 path
+    that is used). It needs a 2-D input contiguous in its last dimension (we pass one) and has no
+    autograd formula (`_QuantMatmul` supplies the backward); fp32 and fp16 accept any width, bf16
+    crashes on widths that are not a multiple of 16, so reduced precision is kept to those."""
     if not Int8Linear.use_kernel:
         return False
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -151,11 +178,19 @@ def _int8_kernel_ok(x: torch.Tensor) -> bool:
     return x.dtype == torch.float32 or x.shape[-1] % 16 == 0
 
 
+def _int8_decode_kernel_ok(x: torch.Tensor, kernel_rows: int) -> bool:
+    """Decode-shaped CPU calls (at most `kernel_rows` rows) go through `_weight_int8pack_mm` with
+    bf16 activations when the CPU has native bf16 and the width is a multiple of 16."""
+    return (kernel_rows > 0 and x.shape[0] <= kernel_rows and x.device.type == "cpu" and x.shape[-1] % 16 == 0
+            and x.dtype in (torch.float32, torch.bfloat16) and cpu_has_bf16())
+
+
 class Int8Linear(QuantizedLinear):
     """Weight-only int8 per output channel: buffers `weight` (int8, out x in) and `scale` (out,)."""
 
     kind = "int8"
-    use_kernel = False  # torch's `_weight_int8pack_mm` on CPU: slower than BLAS here (see `_int8_kernel_ok`)
+    use_kernel = False  # every call through `_weight_int8pack_mm` in the input's dtype (see `_int8_kernel_ok`)
+    kernel_rows = 16  # calls of <= this many rows: the bf16 kernel on CPUs with native bf16 (0 = never)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype = torch.float32,
                  device=None):
@@ -189,14 +224,33 @@ class Int8Linear(QuantizedLinear):
     def weight_bytes(self) -> int:
         return self.weight.numel() * self.weight.element_size() + self.scale.numel() * self.scale.element_size()
 
-    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+    def _matmul(self, x: torch.Tensor, kernel: bool = True) -> torch.Tensor:
         if _int8_kernel_ok(x):
             return torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.weight, self.scale.to(x.dtype))
+        if kernel and _int8_decode_kernel_ok(x, self.kernel_rows):
+            xb = x.to(torch.bfloat16).contiguous()
+            return torch.ops.aten._weight_int8pack_mm(xb, self.weight, self._scale_bf16()).to(x.dtype)
         # the scale is per output channel, so it applies after the matmul (no scaled weight copy)
         return F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
 
     def _matmul_grad(self, g: torch.Tensor) -> torch.Tensor:
         return (g * self.scale.to(g.dtype)) @ self.weight.to(g.dtype)
+
+    def _scale_bf16(self) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self.scale.to(torch.bfloat16)
+        c = self.__dict__.get("_sb")
+        if c is None or c.device != self.scale.device or c.shape != self.scale.shape:
+            c = self.__dict__["_sb"] = self.scale.to(torch.bfloat16)
+        return c
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_sb", None)
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.__dict__.pop("_sb", None)
+        return super()._load_from_state_dict(*args, **kwargs)
 
 
 # ---- NF4 -------------------------------------------------------------------------------------
@@ -294,7 +348,196 @@ class NF4Linear(QuantizedLinear):
         return self.packed.numel() + self.absmax.numel() * self.absmax.element_size()
 
 
-KINDS: dict[str, type[QuantizedLinear]] = {"int8": Int8Linear, "nf4": NF4Linear}
+# ---- int4 group-wise ---------------------------------------------------------------------------
+
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+
+
+def _check_group(in_features: int, group_size: int, name: str = "") -> None:
+    if group_size not in INT4_GROUP_SIZES:
+        raise ConfigError(f"int4 group size must be one of {', '.join(map(str, INT4_GROUP_SIZES))}, not {group_size}")
+    if in_features % group_size:
+        where = f"{name} has " if name else ""
+        raise ConfigError(f"int4 with group size {group_size}: {where}{in_features} input features, not a multiple "
+                          f"of {group_size}; choose a smaller --group-size")
+
+
+def int4_group_params(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) of asymmetric 4-bit quantization over the last axis of `w` (..., group): the
+    group's [min, max] onto codes 0..15, in torch's int4 kernel convention w = (q - 8) * scale + zero
+    (so zero = min + 8 * scale)."""
+    wf = w.float()
+    lo = wf.amin(dim=-1).clamp(max=0.0)
+    hi = wf.amax(dim=-1).clamp(min=0.0)  # the range always holds 0, as gpt-fast and GPTQ do
+    scale = ((hi - lo) / 15.0).clamp(min=1e-8)
+    return scale, lo + 8.0 * scale
+
+
+def int4_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Codes 0..15 (int32) of `w` for per-element broadcastable `scale`/`zero`: round to nearest."""
+    return torch.clamp(torch.round((w.float() - zero) / scale) + 8, 0, 15).to(torch.int32)
+
+
+def int4_quantize(w: torch.Tensor, group_size: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest group-wise int4 of `w` (out, in): (codes int32 (out, in) in 0..15, scales
+    fp32 (out, in / group_size), zeros fp32 (out, in / group_size))."""
+    _check_group(w.shape[1], group_size)
+    g = w.detach().float().view(w.shape[0], -1, group_size)
+    scale, zero = int4_group_params(g)
+    return int4_codes(g, scale[..., None], zero[..., None]).view(w.shape), scale, zero
+
+
+def int4_pack(codes: torch.Tensor) -> torch.Tensor:
+    """(out, in) codes 0..15 -> (out, in / 2) uint8, the even column in the high nibble (the layout
+    torch's CUDA `_convert_weight_to_int4pack` takes)."""
+    c = codes.to(torch.uint8)
+    return (c[:, 0::2] << 4) | c[:, 1::2]
+
+
+def int4_unpack(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `int4_pack`: (out, in / 2) uint8 -> (out, in) int32 codes."""
+    return torch.stack([packed >> 4, packed & 0x0F], dim=-1).view(packed.shape[0], -1).to(torch.int32)
+
+
+def int4_dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    out = packed.shape[0]
+    q = int4_unpack(packed).to(dtype).view(out, -1, group_size)
+    return ((q - 8) * scales.to(dtype)[..., None] + zeros.to(dtype)[..., None]).view(out, -1)
+
+
+def int4_kernel_available(device: torch.device | str) -> bool:
+    """Whether torch has the int4 weight-only matmul for `device` (CPU: `_weight_int4pack_mm_for_cpu`;
+    CUDA: `_weight_int4pack_mm`, which needs compute capability 8.0+)."""
+    dev = torch.device(device)
+    ops = torch.ops.aten
+    if dev.type == "cpu":
+        return hasattr(ops, "_weight_int4pack_mm_for_cpu") and hasattr(ops, "_convert_weight_to_int4pack_for_cpu")
+    if dev.type == "cuda":
+        return (hasattr(ops, "_weight_int4pack_mm") and torch.cuda.is_available()
+                and torch.cuda.get_device_capability(dev)[0] >= 8)
+    return False
+
+
+class Int4Linear(QuantizedLinear):
+    """Weight-only int4 per group of `group_size` input columns: buffers `packed` (uint8, out x
+    in / 2, two codes per byte), `scales` and `zeros` (out x in / group_size, fp32 unless the model
+    is cast); w = (q - 8) * scale + zero.
+
+    Matmul: calls of at most `kernel_rows` rows (decode) go through torch's int4 kernel in bf16
+    (CPU: when the CPU has native bf16; CUDA: always, sm80+), whose packed weight is built from the
+    stored codes on first use on a device and kept outside the state dict; other calls (prefill,
+    eval) dequantize-and-matmul. `kernel_rows = 0` turns the kernel off."""
+
+    kind = "int4"
+    kernel_rows = 16
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int = 128,
+                 dtype: torch.dtype = torch.float32, device=None):
+        super().__init__(in_features, out_features)
+        _check_group(in_features, group_size)
+        if in_features % 2:
+            raise ConfigError(f"int4 needs an even number of input features, not {in_features}")
+        self.group_size = group_size
+        groups = in_features // group_size
+        self.register_buffer("packed", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.ones(out_features, groups, dtype=dtype, device=device))
+        self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=dtype, device=device))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device))
+        self._kernel_cache: tuple | None = None
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                   bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> "Int4Linear":
+        """A module from codes (out, in) in 0..15 and per-group scales / zeros (out, in / group_size)."""
+        out, inf = codes.shape
+        m = cls(inf, out, group_size=group_size, dtype=dtype, device=codes.device)
+        m.packed = int4_pack(codes)
+        m.scales, m.zeros = scales.to(dtype).contiguous(), zeros.to(dtype).contiguous()
+        m._init_bias(bias, dtype)
+        return m
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 128) -> "Int4Linear":
+        w = linear.weight
+        codes, scales, zeros = int4_quantize(w, group_size)
+        return cls.from_codes(codes, scales, zeros, group_size, linear.bias, w.dtype)
+
+    @classmethod
+    def empty(cls, spec: dict) -> "Int4Linear":
+        return cls(spec["in_features"], spec["out_features"], bias=spec.get("bias", False),
+                   group_size=spec.get("group_size", 128))
+
+    def spec(self) -> dict:
+        return {**super().spec(), "group_size": self.group_size}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.scales.dtype
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return int4_dequantize(self.packed, self.scales, self.zeros, self.group_size, dtype or self.dtype)
+
+    @property
+    def weight_bytes(self) -> int:
+        return (self.packed.numel() + self.scales.numel() * self.scales.element_size()
+                + self.zeros.numel() * self.zeros.element_size())
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, group_size={self.group_size}"
+
+    def _apply(self, fn, recurse=True):
+        self._kernel_cache = None
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._kernel_cache = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def _kernel_ok(self, x: torch.Tensor) -> bool:
+        if not 0 < x.shape[0] <= self.kernel_rows:
+            return False
+        if x.device.type == "cpu":
+            return cpu_has_bf16() and int4_kernel_available("cpu")
+        return x.device.type == "cuda" and self.in_features % 32 == 0 and int4_kernel_available(x.device)
+
+    def prepare_kernel(self) -> tuple | None:
+        """The kernel's packed weight and (groups, out, 2) bf16 scales-and-zeros for the module's
+        device, built once (None when the kernel refuses this shape: the module then dequantizes)."""
+        dev = self.packed.device
+        cache = self._kernel_cache
+        if cache is not None and cache[0] == dev:
+            return cache[1]
+        sz = torch.stack([self.scales.t(), self.zeros.t()], dim=-1).to(torch.bfloat16).contiguous()
+        try:
+            if dev.type == "cpu":
+                w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(int4_unpack(self.packed).contiguous(), 1)
+            else:
+                tiles = next(t for t in (8, 4, 2) if self.in_features % (t * 16) == 0)
+                w = torch.ops.aten._convert_weight_to_int4pack(self.packed.contiguous(), tiles)
+            value = (w, sz)
+        except (RuntimeError, StopIteration):
+            value = None
+        self._kernel_cache = (dev, value)
+        return value
+
+    def _matmul(self, x: torch.Tensor, kernel: bool = True) -> torch.Tensor:
+        if kernel and self._kernel_ok(x):
+            prepared = self.prepare_kernel() if not torch.compiler.is_compiling() else (
+                self._kernel_cache[1] if self._kernel_cache is not None else None)
+            if prepared is not None:
+                w, sz = prepared
+                xb = x.to(torch.bfloat16).contiguous()
+                if x.device.type == "cpu":
+                    y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, w, self.group_size, sz)
+                else:
+                    y = torch.ops.aten._weight_int4pack_mm(xb, w, self.group_size, sz)
+                return y.to(x.dtype)
+        return F.linear(x, self.dequantize(x.dtype))
+
+
+KINDS: dict[str, type[QuantizedLinear]] = {"int8": Int8Linear, "int4": Int4Linear, "nf4": NF4Linear}
 
 
 # ---- whole models ------------------------------------------------------------------------------
@@ -309,14 +552,31 @@ def _tied_head(model: nn.Module, name: str, module: nn.Module) -> bool:
 
 
 def quantize_model(model: nn.Module, kind: str = "int8", targets=None, include_head: bool = False,
-                   block_size: int = 64) -> list[str]:
-    """Swap `nn.Linear` modules of `model` in place for quantized ones of `kind` ("int8" | "nf4");
-    returns the swapped module names. `targets`: module-name suffixes ("wq", "w1", "lm_head", ...);
-    None = every linear layer except the output head (`include_head` adds it). The embedding is
+                   block_size: int = 64, group_size: int = 128) -> list[str]:
+    """Swap `nn.Linear` modules of `model` in place for quantized ones of `kind` ("int8" | "int4" |
+    "nf4"; `group_size` for int4, `block_size` for NF4); returns the swapped module names.
+    `targets`: module-name suffixes ("wq", "w1", "lm_head", ...); None = every linear layer except the output head (`include_head` adds it). The embedding is
     never quantized, nor a head whose weight is tied to it (ConfigError when asked to)."""
+    chosen = select_linears(model, kind, targets, include_head)
+    cls = KINDS[kind]
+    if cls is Int4Linear:
+        for name in chosen:
+            _check_group(model.get_submodule(name).in_features, group_size, name)
+    for name in chosen:
+        opts = {"block_size": block_size} if cls is NF4Linear else {"group_size": group_size} if cls is Int4Linear else {}
+        replace_module(model, name, cls.from_linear(model.get_submodule(name), **opts))
+    return chosen
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, module)
+
+
+def select_linears(model: nn.Module, kind: str, targets=None, include_head: bool = False) -> list[str]:
+    """The names of the `nn.Linear` modules `quantize_model` would swap (same rules, same errors)."""
     if kind not in KINDS:
         raise ConfigError(f"unknown quantization kind {kind!r} (choose from {', '.join(KINDS)})")
-    cls = KINDS[kind]
     chosen = []
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Linear):
@@ -332,13 +592,14 @@ def quantize_model(model: nn.Module, kind: str = "int8", targets=None, include_h
         chosen.append(name)
     if targets is not None and not chosen:
         raise ConfigError(f"quantization targets {list(targets)} match no linear layer of the model")
-    for name in chosen:
-        parent, _, attr = name.rpartition(".")
-        owner = model.get_submodule(parent) if parent else model
-        lin = getattr(owner, attr)
-        opts = {"block_size": block_size} if cls is NF4Linear else {}
-        setattr(owner, attr, cls.from_linear(lin, **opts))
     return chosen
+
+
+def prepare_kernels(model: nn.Module) -> None:
+    """Build every int4 module's kernel weight now (before `torch.compile` captures a decode step)."""
+    for m in model.modules():
+        if isinstance(m, Int4Linear):
+            m.prepare_kernel()
 
 
 def quantization_map(model: nn.Module) -> dict[str, dict]:
@@ -421,6 +682,8 @@ def load_quantized(model: nn.Module, path: str | Path) -> list[str]:
     return list(qmap)
 
 
-__all__ = ["KINDS", "NF4_CODE", "Int8Linear", "NF4Linear", "QuantizedLinear", "int8_quantize", "load_quantized",
+__all__ = ["INT4_GROUP_SIZES", "KINDS", "NF4_CODE", "Int4Linear", "Int8Linear", "NF4Linear", "cpu_has_bf16",
+           "int4_dequantize", "int4_group_params", "int4_codes", "int4_kernel_available", "int4_pack", "int4_quantize",
+           "int4_unpack", "prepare_kernels", "replace_module", "select_linears", "QuantizedLinear", "int8_quantize", "load_quantized",
            "model_bytes", "nf4_dequantize", "nf4_quantize", "quantization_map", "quantize_model", "quantized_bytes",
            "save_quantized"]
