@@ -218,20 +218,32 @@ def test_memory_budget_limits_concurrency(model):
 
     def run(**kw):
         peak = []
+        gate, started = threading.Event(), threading.Event()
         with _Engine(model, None, block_size=4, **kw) as e:
             def watch(ev):
                 peak.append(e.stats()["running_sequences"])
+
+            def hold(ev):
+                started.set()
+                gate.wait(10)
+
+            # a one-block request holds the engine until all six are queued: they compete in one round
+            blocker = e.submit([1, 2], SamplingParams(max_new_tokens=2, temperature=0, stop_token_ids=[]), on_event=hold)
+            assert started.wait(10)
             reqs = [e.submit(pr, p, on_event=watch) for pr in prompts]
+            gate.set()
             outs = [r.result(timeout=60)[0] for r in reqs]
+            blocker.result(timeout=60)
             used = e.stats()["kv_blocks_total"]
         assert [o.token_ids for o in outs] == [r.token_ids for r in ref]
         return max(peak), used
 
-    # each request needs 2 blocks for its prompt and a 3rd for its new tokens: 6 blocks run 3 at most
+    # each request needs 2 blocks for its prompt and a 3rd for its new tokens: 6 blocks run 3 at
+    # most; 40 blocks run all six at once (the blocker is done by the time they are admitted)
     small, total = run(kv_memory_mb=_blocks_mb(model, 6, 4))
     assert total == 6 and small <= 3
     large, _ = run(kv_memory_mb=_blocks_mb(model, 40, 4))
-    assert large > small
+    assert large == 6
 
 
 def test_stop_strings_match_generate_and_stream_without_the_stop(model):
