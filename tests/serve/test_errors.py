@@ -137,3 +137,59 @@ def test_client_disconnect_frees_the_slot(ckpt):
         assert engine.stats()["running"] == 0
         r = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 2})
         assert r.status_code == 200
+
+
+def test_health_is_503_while_loading_then_200(ckpt):
+    from lmforge.infer import load_model_and_tokenizer
+    from lmforge.infer.batching import BatchEngine
+    from lmforge.serve.app import create_app
+    from tests.serve.conftest import free_socket
+
+    release = threading.Event()
+
+    def loader():
+        release.wait(30)
+        model, tok, _ = load_model_and_tokenizer(ckpt[0])
+        return BatchEngine(model, tok), tok, model
+
+    import uvicorn
+
+    app = create_app(model_name="tiny", loader=loader)
+    sock = free_socket()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    th = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    th.start()
+    try:
+        t0 = time.time()
+        while not server.started:
+            assert time.time() - t0 < 30
+            time.sleep(0.02)
+        _err(httpx.get(url + "/health"), 503, "model_loading")
+        _err(httpx.post(url + "/v1/completions", json={"prompt": "x"}), 503, "model_loading")
+        release.set()
+        while httpx.get(url + "/health").status_code != 200:
+            assert time.time() - t0 < 60
+            time.sleep(0.05)
+        assert httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
+    finally:
+        release.set()
+        server.should_exit = True
+        th.join(30)
+
+
+def test_a_failed_load_is_reported_on_health(ckpt):
+    from lmforge.errors import InputError
+    from lmforge.serve.app import create_app
+
+    def loader():
+        raise InputError("checksum mismatch for model.safetensors")
+
+    app = create_app(model_name="tiny", loader=loader)
+    with __import__("fastapi.testclient", fromlist=["TestClient"]).TestClient(app) as c:
+        t0 = time.time()
+        while "failed" not in c.get("/health").text:
+            assert time.time() - t0 < 10
+            time.sleep(0.02)
+        e = _err(c.get("/health"), 503, "model_load_failed")
+        assert "checksum mismatch" in e["message"]
