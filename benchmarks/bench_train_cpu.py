@@ -4,14 +4,22 @@ run, same token shards, same shape (layers, width, heads, vocab, sequence, batch
 The reference is written here from nanoGPT's description (GPT-2 blocks: LayerNorm with bias,
 fused QKV projection, SDPA causal attention, 4x GELU MLP, learned positions, tied head; loop:
 random windows from a memmap, forward, backward, clip 1.0, AdamW, zero_grad). lmforge runs its
-own loop (loader, schedule, metrics, final checkpoint) on its Llama-style model.
+own loop (loader, schedule, metrics, final checkpoint) on its Llama-style model, twice: with its
+default optimizer (Muon for matrices + AdamW for the rest, document-masked packing) and with AdamW
+(separator packing).
 
-    python benchmarks/bench_train_cpu.py                     # 4 layers x 256, vocab 8192, seq 256, batch 16
-    python benchmarks/bench_train_cpu.py --steps 6 --rounds 1   # quicker
-    python benchmarks/bench_train_cpu.py --compile              # adds a torch.compile row (needs a C++ compiler)
+    python benchmarks/bench_train_cpu.py                 # 4 layers x 256, vocab 8192, seq 256, batch 16; 16 steps x 3 rounds
+    python benchmarks/bench_train_cpu.py --quick         # 6 steps x 2 rounds
+    python benchmarks/bench_train_cpu.py --compile       # adds a torch.compile row (needs a C++ compiler)
 
-Timing: per-step wall time after `--warmup` steps, median over steps, best of `--rounds`
-interleaved rounds (the machine is shared; interleaving keeps both sides under the same load).
+Timed: each step's wall time after `--warmup` steps (reference: batch sampling + forward + backward
++ clip + AdamW step + zero_grad; lmforge: the step time its own metrics log, which covers its loader,
+forward, backward, clip, optimizer step and logging). Left out on both sides: model construction,
+data set-up, the warm-up steps, lmforge's final checkpoint write. Rounds alternate the order of the
+three runs (reference, Muon, AdamW, then AdamW, Muon, reference, ...) so load bursts hit every side;
+per side the tokens/s of each round (median over its steps) is kept, and the table prints the median
+over rounds with the min-max, and the ratio to the reference as the median of the per-round paired
+ratios (same round) with their min-max. Both sides use the same torch thread count (`--threads`).
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from _bench import result  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "src" / "lmforge" / "sample"
@@ -161,13 +171,19 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=12, help="timed steps per run")
+    ap.add_argument("--steps", type=int, default=16, help="timed steps per run (default 16)")
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads, both sides (0 = torch default)")
     ap.add_argument("--chars", type=int, default=2_500_000)
+    ap.add_argument("--quick", action="store_true", help="--steps 6 --warmup 2 --rounds 2")
     ap.add_argument("--compile", action="store_true", help="add a row with pretrain.compile = true (first steps compile)")
     a = ap.parse_args()
+    if a.quick:
+        a.steps, a.warmup, a.rounds = min(a.steps, 6), min(a.warmup, 2), min(a.rounds, 2)
+    if a.steps < 1 or a.rounds < 1 or a.warmup < 0:
+        print("--steps and --rounds must be >= 1, --warmup >= 0", file=sys.stderr)
+        raise SystemExit(2)
     if a.threads:
         torch.set_num_threads(a.threads)
     import os
@@ -179,33 +195,47 @@ def main() -> None:
     print(f"tokens: {len(flat):,} from real text in {time.time() - t0:.1f}s; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads", file=sys.stderr)
     total = a.warmup + a.steps
+    REF, MUON, ADAMW = "nanoGPT-style reference (GPT-2 block, AdamW)", "lmforge train() default (Muon+AdamW, doc_mask)", \
+        "lmforge train() (AdamW, separator packing)"
     sides = {
-        "nanoGPT-style reference (GPT-2 block, AdamW)": lambda r: reference_run(flat, a, total),
-        "lmforge train() default (Muon+AdamW, doc_mask)": lambda r: lmforge_run(tokens_dir, a, total, "muon", "doc_mask", tmp / f"m{r}"),
-        "lmforge train() (AdamW, separator packing)": lambda r: lmforge_run(tokens_dir, a, total, "adamw", "separator", tmp / f"a{r}"),
+        REF: lambda r: reference_run(flat, a, total),
+        MUON: lambda r: lmforge_run(tokens_dir, a, total, "muon", "doc_mask", tmp / f"m{r}"),
+        ADAMW: lambda r: lmforge_run(tokens_dir, a, total, "adamw", "separator", tmp / f"a{r}"),
     }
     if a.compile:
         sides["lmforge train() default + torch.compile"] = lambda r: lmforge_run(tokens_dir, a, total, "muon", "doc_mask", tmp / f"c{r}", True)
-    best: dict[str, float] = {}
+    tps: dict[str, list[float]] = {name: [] for name in sides}  # per round: tokens/s (median over its steps)
+    loads = [os.getloadavg()[0]]
     for r in range(a.rounds):
-        for name, fn in sides.items():
-            times = fn(r)[a.warmup :]
-            med = statistics.median(times)
-            best[name] = min(best.get(name, float("inf")), med)
-            print(f"round {r + 1}: {name}: {a.batch * a.seq / med:,.0f} tokens/s", file=sys.stderr)
+        order = list(sides) if r % 2 == 0 else list(reversed(sides))
+        for name in order:
+            times = sides[name](r)[a.warmup :]
+            tps[name].append(a.batch * a.seq / statistics.median(times))
+            print(f"round {r + 1}: {name}: {tps[name][-1]:,.0f} tokens/s (load {os.getloadavg()[0]:.2f})", file=sys.stderr)
+        loads.append(os.getloadavg()[0])
     from lmforge.model import preset
 
     n_lm = preset("tiny", d_model=a.d_model, n_layers=a.layers, n_heads=a.heads, n_kv_heads=a.heads, vocab_size=a.vocab,
                   max_seq_len=a.seq).num_params()
     n_ref = sum(p.numel() for p in RefGPT(a.vocab, a.seq, a.d_model, a.layers, a.heads).parameters())
-    ref_name = next(iter(sides))
-    ref_tps = a.batch * a.seq / best[ref_name]
     print(f"\nCPU training throughput, fp32, {a.layers} layers x {a.d_model}, {a.heads} heads, vocab {a.vocab}, "
-          f"seq {a.seq}, batch {a.batch}; params: reference {n_ref / 1e6:.2f}M, lmforge {n_lm / 1e6:.2f}M")
-    print(f"{'run':50s} {'ms/step':>9s} {'tokens/s':>10s} {'vs reference':>13s}")
-    for name, s in best.items():
-        tps = a.batch * a.seq / s
-        print(f"{name:50s} {s * 1e3:9.1f} {tps:10,.0f} {tps / ref_tps:12.2f}x")
+          f"seq {a.seq}, batch {a.batch}; params: reference {n_ref / 1e6:.2f}M, lmforge {n_lm / 1e6:.2f}M; "
+          f"{torch.get_num_threads()} threads; {a.rounds} alternating rounds x {a.steps} timed steps (+{a.warmup} warm-up); "
+          f"load average during the rounds {min(loads):.2f}-{max(loads):.2f}")
+    print("\n| run | tokens/s, median over rounds (min-max) | vs reference, median of per-round ratios (min-max) |")
+    print("|---|---|---|")
+    ratios: dict[str, list[float]] = {}
+    for name, v in tps.items():
+        rr = [x / y for x, y in zip(v, tps[REF])]
+        ratios[name] = rr
+        cell = "1.00x" if name == REF else f"{statistics.median(rr):.2f}x ({min(rr):.2f}-{max(rr):.2f})"
+        print(f"| {name} | {statistics.median(v):,.0f} ({min(v):,.0f}-{max(v):,.0f}) | {cell} |")
+    muon, adamw = statistics.median(ratios[MUON]), statistics.median(ratios[ADAMW])
+    result("train_cpu", min(muon, adamw), 1.0, f"CPU training tokens/s vs a nanoGPT-style loop, {a.layers}x{a.d_model}, "
+           f"{torch.get_num_threads()} threads; headline = the lower of Muon {muon:.2f}x and AdamW {adamw:.2f}x",
+           muon=round(muon, 3), adamw=round(adamw, 3), muon_range=[round(min(ratios[MUON]), 3), round(max(ratios[MUON]), 3)],
+           adamw_range=[round(min(ratios[ADAMW]), 3), round(max(ratios[ADAMW]), 3)],
+           reference_tps=round(statistics.median(tps[REF]), 1), rounds=a.rounds, steps=a.steps)
 
 
 if __name__ == "__main__":
