@@ -17,7 +17,9 @@ way `lmforge generate` loads it, and measured the same way):
   where the rank saves parameters, so at high energy few or none are);
 - distilled students: fresh models of the teacher's width with half its layers, distilled for
   --student-steps steps (muon, the pretraining defaults), one randomly initialised and one
-  starting from the teacher's embedding and evenly spaced layers (`--student-init teacher`).
+  starting from the teacher's embedding and evenly spaced layers (`--student-init teacher`); and the
+  randomly initialised one trained on the hard labels alone (alpha = 0, no teacher) for the same
+  steps, as the no-distillation baseline.
 Columns: parameters (unique), nonzero parameters, model.safetensors size, held-out bits per byte on
 the run's val tokens (8 windows of 256 tokens, `quantize_cmd.heldout_sequences`), batch-1 greedy
 decode tokens/s on one thread (32 new tokens, best of 3, prompt prefill included; the engine,
@@ -135,15 +137,16 @@ def main() -> int:
     if args.student_steps:
         n_half = max(1, dense.cfg.n_layers // 2)
         shape = {k: v for k, v in dense.cfg.to_dict().items() if k in ("d_model", "n_heads", "n_kv_heads", "ffn_hidden")}
-        for init in ("random", "teacher"):
+        for init, alpha in (("random", 0.0), ("random", 0.5), ("teacher", 0.5)):
             cfg = DistillConfig(max_steps=args.student_steps, batch_size=4, seq_len=128, optimizer="muon", lr=3e-3,
                                 schedule="wsd", warmup_steps=5, checkpoint_every=0, eval_every=0, log_every=10, resume=False,
-                                student_init=init)
+                                student_init=init, alpha=alpha)
             cfg.validate()
             t0 = time.time()
-            res = run_distill(cfg, dense_path, out / f"student_{init}", student_preset="tiny",
+            res = run_distill(cfg, dense_path, out / f"student_{init}_{alpha}", student_preset="tiny",
                               student_overrides={**shape, "n_layers": n_half})
             how = "random init" if init == "random" else "init from teacher layers"
+            how += ", hard labels only (no teacher)" if alpha == 0 else ""
             row(f"distilled student, {n_half} layers, {how} ({args.student_steps} steps)", res.checkpoint,
                 f"distill {time.time() - t0:.0f} s")
 
