@@ -157,3 +157,71 @@ def test_compiled_decode_step_gives_the_same_tokens():
     mask = torch.ones(2, 1, 1, 8, dtype=torch.bool)
     assert decode_step(m, torch.ones(2, 1, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long), mask).shape == (2, 96)
     m.clear_cache()
+
+
+# ---- engine speed: chunked prefill, threads per phase, the compiled step's kept cache ----------
+
+@pytest.mark.parametrize("chunk", [1, 4, 7])
+def test_chunked_prefill_gives_the_same_tokens_and_logprobs(chunk):
+    m = _model()
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 95, (n,), generator=g).tolist() for n in (30, 3, 11)]
+    p = SamplingParams(max_new_tokens=6, temperature=0, logprobs=True, stop_token_ids=[])
+    whole = generate(m, prompts, p)
+    chunked = generate(m, prompts, p, prefill_chunk=chunk)
+    for a, b, prompt in zip(whole, chunked, prompts):
+        assert b.token_ids == a.token_ids == _greedy_plain(m, prompt, 6)
+        assert b.logprobs == pytest.approx(a.logprobs, abs=1e-4)
+    with pytest.raises(ConfigError, match="prefill_chunk"):
+        generate(m, prompts, p, prefill_chunk=0)
+
+
+def test_decode_runs_on_its_own_thread_count_and_restores_the_callers(monkeypatch):
+    from lmforge.infer.engine import DECODE_SINGLE_THREAD_ROWS, decode_threads_for
+
+    m = _model()
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        during = []
+        p = SamplingParams(max_new_tokens=3, temperature=0, stop_token_ids=[])
+        out = generate(m, [[1, 2, 3]], p, on_token=lambda *a: during.append(torch.get_num_threads()))
+        assert during == [1, 1, 1] and torch.get_num_threads() == 2  # batch 1: one thread, then restored
+        during.clear()
+        generate(m, [[1, 2, 3]], p, decode_threads=2, on_token=lambda *a: during.append(torch.get_num_threads()))
+        assert during == [2, 2, 2]
+        rows = DECODE_SINGLE_THREAD_ROWS + 1
+        assert decode_threads_for(1) == 1 and decode_threads_for(rows) is None and decode_threads_for(1, "meta") is None
+        monkeypatch.setenv("LMFORGE_DECODE_THREADS", "2")
+        assert decode_threads_for(1) == 2
+        during.clear()
+        again = generate(m, [[1, 2, 3]], p, on_token=lambda *a: during.append(torch.get_num_threads()))
+        assert during == [2, 2, 2] and again[0].token_ids == out[0].token_ids
+        monkeypatch.setenv("LMFORGE_DECODE_THREADS", "many")
+        with pytest.raises(ConfigError, match="LMFORGE_DECODE_THREADS"):
+            generate(m, [[1, 2, 3]], p)
+        with pytest.raises(ConfigError, match="decode_threads"):
+            generate(m, [[1, 2, 3]], p, decode_threads=0)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_compiled_decode_keeps_its_cache_aside_between_calls():
+    from lmforge.infer.engine import release_cache
+
+    m = _model()
+    x = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        before = m(x)[0]
+    p = SamplingParams(max_new_tokens=4, temperature=0, stop_token_ids=[])
+    caches = []
+    a = generate(m, [[1, 2, 3]], p, compile=True, on_token=lambda *_: caches.append(m.layers[0].attn.cache))
+    assert all(c is None for c in m.caches())  # detached: plain forwards run without a cache
+    with torch.no_grad():
+        torch.testing.assert_close(m(x)[0], before)
+    b = generate(m, [[1, 2, 3]], p, compile=True, on_token=lambda *_: caches.append(m.layers[0].attn.cache))
+    assert a[0].token_ids == b[0].token_ids == _greedy_plain(m, [1, 2, 3], 4)
+    assert len({id(c) for c in caches}) == 1  # the same shape: the same cache buffers, no re-capture
+    c = generate(m, [[1, 2, 3, 4, 5]], p, compile=True, on_token=lambda *_: caches.append(m.layers[0].attn.cache))
+    assert c[0].token_ids == _greedy_plain(m, [1, 2, 3, 4, 5], 4) and len({id(c) for c in caches}) == 2
+    release_cache(m)

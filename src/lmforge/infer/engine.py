@@ -16,6 +16,24 @@ capture — with CUDA graphs on GPU):
    cache write, mask `slot <= pos[b]` over the whole cache), one token per row per step; a row
    that has stopped keeps computing (the shapes stay fixed) and its tokens are ignored.
 
+Speed (docs/inference.md, "Engine speed"):
+- threads per phase (CPU): the prefill runs at the caller's `torch.get_num_threads()` (GEMMs that
+  use every core), the decode at `decode_threads` — by default 1 while the batch has at most
+  `DECODE_SINGLE_THREAD_ROWS` rows (batch-1 decode is a chain of small GEMVs bound by memory
+  bandwidth, where a second intra-op thread measured 2-4x *slower* on this project's 2-core
+  machine, far worse when the cores are shared), else the caller's count. `LMFORGE_DECODE_THREADS`
+  overrides the default; the caller's thread count is restored afterwards.
+- chunked prefill: prompts longer than `prefill_chunk` tokens (default `PREFILL_CHUNK`) go through
+  the cache in chunks (each chunk's queries attend to the cache so far), so the attention scores
+  and activations of a long prompt never exist at full length at once;
+- the decode mask is kept in place (one slot set per row per step, not rebuilt), and the only host
+  sync per step is reading the sampled tokens (needed for stop tokens and streaming);
+- `compile=True`: the decode step through `torch.compile` (mode "reduce-overhead" = CUDA graphs on
+  GPU); the KV cache is then kept aside between calls (detached from the model, so other forwards
+  run without it) and put back for a call of the same shape, so that call replays the captured
+  graph instead of recompiling (`release_cache(model)` frees it). On CPU the
+  compiled step measured no faster than eager here, at a minute of compile time: off by default.
+
 Sampling: greedy (temperature 0), temperature, top-k, top-p (nucleus), repetition penalty (CTRL /
 HF style: a seen token's logit divided by the penalty when positive, multiplied when negative),
 stop token ids (default the tokenizer's end-of-text and, for chat, end-of-turn tokens) and stop
@@ -27,8 +45,11 @@ leaves no room at all is refused with `ContextLimitError`.
 
 from __future__ import annotations
 
+import contextlib
+import weakref
+import os
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -37,6 +58,41 @@ from lmforge.errors import ConfigError, InputError
 
 class ContextLimitError(InputError):
     """A prompt leaves no room in the model's context for a single new token."""
+
+
+PREFILL_CHUNK = 512  # prompt tokens per prefill chunk
+DECODE_SINGLE_THREAD_ROWS = 4  # CPU decode batches up to this many rows run on one intra-op thread
+
+
+def decode_threads_for(rows: int, device: torch.device | str = "cpu") -> int | None:
+    """The intra-op threads the decode phase runs on for a batch of `rows` (None: leave torch's
+    setting alone — GPU, or a larger CPU batch). `LMFORGE_DECODE_THREADS=N` forces N on CPU."""
+    if torch.device(device).type != "cpu":
+        return None
+    env = os.environ.get("LMFORGE_DECODE_THREADS", "").strip()
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise ConfigError(f"LMFORGE_DECODE_THREADS={env!r}: expected a positive integer") from None
+        if n < 1:
+            raise ConfigError(f"LMFORGE_DECODE_THREADS={env!r}: expected a positive integer")
+        return n
+    return 1 if rows <= DECODE_SINGLE_THREAD_ROWS else None
+
+
+@contextlib.contextmanager
+def intra_op_threads(n: int | None) -> Iterator[None]:
+    """Run the block with `torch.set_num_threads(n)` (None: unchanged), then restore the count."""
+    before = torch.get_num_threads()
+    if n is None or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass
@@ -148,23 +204,72 @@ def _decode_fn(model, compile: bool) -> Callable:
     if not compile:
         return decode_step
     key = id(model)
-    if key not in _COMPILED:
+    if key not in _COMPILED or _COMPILED[key][0]() is not model:
+        from lmforge.infer.quantize import prepare_kernels
+
+        prepare_kernels(model)  # int4 kernel weights built eagerly, outside the captured graph
         mode = "reduce-overhead" if next(model.parameters()).device.type == "cuda" else None
-        _COMPILED[key] = torch.compile(decode_step, mode=mode, dynamic=False)
-    return _COMPILED[key]
+        _COMPILED[key] = (weakref.ref(model), torch.compile(decode_step, mode=mode, dynamic=False))
+    return _COMPILED[key][1]
+
+
+_KEPT_CACHES: weakref.WeakKeyDictionary | None = None  # model -> KV caches kept for the compiled decode step
+
+
+def _setup_cache(model, rows: int, slots: int, keep: bool) -> None:
+    """A KV cache of `rows` x `slots` on every layer. With `keep` (compiled decode) the caches a
+    previous call kept (`_keep_cache`) are put back when they have exactly that shape, dtype and
+    device, so the compiled graph sees the same buffers and is not recompiled / re-captured."""
+    if keep and _KEPT_CACHES is not None:
+        kept = _KEPT_CACHES.get(model)
+        p = next(model.parameters())
+        if kept and len(kept) == len(model.layers):
+            k = kept[0].k
+            if (k.shape[0], k.shape[2]) == (rows, slots) and k.device == p.device and k.dtype == p.dtype:
+                for layer, c in zip(model.layers, kept):
+                    layer.attn.cache = c
+                return
+    model.setup_cache(rows, slots)
+
+
+def _keep_cache(model) -> None:
+    """Detach the model's caches (so later forwards run without a cache) but keep them for the next
+    compiled call of the same shape."""
+    global _KEPT_CACHES
+
+    if _KEPT_CACHES is None:
+        _KEPT_CACHES = weakref.WeakKeyDictionary()
+    caches = model.caches()
+    if caches and all(c is not None for c in caches):
+        _KEPT_CACHES[model] = caches
+    model.clear_cache()
+
+
+def release_cache(model) -> None:
+    """Free the KV cache `generate(compile=True)` keeps for `model` between calls."""
+    if _KEPT_CACHES is not None:
+        _KEPT_CACHES.pop(model, None)
 
 
 @torch.no_grad()
 def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None, tokenizer=None, *,
-             max_batch: int = 64, compile: bool = False, on_token: Callable[[int, int, int], None] | None = None
-             ) -> list[Completion]:
+             max_batch: int = 64, compile: bool = False, on_token: Callable[[int, int, int], None] | None = None,
+             decode_threads: int | None = None, prefill_chunk: int | None = None) -> list[Completion]:
     """Complete every prompt (lists of token ids; no padding needed) `params.n` times. Returns the
     completions in prompt order, n per prompt. `tokenizer` (lmforge.tokenizer.Tokenizer) decodes
     text, applies stop strings and supplies the default stop tokens. `max_batch` caps the rows
     (prompts x n) decoded together. `on_token(prompt_index, sample_index, token_id)` is called for
-    every generated token as it is produced (streaming)."""
+    every generated token as it is produced (streaming). `decode_threads`: CPU intra-op threads of
+    the decode phase (default `decode_threads_for(rows)`); `prefill_chunk`: prompt tokens per
+    prefill chunk (default `PREFILL_CHUNK`); `compile`: the decode step through torch.compile
+    (module docstring)."""
     params = params or SamplingParams()
     params.validate()
+    if decode_threads is not None and (not isinstance(decode_threads, int) or decode_threads < 1):
+        raise ConfigError(f"decode_threads must be a positive integer, got {decode_threads!r}")
+    chunk_len = PREFILL_CHUNK if prefill_chunk is None else prefill_chunk
+    if not isinstance(chunk_len, int) or chunk_len < 1:
+        raise ConfigError(f"prefill_chunk must be a positive integer, got {prefill_chunk!r}")
     if params.stop and tokenizer is None:
         raise ConfigError("stop strings need a tokenizer to decode the generated text")
     ctx = model.cfg.max_seq_len
@@ -193,28 +298,58 @@ def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams | N
     try:
         for c0 in range(0, len(prompts), per_chunk):
             chunk = prompts[c0 : c0 + per_chunk]
-            out.extend(_generate_chunk(model, chunk, c0, params, tokenizer, stop_ids, g, device, compile, on_token))
+            threads = decode_threads if decode_threads is not None else decode_threads_for(len(chunk) * params.n, device)
+            if device.type != "cpu":
+                threads = None
+            out.extend(_generate_chunk(model, chunk, c0, params, tokenizer, stop_ids, g, device, compile, on_token,
+                                       threads, chunk_len))
     finally:
-        model.clear_cache()
+        if compile:
+            _keep_cache(model)
+        else:
+            model.clear_cache()
         model.train(was_training)
     return out
 
 
-def _generate_chunk(model, prompts, first_index, params, tokenizer, stop_ids, g, device, compile, on_token):
+def prefill(model, prompts: Sequence[Sequence[int]], device, chunk: int = PREFILL_CHUNK) -> torch.Tensor:
+    """Fill cache rows 0..P-1 with the right-padded `prompts` (a cache of at least P rows and max-len
+    slots set up), `chunk` tokens at a time; returns the fp32 logits (P, V) of each prompt's last
+    token (only those positions go through the output head)."""
+    P = len(prompts)
+    lens = [len(p) for p in prompts]
+    L = max(lens)
+    x = torch.zeros(P, L, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        x[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+    last = torch.tensor(lens, device=device) - 1
+    if L <= chunk:
+        h = model.hidden_states(x, pos=0)
+        return model.lm_head(h[torch.arange(P, device=device), last]).float()
+    h_last = None
+    for s in range(0, L, chunk):
+        e = min(L, s + chunk)
+        h = model.hidden_states(x[:, s:e], pos=s)
+        inside = [i for i in range(P) if s <= lens[i] - 1 < e]
+        if inside:
+            idx = torch.tensor(inside, device=device)
+            if h_last is None:
+                h_last = h.new_zeros(P, h.shape[-1])
+            h_last[idx] = h[idx, last[idx] - s]
+    return model.lm_head(h_last).float()
+
+
+def _generate_chunk(model, prompts, first_index, params, tokenizer, stop_ids, g, device, compile, on_token,
+                    threads=None, chunk_len=PREFILL_CHUNK):
     ctx = model.cfg.max_seq_len
     P, n = len(prompts), params.n
     lens = [len(p) for p in prompts]
     L = max(lens)
     S = min(ctx, L + params.max_new_tokens)  # cache slots: the longest prompt plus what it may add
     rows = P * n
-    model.setup_cache(rows, S)
+    _setup_cache(model, rows, S, keep=compile)
     # ---- prefill: distinct prompts only, right-padded, causal; logits of each last real position
-    x = torch.zeros(P, L, dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        x[i, : len(p)] = torch.tensor(p, dtype=torch.long)
-    h = model.hidden_states(x, pos=0)
-    last = torch.tensor(lens, device=device) - 1
-    logits = model.lm_head(h[torch.arange(P, device=device), last]).float()
+    logits = prefill(model, prompts, device, chunk_len)
     if n > 1:
         for c in model.caches():
             c.k[:rows] = c.k[:P].repeat_interleave(n, 0)
@@ -227,8 +362,22 @@ def _generate_chunk(model, prompts, first_index, params, tokenizer, stop_ids, g,
             seen[r, torch.tensor(prompts[r // n], device=device)] = True
     state = [_Row(first_index + r // n, r % n, lens[r // n]) for r in range(rows)]
     pos = torch.tensor([lens[r // n] for r in range(rows)], dtype=torch.long, device=device)  # next slot per row
-    slots = torch.arange(S, device=device)
+    # the decode mask (rows, 1, 1, S): slot <= pos[row]; kept in place, one slot set per row per step
+    mask = (torch.arange(S, device=device)[None, :] < pos[:, None])[:, None, None, :].contiguous()
     step_fn = _decode_fn(model, compile)
+    with intra_op_threads(threads):
+        _decode_loop(model, params, tokenizer, stop_ids, g, on_token, state, logits, seen, pos, mask, S, step_fn)
+    for row in state:
+        if row.finish is None:  # cannot happen: every row ends by length at the latest
+            row.finish = "length"
+    return [_completion(row, tokenizer, params) for row in state]
+
+
+def _decode_loop(model, params, tokenizer, stop_ids, g, on_token, state, logits, seen, pos, mask, S, step_fn):
+    ctx = model.cfg.max_seq_len
+    rows = len(state)
+    device = pos.device
+    arange_rows = torch.arange(rows, device=device)
     max_stop = max((len(s) for s in params.stop), default=0)
     for _ in range(params.max_new_tokens):
         lp_all = logits.log_softmax(-1) if params.logprobs else None
@@ -256,15 +405,11 @@ def _generate_chunk(model, prompts, first_index, params, tokenizer, stop_ids, g,
         if all(row.finish is not None for row in state):
             break
         if seen is not None:
-            seen[torch.arange(rows, device=device), nxt] = True
-        p = pos.clamp(max=S - 1)  # finished rows keep computing at a valid slot; their output is ignored
-        mask = (slots[None, :] <= p[:, None])[:, None, None, :]
-        logits = step_fn(model, nxt[:, None], p[:, None], mask)
+            seen[arange_rows, nxt] = True
+        p = pos.clamp(max=S - 1)[:, None]  # finished rows keep computing at a valid slot; their output is ignored
+        mask[arange_rows, 0, 0, p[:, 0]] = True
+        logits = step_fn(model, nxt[:, None], p, mask)
         pos = pos + 1
-    for row in state:
-        if row.finish is None:  # cannot happen: every row ends by length at the latest
-            row.finish = "length"
-    return [_completion(row, tokenizer, params) for row in state]
 
 
 def _hit_stop(row: _Row, tokenizer, stops, max_stop: int) -> bool:
@@ -288,7 +433,8 @@ def _completion(row: _Row, tokenizer, params: SamplingParams) -> Completion:
 
 
 __all__ = ["SamplingParams", "Completion", "ContextLimitError", "generate", "decode_step", "process_logits", "sample",
-           "end_token_ids"]
+           "end_token_ids", "prefill", "release_cache", "decode_threads_for", "intra_op_threads", "PREFILL_CHUNK",
+           "DECODE_SINGLE_THREAD_ROWS"]
 
 
 def unpad(ids: torch.Tensor, attention_mask: torch.Tensor) -> list[list[int]]:
