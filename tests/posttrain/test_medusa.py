@@ -187,3 +187,17 @@ def test_medusa_cli_and_generate(tmp_path, tok, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert msg in err and "Traceback" not in err
+
+
+def test_self_distillation_trains_on_the_models_own_greedy_text(tmp_path, tok):
+    from lmforge.train.data import TokenStream, read_index
+
+    res = _train(tmp_path, tok, 3, name="self", self_distill=24, self_prompt_tokens=8, eval_every=0)
+    assert res.data["self_distill_sequences"] == 24
+    index = read_index(res.out_dir / "data" / "self")
+    stream = TokenStream(index, "train")
+    seq = stream.read(0, 65).tolist()  # <|bos|> + 8 prompt tokens + the model's continuation, one document
+    assert seq[0] == tok.bos_id and tok.bos_id not in seq[1:]
+    model = _model()
+    out = generate(model, [seq[:8]], SamplingParams(max_new_tokens=20, temperature=0, stop_token_ids=[]))[0]
+    assert out.token_ids == seq[8:28]  # the text is the model's own greedy continuation

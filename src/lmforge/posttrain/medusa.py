@@ -10,6 +10,9 @@ checkpoints, metrics and progress are the trainer's:
    run's tokens/) or text files (`--data`: .txt, .jsonl / .jsonl.gz / .jsonl.zst with a "text"
    field, or directories of them), encoded once with the model's tokenizer into
    `<out>/data/tokens/`; windows of `seq_len + 1` tokens, shuffled, resumable (BatchLoader);
+   `self_distill = N` (Medusa-2-style self-distillation data) trains instead on N greedy
+   continuations by the model itself of prompts cut from that text (generated once, batched,
+   through lmforge.infer.engine, kept in `<out>/data/self/`);
 3. loss: the base model's final hidden states h_t (no gradient), and for head k (1..K) the
    cross-entropy of its logits at t against token t+1+k, weighted decay^(k-1); targets that lie in
    another packed document are left out. `targets = "model"` (self-distillation) trains against the
@@ -52,6 +55,8 @@ class MedusaTrainConfig(TrainerConfig):
     own_head: bool = False  # each head gets its own output layer (initialised from the model's) instead of sharing it
     targets: Literal["data", "model"] = "data"  # the text's tokens, or the base model's greedy predictions (self-distillation)
     decay: float = 0.8  # loss weight of head k: decay^(k-1)
+    self_distill: int = 0  # > 0: train on this many of the model's own greedy continuations of prompts from the text
+    self_prompt_tokens: int = 16  # prompt length (tokens of the text) of each self-distillation sequence
     seq_len: int = 0  # tokens per row (0 = min(256, the model's context))
     batch_size: int = 8
     max_tokens: int = 2_000_000  # --data: at most this many tokens are encoded
@@ -85,6 +90,9 @@ class MedusaTrainConfig(TrainerConfig):
             raise ConfigError(f"medusa.val_fraction = {self.val_fraction} must be in [0, 0.5)")
         if self.eval_batches < 0:
             raise ConfigError(f"medusa.eval_batches = {self.eval_batches} must be >= 0")
+        if self.self_distill < 0 or self.self_prompt_tokens < 1:
+            raise ConfigError(f"medusa.self_distill ({self.self_distill}) must be >= 0 and medusa.self_prompt_tokens "
+                              f"({self.self_prompt_tokens}) >= 1")
 
     def trainer_config(self) -> TrainerConfig:
         return TrainerConfig.from_fields(self)
@@ -276,6 +284,42 @@ def encode_data(files: list[Path], tok, out: Path, max_tokens: int, val_fraction
     return out, stats
 
 
+def self_distill_data(model, tok, stream, cfg: MedusaTrainConfig, seq_len: int, seed: int, out: Path,
+                      model_sum: str | None) -> tuple[Path, dict]:
+    """Medusa-2-style self-distillation data: `cfg.self_distill` greedy continuations by the model
+    itself (lmforge.infer.engine, batched) of prompts cut from the text, each `seq_len + 1` tokens
+    long, written as token shards at `out` (reused while the model, the text and the settings are
+    unchanged). Training on them teaches the heads the model's own trajectories, which greedy
+    verification accepts."""
+    import numpy as np
+
+    from lmforge.infer.engine import SamplingParams, generate
+    from lmforge.train.data import write_token_shards
+
+    n, plen = cfg.self_distill, min(cfg.self_prompt_tokens, seq_len // 2)
+    fp = fingerprint([model_sum, str(stream.paths), stream.total, n, plen, seq_len, seed])
+    src = out / "source.json"
+    old = read_json(src, {}) or {}
+    if old.get("fingerprint") == fp and (out / "index.json").is_file():
+        return out, old.get("stats", {})
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, max(1, stream.total - plen), size=n)
+    bos = [tok.bos_id] if tok.bos_id is not None else []
+    prompts = [bos + stream.read(int(s0), plen - len(bos)).tolist() for s0 in starts]
+    t0 = time.time()
+    outs = generate(model, prompts, SamplingParams(max_new_tokens=seq_len + 1 - plen, temperature=0, stop_token_ids=[]),
+                    max_batch=64)
+    docs = [p[len(bos):] + o.token_ids for p, o in zip(prompts, outs)]
+    n_val = max(1, n // 20) if n >= 20 else 0
+    write_token_shards(out, {"train": docs[n_val:], "val": docs[:n_val]}, vocab_size=model.cfg.vocab_size,
+                       bos_id=tok.bos_id if tok.bos_id is not None else 0, eos_id=tok.eos_id)
+    stats = {"self_distill_sequences": n, "self_distill_tokens": sum(len(d) + 1 for d in docs),
+             "generation_s": round(time.time() - t0, 1)}
+    atomic_write_json(src, {"fingerprint": fp, "stats": stats})
+    logger.info("medusa: %d self-distillation sequences of %d tokens generated in %.0fs", n, seq_len + 1, time.time() - t0)
+    return out, stats
+
+
 def _run_tokens(ref) -> Path | None:
     """The tokens/ directory of the run the base model belongs to, if any."""
     for p in [ref.path, *ref.path.parents][:6]:
@@ -320,6 +364,17 @@ def run_medusa(cfg: MedusaTrainConfig, out_dir: str | Path, *, base: str | Path,
         data_stats["source"] = str(tokens_dir)
     index = read_index(tokens_dir)
     stream = TokenStream(index, "train")
+    base_sum = ((read_json(ref.path / "state.json", {}) or {}).get("checksums") or {}).get("model.safetensors")
+    if cfg.self_distill:
+        if stream.total <= cfg.self_prompt_tokens:
+            raise InputError(f"{tokens_dir}: too little text for self-distillation prompts")
+        was = model.training
+        tokens_dir, sd_stats = self_distill_data(model, tok, stream, cfg, seq_len, seed, out_dir / "data" / "self", base_sum)
+        model.train(was)
+        data_stats.update(sd_stats)
+        data_stats["source"] = f"the model's greedy continuations of prompts from {data_stats['source']}"
+        index = read_index(tokens_dir)
+        stream = TokenStream(index, "train")
     if stream.total == 0:
         raise InputError(f"{tokens_dir}: the train split holds no tokens")
     if stream.max_token() >= model.cfg.vocab_size:
@@ -367,7 +422,6 @@ def run_medusa(cfg: MedusaTrainConfig, out_dir: str | Path, *, base: str | Path,
         plot_title="Medusa heads loss",
     )
     heads.eval()
-    base_sum = ((read_json(ref.path / "state.json", {}) or {}).get("checksums") or {}).get("model.safetensors")
     train_info = {"steps": res.steps, "final_loss": res.final_loss, "targets": cfg.targets, "seq_len": seq_len,
                   "eval": res.eval_metrics or {}, "data": data_stats}
     save_heads(heads, out_dir, base={"path": str(ref.path.resolve()), "checksum": base_sum}, extra={"train": train_info})

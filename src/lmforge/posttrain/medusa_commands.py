@@ -1,7 +1,7 @@
 """CLI: `lmforge medusa` (train Medusa heads on a frozen model).
 
     lmforge medusa MODEL --out DIR [--heads 3] [--steps N] [--tokens DIR | --data FILE ...]
-                   [--targets data|model] [--layers 1] [--own-head] [--medusa.KEY VALUE ...]
+                   [--targets data|model] [--self-distill N] [--layers 1] [--own-head] [--medusa.KEY VALUE ...]
 
 MODEL is anything the checkpoint reader takes (a run directory, checkpoints directory, step
 directory, HF folder). Training text: --tokens (token shards made with the model's tokenizer;
@@ -27,6 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--steps", type=int, help="optimizer steps (default 300)")
     s.add_argument("--targets", choices=("data", "model"),
                    help="train on the text's tokens (default) or on the model's own greedy predictions (self-distillation)")
+    s.add_argument("--self-distill", type=int, metavar="N",
+                   help="train on N greedy continuations by the model itself of prompts from the text (self-distillation)")
     src = s.add_mutually_exclusive_group()
     src.add_argument("--tokens", help="token shards directory (tokens/index.json); default: the model's run's tokens/")
     src.add_argument("--data", action="append", default=[], help="text file or directory (.txt, .jsonl[.gz|.zst]; repeatable)")
@@ -45,7 +47,8 @@ def _cmd_medusa(args: argparse.Namespace) -> int:
         raise ConfigError(f"lmforge medusa: only --medusa.KEY overrides apply here, got --{bad[0].split('=')[0]}")
     section: dict = {}
     cfgmod.apply_overrides(section, [o[len("medusa."):] for o in args.overrides])
-    for key, val in (("heads", args.heads), ("layers", args.layers), ("max_steps", args.steps), ("targets", args.targets)):
+    for key, val in (("heads", args.heads), ("layers", args.layers), ("max_steps", args.steps), ("targets", args.targets),
+                     ("self_distill", args.self_distill)):
         if val is not None:
             section[key] = val
     if args.own_head:
