@@ -164,7 +164,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     print(f"lmforge serve: model {name} ({ref.path}) at http://{shown}:{port}  "
           f"(OpenAI API under /v1, chat page at /, metrics at /metrics)", flush=True)
     logging.getLogger("lmforge").setLevel(args.log_level.upper())
-    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=args.drain_timeout or None,
+    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=args.drain_timeout,
                             access_log=args.log_level == "debug", lifespan="on")
     # the engine thread re-takes the GIL after every torch op; with the event loop busy streaming, the
     # default 5 ms switch interval makes it wait that long each time (a convoy): hand over sooner
