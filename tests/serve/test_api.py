@@ -123,3 +123,12 @@ def test_metrics_expose_queue_running_tokens_and_ttft(server, client):
     assert 'lmforge_requests_total{endpoint="/v1/completions",status="200"}' in text
     gen = [l for l in text.splitlines() if l.startswith("lmforge_generated_tokens_total")]
     assert float(gen[0].split()[-1]) >= 4
+
+
+def test_stream_with_stop_string_and_n(client):
+    chunks = list(client.completions.create(model="tiny", prompt=TEXT_PROMPT, max_tokens=60, temperature=0,
+                                            stop=["café"], stream=True, n=2))
+    for i in (0, 1):
+        text = "".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i)
+        assert text == ", the naïve "  # the stop string never reaches the client
+        assert [c.choices[0].finish_reason for c in chunks if c.choices[0].index == i][-1] == "stop"
