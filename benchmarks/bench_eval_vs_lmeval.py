@@ -266,11 +266,11 @@ def main() -> int:
                   f"acc {res['acc,none']:.3f}; lmforge harness.evaluate {we_o:.2f} s (CPU {ce_o:.2f}), acc {eo['metrics']['acc']:.3f}; "
                   f"ratio {we_p / we_o:.2f}x (CPU {ce_p / ce_o:.2f}x)")
 
-            equal_acc = acc_o == acc_p and accn_o == accb_p
-            runs.append({"shots": shots, "n": n, "ratio_wall": round(ratio, 3), "ratio_cpu": round(ratio_cpu, 3),
-                         "acc": [acc_o, acc_p], "acc_norm_bytes": [accn_o, accb_p], "tokens_identical": n - len(tok_diff),
-                         "max_ll_diff": max_d, "differing": {k: len(v) for k, v in diffs.items()}, "end_to_end": e2e,
-                         "equal_accuracy": equal_acc})
+        equal_acc = acc_o == acc_p and accn_o == accb_p
+        runs.append({"shots": shots, "n": n, "ratio_wall": round(ratio, 3), "ratio_cpu": round(ratio_cpu, 3),
+                     "acc": [acc_o, acc_p], "acc_norm_bytes": [accn_o, accb_p], "tokens_identical": n - len(tok_diff),
+                     "max_ll_diff": max_d, "differing": {k: len(v) for k, v in diffs.items()}, "end_to_end": e2e,
+                     "equal_accuracy": equal_acc})
     (base_out / "result.json").write_text(json.dumps(runs, indent=2))
     h = runs[0]
     others = {f"ratio_{r['shots']}shot": r["ratio_wall"] for r in runs[1:]}
