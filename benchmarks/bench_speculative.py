@@ -18,13 +18,15 @@ Acceptance rate and tokens per target step are lmforge's own counts (SpecStats);
 generation does not report them.
 
 What the pair is: by default the target is the demo run's pretrained model
-(runs/demo/checkpoints/demo: 4 layers x 128, vocab 4096, ~1M parameters) and the draft is a
-1-layer x 64 model trained on the same token shards (`--prepare` trains it, and the Medusa heads,
-into --work). Both are tiny: at this size a decode step costs mostly fixed per-call overhead, not
-weight reads, so the draft is only a few times cheaper than the target and the draft-model
-speed-up is bounded by that ratio; Medusa needs no second model and is the fairer test here. Pass
---target / --draft / --medusa to measure another pair (e.g. a larger target and a distilled
-student from `lmforge distill`).
+(runs/demo/checkpoints/demo: 4 layers x 128, vocab 4096, 1.3M parameters); the draft is a
+1-layer student of the same width distilled from it (`lmforge distill --student-init teacher`),
+and the Medusa heads are self-distilled on 512 of its own greedy continuations (`lmforge medusa
+--self-distill 512`); `--prepare` makes both into --work (about 15 minutes on 2 shared cores).
+Both models are tiny: at this size a decode step costs mostly fixed per-layer overhead and the
+output head (4096 x 128, the same in the 1-layer student), not weight reads, so the draft costs
+about half a target step and the draft-model speed-up is bounded by that; Medusa needs no second
+model and is the fairer test at this scale. Pass --target / --draft / --medusa to measure another
+pair (a larger target with a distilled student is where a draft pays off).
 
     python benchmarks/bench_speculative.py --prepare          # trains the draft + heads once (minutes), then measures
     python benchmarks/bench_speculative.py --no-hf            # lmforge rows only
@@ -78,16 +80,16 @@ def prepare(args) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     lm = [sys.executable, "-m", "lmforge"]
     if args.draft is None and not (work / "draft" / "latest").is_file():
-        work.mkdir(parents=True, exist_ok=True)
-        (work / "draft.toml").write_text(
-            "[pretrain]\nseq_len = 256\nbatch_size = 8\nmax_steps = 300\nwarmup_steps = 20\neval_every = 0\n"
-            "checkpoint_every = 100\nsample_tokens = 0\n[pretrain.model]\npreset = \"tiny\"\nd_model = 64\n"
-            "n_layers = 1\nn_heads = 2\nn_kv_heads = 1\n")
-        subprocess.run(lm + ["train", "--tokens", str(args.tokens), "--tokenizer", str(Path(args.tokens).parent / "tokenizer"),
-                             "--out", str(work / "draft"), "--config", str(work / "draft.toml")], check=True, env=env)
+        # a distilled student: one layer of the target's width, started from the target's embedding,
+        # head and last layer, trained on the target's soft targets (lmforge distill)
+        subprocess.run(lm + ["distill", args.target, "--student-preset", "tiny", "--student-set", "n_layers=1",
+                             "--student-init", "teacher", "--out", str(work / "draft"), "--tokens", str(args.tokens),
+                             "--steps", "200", "--temperature", "1.0", "--alpha", "0.9"], check=True, env=env)
     if args.medusa is None and not (work / "medusa" / "medusa.json").is_file():
+        # Medusa heads self-distilled on 512 of the target's own greedy continuations
         subprocess.run(lm + ["medusa", args.target, "--out", str(work / "medusa"), "--tokens", str(args.tokens),
-                             "--steps", "400", "--targets", "model", "--medusa.lr", "0.003"], check=True, env=env)
+                             "--steps", "300", "--self-distill", "512", "--medusa.seq_len", "128", "--medusa.lr", "0.003"],
+                       check=True, env=env)
 
 
 def main() -> int:
