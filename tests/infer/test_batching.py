@@ -14,6 +14,7 @@ import torch
 from lmforge.errors import ConfigError, InputError
 from lmforge.infer.batching import (
     BatchEngine,
+    EngineError,
     EngineStoppedError,
     FinishEvent,
     IncrementalText,
@@ -420,3 +421,27 @@ def test_shutdown_drains_in_flight_requests(model):
     e.shutdown(drain=False)
     reasons = [r.result(timeout=10)[0].finish_reason for r in reqs]
     assert "cancelled" in reasons and e.stats()["kv_blocks_used"] == 0
+
+
+class _Faulty(Transformer):
+    """Fails on any forward that sees token id 77 (a stand-in for a kernel error on one request)."""
+
+    def hidden_states(self, idx, doc_ids=None, pos=0, mask=None):
+        if bool((idx == 77).any()):
+            raise RuntimeError("boom")
+        return super().hidden_states(idx, doc_ids, pos, mask)
+
+
+def test_a_failing_step_ends_the_requests_in_flight_and_the_engine_goes_on():
+    torch.manual_seed(0)
+    m = _Faulty(preset("tiny", vocab_size=96, max_seq_len=64, init_std=0.3)).eval()
+    p = SamplingParams(max_new_tokens=5, temperature=0, stop_token_ids=[])
+    with _Engine(m, None) as e:
+        bad = e.submit([1, 77, 3], p)
+        with pytest.raises(EngineError, match="boom"):
+            bad.result(timeout=30)
+        assert bad.error and bad.completions[0].finish_reason == "error"
+        good = e.submit([1, 2, 3], p).result(timeout=30)[0]
+        st = e.stats()
+    assert good.finish_reason == "length" and len(good.token_ids) == 5
+    assert st["requests_failed"] == 1 and st["kv_blocks_used"] == 0 and st["ready"]

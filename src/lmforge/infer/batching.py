@@ -158,6 +158,7 @@ class Request:
         self._done = threading.Event()
         self._left = params.n
         self._generator: torch.Generator | None = None
+        self._seqs: list = []  # its samples (the engine's _Seq objects)
 
     @property
     def done(self) -> bool:
@@ -367,6 +368,7 @@ class BatchEngine:
                 raise QueueFullError(f"the queue is full ({depth} requests waiting)", self._retry_after(depth))
             seqs = [_Seq(req, i, list(prompt), len(prompt), IncrementalText(self.tokenizer) if self.tokenizer else None)
                     for i in range(params.n)]
+            req._seqs = seqs
             self._inbox.append(_Group(req, seqs, fresh=True))
             self._queued += 1
             self._requests[rid] = req
@@ -778,19 +780,28 @@ class BatchEngine:
                 self._finish_seq(s, "cancelled")
         for s in [s for s in self._running if s.req.id in ids]:
             self._finish_seq(s, "cancelled")
+        for rid in ids:  # anything left (not in the queue, not running): finish it too
+            req = self._requests.get(rid)
+            for s in req._seqs if req is not None else ():
+                if not s.finished:
+                    self._finish_seq(s, "cancelled")
 
     def _fail_all(self, message: str) -> None:
-        """After an engine failure: every request in flight ends with finish_reason "error"."""
-        groups = list(self._waiting)
-        self._waiting.clear()
+        """After an engine failure: every request taken in (queued, being admitted or running; not
+        those submitted during the failed step) ends with finish_reason "error", and the block
+        pool starts afresh (what a failed step wrote is not trusted, cached prefixes included)."""
         with self._lock:
-            self._queued -= sum(1 for g in groups if g.fresh)
-        running = list(self._running)
-        for s in running + [s for g in groups for s in g.seqs]:
-            if not s.finished:
-                s.req.error = message
-                self._finish_seq(s, "error")
+            inbox = {g.req.id for g in self._inbox}
+            self._queued -= sum(1 for g in self._waiting if g.fresh)
+            victims = [r for rid, r in self._requests.items() if rid not in inbox]
+        self._waiting.clear()
         self._running = []
+        for req in victims:
+            req.error = message
+            for s in req._seqs:
+                if not s.finished:
+                    s.blocks = []
+                    self._finish_seq(s, "error")
         self.allocator = BlockAllocator(self.allocator.num_blocks, self.block_size)
 
 
