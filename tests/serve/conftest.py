@@ -134,13 +134,14 @@ def make_app(ckpt_dir, slow: float = 0.0, gate: threading.Event | None = None, *
 
     api_key = engine_kw.pop("api_key", None)
     limits = engine_kw.pop("limits", None)
+    cors = engine_kw.pop("cors_origins", ())
     model, tok, _ = load_model_and_tokenizer(ckpt_dir)
     if slow:
         model.register_forward_pre_hook(lambda *a: time.sleep(slow))
     if gate is not None:
         model.register_forward_pre_hook(lambda *a: None if gate.wait(60) else None)
     engine = BatchEngine(model, tok, **engine_kw)
-    app = create_app(engine, tok, "tiny", api_key=api_key, model=model, limits=limits)
+    app = create_app(engine, tok, "tiny", api_key=api_key, model=model, limits=limits, cors_origins=cors)
     return app, engine, model
 
 

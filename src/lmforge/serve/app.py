@@ -37,6 +37,7 @@ import logging
 import math
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from importlib import resources
 
@@ -58,9 +59,22 @@ def error_response(e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
+ALLOW = "GET, HEAD, POST, OPTIONS"
+
+
+def _request_id(headers: dict) -> str:
+    """The client's `x-request-id` when it is a sane token (echoed back, as vLLM does), else a new one."""
+    rid = headers.get("x-request-id", "")
+    if 0 < len(rid) <= 128 and rid.isprintable() and rid.isascii():
+        return rid
+    return uuid.uuid4().hex
+
+
 class _AuthAndSize:
-    """Pure ASGI middleware (streams and disconnects pass through untouched): the Bearer key on every
-    route but the public ones, and a Content-Length over the body limit refused before reading."""
+    """Pure ASGI middleware (streams and disconnects pass through untouched): trailing slashes dropped
+    (`/v1/models/` is `/v1/models`), an `x-request-id` header on every answer, `OPTIONS` answered with
+    the allowed methods, `HEAD` answered like `GET` without the body, the Bearer key on every route but
+    the public ones, and a Content-Length over the body limit refused before reading."""
 
     def __init__(self, app, state: "ServerState"):
         self.app, self.state = app, state
@@ -69,8 +83,26 @@ class _AuthAndSize:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        path = scope.get("path", "/")
+        if len(path) > 1 and path.endswith("/"):
+            path = path.rstrip("/") or "/"
+            scope = dict(scope, path=path, raw_path=path.encode())
+        rid = _request_id(headers)
+        head = scope.get("method") == "HEAD"
+        if head:
+            scope = dict(scope, method="GET")
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                message = dict(message, headers=list(message.get("headers", [])) + [(b"x-request-id", rid.encode())])
+            elif head and message["type"] == "http.response.body":
+                message = dict(message, body=b"")
+            await send(message)
+
+        if scope.get("method") == "OPTIONS":
+            return await Response(status_code=204, headers={"Allow": ALLOW})(scope, receive, send_with_id)
         err = None
-        if self.state.api_key and scope.get("path") not in PUBLIC_PATHS:
+        if self.state.api_key and path not in PUBLIC_PATHS:
             auth = headers.get("authorization", "")
             if not auth.startswith("Bearer ") or auth[7:].strip() != self.state.api_key:
                 err = APIError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
@@ -88,12 +120,12 @@ class _AuthAndSize:
                 err = APIError(413, f"request body of {n} bytes is over the limit of {self.state.limits.max_body_bytes}",
                                code="request_too_large")
         if err is not None:
-            if scope.get("path") in ("/v1/completions", "/v1/chat/completions"):
-                self.state.metrics.request(scope["path"], err.status)
+            if path in ("/v1/completions", "/v1/chat/completions"):
+                self.state.metrics.request(path, err.status)
             resp = error_response(err)
             resp.headers["Connection"] = "close"
-            return await resp(scope, receive, send)
-        return await self.app(scope, receive, send)
+            return await resp(scope, receive, send_with_id)
+        return await self.app(scope, receive, send_with_id)
 
 
 class Scorer:
@@ -146,6 +178,7 @@ class ServerState:
     loading_error: str | None = None
     started: bool = False
     created: int = field(default_factory=now)
+    fingerprint: str = field(default_factory=lambda: _fingerprint())
 
     @property
     def ready(self) -> bool:
@@ -156,6 +189,31 @@ class ServerState:
             return self.engine.stats() if self.engine is not None else {}
         except Exception:  # a scrape never fails because of the engine
             return {}
+
+
+def _fingerprint() -> str:
+    try:
+        from importlib.metadata import version
+
+        return f"lmforge-{version('lmforge')}"
+    except Exception:
+        return "lmforge"
+
+
+def _token_bytes(tok, i: int) -> bytes:
+    if i in getattr(tok, "special_ids", ()):
+        return tok.decode([i]).encode("utf-8")
+    try:
+        return bytes(tok.token_bytes(i))
+    except Exception:
+        return tok.decode([i]).encode("utf-8")
+
+
+def _chat_lp_entry(tok, i: int, lp) -> dict:
+    """One entry of chat's `logprobs.content` (without its top_logprobs)."""
+    b = _token_bytes(tok, i)
+    return {"token": b.decode("utf-8", errors="replace"), "logprob": _finite(lp) if lp is not None else None,
+            "bytes": list(b)}
 
 
 def _token_str(tok, i: int) -> str:
@@ -314,13 +372,15 @@ class _Stream:
 
 
 def create_app(engine=None, tokenizer=None, model_name: str = "lmforge", api_key: str | None = None, *,
-               model=None, limits: Limits | None = None, loader=None, drain_timeout: float | None = 30.0) -> FastAPI:
+               model=None, limits: Limits | None = None, loader=None, drain_timeout: float | None = 30.0,
+               cors_origins: list[str] | tuple[str, ...] = ()) -> FastAPI:
     """The FastAPI app. `engine`: a started or unstarted `BatchEngine` (started on the app's startup,
     in a thread; `/health` answers 503 until it is ready). `model`: the engine's model (default
     `engine.model`), for the context length, vocabulary and prompt scoring. `loader`: instead of
     engine/tokenizer, a callable returning (engine, tokenizer, model) run in a thread after the
     server binds. On shutdown (SIGTERM: uvicorn first finishes in-flight responses), the engine is
-    shut down with drain=True."""
+    shut down with drain=True. `cors_origins`: origins whose browser pages may call the API (CORS,
+    off by default: the chat page at `/` is same-origin; "*" allows any origin)."""
     from contextlib import asynccontextmanager
 
     state = ServerState(model_name=model_name, api_key=api_key or None, limits=limits or Limits())
@@ -364,6 +424,11 @@ def create_app(engine=None, tokenizer=None, model_name: str = "lmforge", api_key
     app = FastAPI(title="lmforge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.lmforge = state
     app.add_middleware(_AuthAndSize, state=state)
+    if cors_origins:  # outermost: a browser's preflight carries no API key
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "OPTIONS"],
+                           allow_headers=["*"], expose_headers=["x-request-id", "Retry-After"], max_age=600)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
@@ -525,8 +590,11 @@ async def _complete(state: ServerState, job: _Job, request: Request):
         text = c.text if c.text is not None else tok.decode(c.token_ids)
         fr = finish_reason(c.finish_reason)
         if req.kind == "chat":
-            choices.append({"index": idx, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                            "finish_reason": fr})
+            lp = None
+            if req.logprobs is not None:
+                lp = await _chat_logprobs(state, req.prompts[pi], list(c.token_ids), req.logprobs)
+            choices.append({"index": idx, "message": {"role": "assistant", "content": text, "refusal": None},
+                            "logprobs": lp, "finish_reason": fr})
             continue
         prompt_text = req.prompt_texts[pi] if req.prompt_texts[pi] is not None else tok.decode(req.prompts[pi])
         full = prompt_text + text if req.echo else text
@@ -537,7 +605,8 @@ async def _complete(state: ServerState, job: _Job, request: Request):
         choices.append({"index": idx, "text": full, "logprobs": lp, "finish_reason": fr})
     obj = "chat.completion" if req.kind == "chat" else "text_completion"
     body = {"id": new_id("chatcmpl" if req.kind == "chat" else "cmpl"), "object": obj, "created": now(),
-            "model": state.model_name, "choices": choices, "usage": usage(n_prompt, n_gen)}
+            "model": state.model_name, "system_fingerprint": state.fingerprint, "choices": choices,
+            "usage": usage(n_prompt, n_gen)}
     state.metrics.request(job.endpoint, 200)
     return JSONResponse(body)
 
@@ -564,6 +633,22 @@ async def _logprobs(state: ServerState, prompt: list[int], gen: list[int], top: 
             "text_offset": offs}
 
 
+async def _chat_logprobs(state: ServerState, prompt: list[int], gen: list[int], top: int) -> dict:
+    """Chat's `logprobs` object: `{"content": [{token, logprob, bytes, top_logprobs: [...]}], "refusal": None}`
+    for the generated tokens, scored under the raw model distribution (as OpenAI and vLLM report them)."""
+    tok = state.tokenizer
+    ids = (prompt + gen)[: max(state.context, len(prompt))]
+    if len(ids) == len(prompt):
+        return {"content": [], "refusal": None}
+    lps, tops = await asyncio.to_thread(state.scorer.score, ids, top)
+    content = []
+    for i in range(len(prompt), len(ids)):
+        e = _chat_lp_entry(tok, ids[i], lps[i])
+        e["top_logprobs"] = [_chat_lp_entry(tok, a, b) for a, b in (tops[i] or [])[:top]]
+        content.append(e)
+    return {"content": content, "refusal": None}
+
+
 async def _score_only(state: ServerState, req: GenRequest) -> dict:
     """max_tokens 0 with echo: the prompt and its log-probabilities, nothing generated."""
     tok = state.tokenizer
@@ -575,7 +660,7 @@ async def _score_only(state: ServerState, req: GenRequest) -> dict:
         for s in range(req.n):
             choices.append({"index": pi * req.n + s, "text": text, "logprobs": lp, "finish_reason": "length"})
     return {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": state.model_name,
-            "choices": choices, "usage": usage(sum(len(p) for p in req.prompts), 0)}
+            "system_fingerprint": state.fingerprint, "choices": choices, "usage": usage(sum(len(p) for p in req.prompts), 0)}
 
 
 async def _stream(state: ServerState, job: _Job, request: Request):
@@ -596,10 +681,11 @@ async def _stream(state: ServerState, job: _Job, request: Request):
     def chunk(idx, text, fr=None, lp=None, role=False):
         if chat:
             delta = {"role": "assistant", "content": text} if role else ({"content": text} if text or fr is None else {})
-            ch = {"index": idx, "delta": delta, "logprobs": None, "finish_reason": fr}
+            ch = {"index": idx, "delta": delta, "logprobs": lp, "finish_reason": fr}
         else:
             ch = {"index": idx, "text": text, "logprobs": lp, "finish_reason": fr}
-        out = {"id": rid, "object": obj, "created": created, "model": state.model_name, "choices": [ch]}
+        out = {"id": rid, "object": obj, "created": created, "model": state.model_name,
+               "system_fingerprint": state.fingerprint, "choices": [ch]}
         if req.include_usage:
             out["usage"] = None
         return _sse(out)
@@ -624,14 +710,18 @@ async def _stream(state: ServerState, job: _Job, request: Request):
                 continue
             delta = st.push(ev.text or "")
             lp = None
-            if req.logprobs is not None and not chat:
+            if req.logprobs is not None and chat:
+                lp = {"content": [dict(_chat_lp_entry(tok, ev.token_id, ev.logprob), top_logprobs=[])],
+                      "refusal": None}
+            elif req.logprobs is not None:
                 lp = {"tokens": [_token_str(tok, ev.token_id)], "token_logprobs": [_finite(ev.logprob)],
-                      "top_logprobs": None, "text_offset": [offsets[idx]]}
+                      "top_logprobs": [{}], "text_offset": [offsets[idx]]}
             offsets[idx] += len(delta)
             if delta or lp is not None:
                 yield chunk(idx, delta, lp=lp)
         if req.include_usage:
-            yield _sse({"id": rid, "object": obj, "created": created, "model": state.model_name, "choices": [],
+            yield _sse({"id": rid, "object": obj, "created": created, "model": state.model_name,
+                        "system_fingerprint": state.fingerprint, "choices": [],
                         "usage": usage(sum(len(p) for p in req.prompts), n_gen)})
         yield b"data: [DONE]\n\n"
         status = 200

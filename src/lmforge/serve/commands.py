@@ -47,6 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-messages", type=int, default=256, help="most messages in one chat request (default 256)")
     s.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds to let in-flight requests finish (default 30)")
+    s.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let browser pages from ORIGIN (e.g. http://localhost:3000; '*' for any) call the API "
+                        "(CORS); repeatable; default: none, the chat page at / is same-origin")
     s.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     s.set_defaults(func=_cmd_serve)
@@ -152,7 +155,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                          max_queue=args.max_queue, compile=args.compile)
     name = args.model_name or Path(args.checkpoint).resolve().name
     app = create_app(engine, tok, name, api_key=api_key, model=model, drain_timeout=args.drain_timeout,
-                     limits=Limits(max_body_bytes=args.max_body_kb * 1024, max_messages=args.max_messages))
+                     limits=Limits(max_body_bytes=args.max_body_kb * 1024, max_messages=args.max_messages),
+                     cors_origins=tuple(args.cors_origin))
     import uvicorn
 
     sock = _bind(args.host, args.port)

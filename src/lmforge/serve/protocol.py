@@ -76,7 +76,7 @@ class GenRequest:
     stop: list[str] = field(default_factory=list)
     n: int = 1
     seed: int | None = None
-    logprobs: int | None = None  # completions: None = off, 0..5 alternatives
+    logprobs: int | None = None  # None = off; else how many alternatives (completions 0..5, chat's top_logprobs 0..20)
     echo: bool = False
     stream: bool = False
     include_usage: bool = False
@@ -103,18 +103,51 @@ def _num(body: dict, key: str, default, lo=None, hi=None, lo_open=False, integer
 
 
 _UNSUPPORTED_NONZERO = ("presence_penalty", "frequency_penalty")
-_UNSUPPORTED = ("logit_bias", "suffix", "tools", "functions", "tool_choice", "function_call")
+# OpenAI fields that change the output in ways this server does not implement: refused by name
+_UNSUPPORTED = ("suffix", "audio", "prediction")
+
+
+def _tools(body: dict) -> None:
+    """`tools` / `functions` only with `tool_choice` / `function_call` "none" (the model is told not to
+    call them, so they change nothing); a tool choice without tools is fine when it is "none" or "auto"."""
+    for tools_key, choice_key in (("tools", "tool_choice"), ("functions", "function_call")):
+        tools, choice = body.get(tools_key), body.get(choice_key)
+        if tools not in (None, []):
+            if choice != "none":
+                raise bad(f"'{tools_key}' (function calling) is not supported by this server; send "
+                          f"'{choice_key}': \"none\" or no {tools_key}", tools_key, "unsupported_parameter")
+        elif choice not in (None, "none", "auto"):
+            raise bad(f"'{choice_key}' {choice!r} needs function calling, which this server does not support",
+                      choice_key, "unsupported_parameter")
 
 
 def _sampling(body: dict, limits: Limits, req: GenRequest) -> None:
     for key in _UNSUPPORTED_NONZERO:
-        if body.get(key) not in (None, 0, 0.0):
+        v = body.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise bad(f"'{key}' must be a number, got {v!r}", key)
+        if v not in (None, 0, 0.0):
             raise bad(f"'{key}' is not supported by this server (only 0)", key, "unsupported_parameter")
     for key in _UNSUPPORTED:
         if body.get(key) not in (None, {}, [], ""):
             raise bad(f"'{key}' is not supported by this server", key, "unsupported_parameter")
-    if body.get("best_of") not in (None, 1, body.get("n", 1)):
-        raise bad("'best_of' is not supported by this server (only equal to n)", "best_of", "unsupported_parameter")
+    lb = body.get("logit_bias")
+    if lb is not None:
+        if not isinstance(lb, dict):
+            raise bad("'logit_bias' must be an object mapping token ids to biases", "logit_bias")
+        if any(v not in (0, 0.0) for v in lb.values()):
+            raise bad("'logit_bias' is not supported by this server (only an empty map or zero biases)",
+                      "logit_bias", "unsupported_parameter")
+    mods = body.get("modalities")
+    if mods is not None and (not isinstance(mods, list) or any(m != "text" for m in mods)):
+        raise bad("'modalities' other than [\"text\"] are not supported by this server", "modalities",
+                  "unsupported_parameter")
+    _tools(body)
+    n = body.get("n", 1)
+    best_of = body.get("best_of")
+    if best_of is not None and best_of != (n if n is not None else 1):
+        raise bad(f"'best_of' is not supported by this server (only equal to n), got {best_of!r}", "best_of",
+                  "unsupported_parameter")
     req.temperature = float(_num(body, "temperature", 1.0, lo=0, hi=2))
     req.top_p = float(_num(body, "top_p", 1.0, lo=0, hi=1, lo_open=True))
     req.top_k = int(_num(body, "top_k", 0, lo=-1, integer=True))
@@ -202,7 +235,13 @@ def parse_completion(body, tokenizer, limits: Limits, context: int, vocab: int) 
         if isinstance(lp, bool) or not isinstance(lp, int) or not 0 <= lp <= MAX_LOGPROBS:
             raise bad(f"'logprobs' must be an integer from 0 to {MAX_LOGPROBS}, got {lp!r}", "logprobs")
         req.logprobs = lp
-    req.max_tokens = int(_num(body, "max_tokens", 16, lo=0, integer=True))
+    if "max_tokens" in body and body["max_tokens"] is None:  # as OpenAI / vLLM: fill the context
+        req.max_tokens = max(1, context - max(len(p) for p in prompts))
+    else:
+        req.max_tokens = int(_num(body, "max_tokens", 16, lo=0, integer=True))
+    if req.logprobs and req.stream:
+        raise bad("'logprobs' alternatives (> 0) are not streamed by this server: send stream=false, or "
+                  "logprobs=0 for each token's own log-probability", "logprobs", "unsupported_parameter")
     if req.max_tokens == 0 and not req.echo:
         raise bad("'max_tokens' must be >= 1 (0 is allowed only with echo=true, to score the prompt)", "max_tokens")
     if req.max_tokens == 0 and req.stream:
@@ -216,14 +255,25 @@ def parse_completion(body, tokenizer, limits: Limits, context: int, vocab: int) 
 def _content_text(content, i: int) -> str:
     if isinstance(content, str):
         return content
-    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...] (the openai client, LangChain)
         parts = []
-        for part in content:
+        for j, part in enumerate(content):
+            if isinstance(part, str):
+                parts.append(part)
+                continue
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise bad(f"message {i}: only text content parts are supported", f"messages[{i}].content")
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise bad(f"message {i}: content part {j} is of type {kind!r}; only text parts "
+                          f"({{\"type\": \"text\", \"text\": ...}}) are supported", f"messages[{i}].content")
             parts.append(part["text"])
         return "".join(parts)
-    raise bad(f"message {i} has no string content", f"messages[{i}].content")
+    if content is None:
+        raise bad(f"message {i} has no content (tool calls are not supported by this server)",
+                  f"messages[{i}].content")
+    raise bad(f"message {i}: 'content' must be a string or a list of text parts", f"messages[{i}].content")
+
+
+MAX_TOP_LOGPROBS = 20  # chat's top_logprobs, as OpenAI
 
 
 def parse_chat(body, tokenizer, limits: Limits, context: int, render_prompt) -> GenRequest:
@@ -243,15 +293,32 @@ def parse_chat(body, tokenizer, limits: Limits, context: int, render_prompt) -> 
         role = m.get("role")
         if role == "developer":  # OpenAI's newer name for the system role
             role = "system"
+        if role in ("tool", "function"):
+            raise bad(f"message {i} has role {role!r}: tool results need function calling, which this server "
+                      f"does not support", f"messages[{i}].role", "unsupported_parameter")
         if role not in ("system", "user", "assistant"):
-            raise bad(f"message {i} has role {role!r} (allowed: system, user, assistant)", f"messages[{i}].role")
+            raise bad(f"message {i} has role {role!r} (allowed: system, developer, user, assistant)",
+                      f"messages[{i}].role")
+        if m.get("tool_calls") or m.get("function_call"):
+            raise bad(f"message {i} holds tool calls, which this server does not support",
+                      f"messages[{i}].tool_calls", "unsupported_parameter")
+        # `name` (a participant's name) is accepted and not shown to the model: the template has no slot for it
         clean.append({"role": role, "content": _content_text(m.get("content"), i)})
-    for key in ("response_format",):
-        rf = body.get(key)
-        if rf not in (None, {"type": "text"}):
-            raise bad(f"'{key}' is not supported by this server (only text)", key, "unsupported_parameter")
-    if body.get("logprobs") not in (None, False):
-        raise bad("'logprobs' is supported on /v1/completions only", "logprobs", "unsupported_parameter")
+    rf = body.get("response_format")
+    if rf is not None:
+        if not isinstance(rf, dict) or "type" not in rf:
+            raise bad("'response_format' must be an object with a 'type'", "response_format")
+        if rf["type"] != "text":
+            raise bad(f"'response_format' type {rf['type']!r} (structured output) is not supported by this "
+                      f"server (only 'text')", "response_format", "unsupported_parameter")
+    lp, top = body.get("logprobs"), body.get("top_logprobs")
+    if lp is not None and not isinstance(lp, bool):
+        raise bad(f"'logprobs' must be a boolean on /v1/chat/completions, got {lp!r}", "logprobs")
+    if top is not None:
+        if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise bad(f"'top_logprobs' must be an integer from 0 to {MAX_TOP_LOGPROBS}, got {top!r}", "top_logprobs")
+        if not lp:
+            raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     from lmforge.errors import LmforgeError
 
     try:
@@ -260,8 +327,13 @@ def parse_chat(body, tokenizer, limits: Limits, context: int, render_prompt) -> 
         raise bad(str(e), "messages") from None
     req = GenRequest(kind="chat", prompts=[ids], prompt_texts=[None], max_tokens=0)
     _sampling(body, limits, req)
-    mt = body.get("max_completion_tokens", body.get("max_tokens"))
-    key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    if lp:
+        req.logprobs = top or 0
+        if req.logprobs and req.stream:
+            raise bad("'top_logprobs' > 0 is not streamed by this server: send stream=false, or top_logprobs=0 "
+                      "for each token's own log-probability", "top_logprobs", "unsupported_parameter")
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    mt = body.get(key)
     if mt is None:
         req.max_tokens = max(1, context - len(ids))
     else:
