@@ -1,4 +1,5 @@
-"""Peers on our server and export: lm-evaluation-harness's `local-completions` model scoring a tiny
+"""Peers on our server and export: lm-evaluation-harness's `local-chat-completions` model on a generate_until
+task, its `local-completions` model scoring a tiny
 local multiple-choice task through /v1/completions (echo + logprobs), checked against the model's
 own log-likelihoods; and the HF export holding what `vllm serve` reads."""
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from lmforge.cli import main
-from tests.serve.conftest import TEXT_PROMPT
+from tests.serve.conftest import CHAT_A, CHAT_Q, TEXT_PROMPT
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +105,53 @@ metric_list:
             lls.append(want)
         correct += int(max(range(len(lls)), key=lls.__getitem__) == s["target"])
     assert res["results"]["lmforge_serve_mc"]["acc,none"] == pytest.approx(correct / len(DOCS))
+
+
+CHAT_DOCS = [{"question": CHAT_Q, "answer": CHAT_A}, {"question": CHAT_Q + "!", "answer": ""}]
+
+
+@pytest.mark.slow
+def test_lm_eval_local_chat_completions_generate_until(server, tmp_path):
+    """lm-evaluation-harness's `local-chat-completions` model runs a generate_until task through
+    /v1/chat/completions (messages rendered by our template, `stop` from `until`, greedy); its
+    answers are the server's own greedy answers."""
+    lm_eval = pytest.importorskip("lm_eval")
+    import httpx
+    from lm_eval.tasks import TaskManager
+
+    url, _, _ = server
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in CHAT_DOCS))
+    (tmp_path / "chat.yaml").write_text(f"""task: lmforge_serve_chat
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{question}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n\\n", "<|user|>"]
+  max_gen_toks: 40
+  do_sample: false
+  temperature: 0
+metric_list:
+  - metric: exact_match
+""")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    res = lm_eval.simple_evaluate(
+        model="local-chat-completions",
+        model_args=f"model=tiny,base_url={url}/v1/chat/completions,num_concurrent=1,max_retries=1",
+        tasks=["lmforge_serve_chat"], task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True,
+        apply_chat_template=True, batch_size=1)
+    samples = sorted(res["samples"]["lmforge_serve_chat"], key=lambda s: s["doc_id"])
+    assert len(samples) == len(CHAT_DOCS)
+    assert samples[0]["resps"][0][0] == CHAT_A and samples[0]["exact_match"] == 1.0
+    want = httpx.post(url + "/v1/chat/completions", timeout=60, json={
+        "messages": [{"role": "user", "content": CHAT_DOCS[1]["question"]}], "max_tokens": 40, "temperature": 0,
+        "stop": ["\n\n", "<|user|>"]}).json()["choices"][0]["message"]["content"]
+    assert samples[1]["resps"][0][0] == want
+    assert res["results"]["lmforge_serve_chat"]["exact_match,none"] == pytest.approx(
+        sum(s["exact_match"] for s in samples) / len(samples))
