@@ -28,6 +28,7 @@ import argparse
 import gzip
 import json
 import math
+import shutil
 import statistics
 import sys
 import tempfile
@@ -206,13 +207,16 @@ def main() -> None:
         sides["lmforge train() default + torch.compile"] = lambda r: lmforge_run(tokens_dir, a, total, "muon", "doc_mask", tmp / f"c{r}", True)
     tps: dict[str, list[float]] = {name: [] for name in sides}  # per round: tokens/s (median over its steps)
     loads = [os.getloadavg()[0]]
-    for r in range(a.rounds):
-        order = list(sides) if r % 2 == 0 else list(reversed(sides))
-        for name in order:
-            times = sides[name](r)[a.warmup :]
-            tps[name].append(a.batch * a.seq / statistics.median(times))
-            print(f"round {r + 1}: {name}: {tps[name][-1]:,.0f} tokens/s (load {os.getloadavg()[0]:.2f})", file=sys.stderr)
-        loads.append(os.getloadavg()[0])
+    try:
+        for r in range(a.rounds):
+            order = list(sides) if r % 2 == 0 else list(reversed(sides))
+            for name in order:
+                times = sides[name](r)[a.warmup :]
+                tps[name].append(a.batch * a.seq / statistics.median(times))
+                print(f"round {r + 1}: {name}: {tps[name][-1]:,.0f} tokens/s (load {os.getloadavg()[0]:.2f})", file=sys.stderr)
+            loads.append(os.getloadavg()[0])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     from lmforge.model import preset
 
     n_lm = preset("tiny", d_model=a.d_model, n_layers=a.layers, n_heads=a.heads, n_kv_heads=a.heads, vocab_size=a.vocab,
