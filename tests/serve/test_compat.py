@@ -79,7 +79,8 @@ def test_chat_refuses_what_it_cannot_do_by_name(server):
              ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
              ({"logprobs": True, "top_logprobs": 2, "stream": True}, "top_logprobs"),
              ({"modalities": ["text", "audio"]}, "modalities"), ({"max_completion_tokens": 0}, "max_completion_tokens"),
-             ({"stream_options": {"include_usage": True}}, "stream_options")]
+             ({"stream_options": {"include_usage": True}}, "stream_options"), ({"echo": True}, "echo"),
+             ({"seed": 2 ** 70}, "seed"), ({"seed": 1.5}, "seed")]
     for extra, param in cases:
         _err(httpx.post(ch, json={"messages": USER, **extra}), param)
     for msgs, param in (
@@ -89,8 +90,10 @@ def test_chat_refuses_what_it_cannot_do_by_name(server):
             ([{"role": "assistant", "content": None, "tool_calls": [{"id": "c1"}]}], "messages[0].tool_calls"),
             ([{"role": "user", "content": None}], "messages[0].content")):
         _err(httpx.post(ch, json={"messages": msgs}), param)
-    # the server keeps answering
-    assert httpx.post(ch, json={"messages": USER, "max_tokens": 2}).status_code == 200
+    # the server keeps answering; a 64-bit seed (and an integral float) is fine
+    assert httpx.post(ch, json={"messages": USER, "max_tokens": 2, "seed": 2 ** 64 - 1}).status_code == 200
+    assert httpx.post(ch, json={"messages": USER, "max_tokens": 2, "seed": -(2 ** 63)}).status_code == 200
+    assert httpx.post(ch, json={"messages": USER, "max_tokens": 2, "seed": 7.0}).status_code == 200
 
 
 def _model_logprobs(ckpt, ids: list[int]) -> torch.Tensor:

@@ -4,17 +4,23 @@ Requests are parsed by hand (not by a schema library) so every problem becomes o
 error `{"error": {"message", "type", "param", "code"}}` with the right status, naming the field:
 
 - `/v1/completions`: `prompt` as a string, a list of token ids, or a list of either (one choice
-  group per prompt); `max_tokens` (default 16; 0 only with `echo`, which then scores the prompt),
-  `temperature`, `top_p`, `top_k` (extension), `repetition_penalty` (extension), `stop` (string or
-  up to 4 strings), `ignore_eos` (vLLM's extension), `n`, `seed`, `logprobs` (0..5: each token's log-probability plus that many
-  alternatives), `echo`, `stream`, `stream_options.include_usage`;
-- `/v1/chat/completions`: `messages` (roles system / user / assistant, string content or a list of
-  text parts), rendered with the model's chat template; the same sampling fields, `max_tokens` or
-  `max_completion_tokens` (default: what the context leaves).
+  group per prompt); `max_tokens` (default 16; null fills the context; 0 only with `echo`, which
+  then scores the prompt), `temperature`, `top_p`, `top_k` (extension), `repetition_penalty`
+  (extension), `stop` (string or up to 4 strings), `ignore_eos` (vLLM's extension), `n`, `seed`,
+  `logprobs` (0..5: each token's log-probability plus that many alternatives; alternatives not
+  streamed), `echo`, `stream`, `stream_options.include_usage`;
+- `/v1/chat/completions`: `messages` (roles system / developer (= system) / user / assistant, string
+  content or a list of text parts; `name` accepted and not shown to the model), rendered with the
+  model's chat template; the same sampling fields, `max_completion_tokens` or `max_tokens` (default:
+  what the context leaves), `logprobs` + `top_logprobs` (0..20; alternatives not streamed),
+  `response_format` {"type": "text"}, `tools` only with `tool_choice` "none".
 
 Fields OpenAI defines that change the output but that this server does not implement
-(`best_of` > 1, `logit_bias`, `suffix`, tools, `response_format` other than text,
-`presence_penalty` / `frequency_penalty` other than 0) are refused by name, never ignored.
+(`best_of` other than n, `logit_bias` other than zeros, `suffix`, function calling, structured
+`response_format`, `presence_penalty` / `frequency_penalty` other than 0, chat `echo`, audio) are
+refused by name with a 400, never ignored; fields that change nothing here (`user`, `metadata`,
+`store`, `service_tier`, `parallel_tool_calls`, ...) and unknown fields are ignored, as OpenAI's
+forward-compatible clients expect.
 """
 
 from __future__ import annotations
@@ -157,8 +163,12 @@ def _sampling(body: dict, limits: Limits, req: GenRequest) -> None:
     req.n = int(_num(body, "n", 1, lo=1, hi=limits.max_n, integer=True))
     seed = body.get("seed")
     if seed is not None:
+        if isinstance(seed, float) and seed.is_integer():
+            seed = int(seed)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise bad(f"'seed' must be an integer, got {seed!r}", "seed")
+        if not -(1 << 63) <= seed < (1 << 64):  # what a torch generator takes (OpenAI: a 64-bit integer)
+            raise bad(f"'seed' must fit in 64 bits, got {seed}", "seed")
         req.seed = seed
     stop = body.get("stop")
     if stop is None:
@@ -325,6 +335,8 @@ def parse_chat(body, tokenizer, limits: Limits, context: int, render_prompt) -> 
         ids = render_prompt(tokenizer, clean)
     except LmforgeError as e:
         raise bad(str(e), "messages") from None
+    if body.get("echo") not in (None, False):
+        raise bad("'echo' is supported on /v1/completions only", "echo", "unsupported_parameter")
     req = GenRequest(kind="chat", prompts=[ids], prompt_texts=[None], max_tokens=0)
     _sampling(body, limits, req)
     if lp:
