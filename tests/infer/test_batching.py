@@ -445,3 +445,31 @@ def test_a_failing_step_ends_the_requests_in_flight_and_the_engine_goes_on():
         st = e.stats()
     assert good.finish_reason == "length" and len(good.token_ids) == 5
     assert st["requests_failed"] == 1 and st["kv_blocks_used"] == 0 and st["ready"]
+
+
+def test_rows_of_very_different_lengths_attend_in_groups_with_unchanged_output(model, monkeypatch):
+    from lmforge.infer import batching
+
+    assert batching._split_by_length([2, 2, 2]) is None  # too few rows
+    assert batching._split_by_length([3, 3, 4, 4]) is None  # little padding to save
+    assert batching._split_by_length([1, 9, 1, 8, 1]) == [([0, 2, 4], 1), ([3, 1], 9)]
+    calls = []
+    real = batching._forward_grouped
+    monkeypatch.setattr(batching, "_forward_grouped", lambda *a: calls.append(1) or real(*a))
+    prompts = _prompts((2, 40, 3, 1, 36, 2))
+    p = SamplingParams(max_new_tokens=8, temperature=0, stop_token_ids=[])
+    ref = generate(model, prompts, p)
+    gate, started = threading.Event(), threading.Event()
+    with _Engine(model, None, block_size=4) as e:
+        def hold(ev):
+            started.set()
+            gate.wait(10)
+
+        blocker = e.submit([1], SamplingParams(max_new_tokens=1, temperature=0, stop_token_ids=[]), on_event=hold)
+        assert started.wait(10)
+        reqs = [e.submit(pr, p) for pr in prompts]
+        gate.set()
+        outs = [r.result(timeout=60)[0] for r in reqs]
+        blocker.result(timeout=60)
+    assert calls  # the grouped path ran
+    assert [o.token_ids for o in outs] == [r.token_ids for r in ref]

@@ -64,8 +64,10 @@ from lmforge.infer.paged import (
     PagedStep,
     block_hashes,
     bytes_per_block,
+    paged_attend,
 )
 from lmforge.log import logger
+from lmforge.model.transformer import run_layers
 
 
 class QueueFullError(InputError):
@@ -601,9 +603,30 @@ class BatchEngine:
         rows += [pad + [0, 0, SCRATCH_BLOCK * bs]] * (Bp - B)
         dev = torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
         table, tok, pos, slot = dev[:, :nbp].contiguous(), dev[:, nbp : nbp + 1], dev[:, nbp + 1 : nbp + 2], dev[:, nbp + 2]
-        mask = _additive_mask(pos, nbp * bs, self.dtype)[:, None]  # (B, 1, 1, S)
+        pos = pos.contiguous()
         self._step_meta.slots, self._step_meta.table = slot.contiguous(), table
-        logits = self._decode_forward(tok.contiguous(), pos.contiguous(), mask)[:B]
+        split = None if self.compile else _split_by_length([len(s.blocks) for s in seqs])
+        if split is None:
+            mask = _additive_mask(pos, nbp * bs, self.dtype)[:, None]  # (B, 1, 1, S)
+            logits = self._decode_forward(tok.contiguous(), pos, mask)
+        else:
+            # rows of very different lengths: each group gathers only the blocks its longest row needs
+            groups = []
+            for rows, n in split:
+                r = torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
+                groups.append((r, table.index_select(0, r)[:, :n].contiguous(),
+                               _additive_mask(pos.index_select(0, r), n * bs, self.dtype)[:, None]))
+            order = [i for rows, _ in split for i in rows]
+            inverse = [0] * B
+            for j, i in enumerate(order):
+                inverse[i] = j
+            self._step_meta.groups = groups
+            self._step_meta.inverse = torch.tensor(inverse, dtype=torch.long).to(self.device, non_blocking=True)
+            try:
+                logits = _forward_grouped(self.model, tok.contiguous(), pos)
+            finally:
+                self._step_meta.groups = self._step_meta.inverse = None
+        logits = logits[:B]
         for s in seqs:
             s.computed += 1
             if s.computed % bs == 0:
@@ -816,6 +839,34 @@ def _additive_mask(pos: torch.Tensor, S: int, dtype) -> torch.Tensor:
     -inf elsewhere (SDPA's CPU kernel takes a float mask as is; a boolean one it converts per layer)."""
     keys = torch.arange(S, device=pos.device)
     return torch.zeros((), dtype=dtype, device=pos.device).masked_fill(keys > pos[..., None], float("-inf"))
+
+
+def _forward_grouped(model, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """The model's forward for one token per row (Transformer.forward's own steps: embedding,
+    RoPE at per-row positions, the shared layer loop, final norm, head) with `paged_attend` as the
+    attention core, so rows are attended over in length groups."""
+    cos, sin = model.rope(pos, 1)
+    x = run_layers(model.layers, model.tok_emb(tok), cos, sin, None, pos, attend=paged_attend)
+    return model.lm_head(model.norm(x)[:, -1]).float()
+
+
+def _split_by_length(nblocks: list[int]) -> list[tuple[list[int], int]] | None:
+    """Rows split in two groups by block count when that gathers at least a quarter fewer blocks
+    than padding every row to the longest; [(row indices, blocks per row)] or None."""
+    B = len(nblocks)
+    if B < 4:
+        return None
+    order = sorted(range(B), key=nblocks.__getitem__)
+    ns = [nblocks[i] for i in order]
+    whole = B * ns[-1]
+    best, at = whole, 0
+    for j in range(1, B):
+        cost = j * ns[j - 1] + (B - j) * ns[-1]
+        if cost < best:
+            best, at = cost, j
+    if best > 0.75 * whole:
+        return None
+    return [(order[:at], ns[at - 1]), (order[at:], ns[-1])]
 
 
 def _bucket(n: int) -> int:

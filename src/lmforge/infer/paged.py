@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from lmforge.errors import ConfigError
+from lmforge.model.transformer import sdpa_attend
 
 SCRATCH_BLOCK = 0  # never handed out: padding tokens write their keys/values here
 
@@ -163,6 +164,12 @@ class PagedStep:
 
     slots: torch.Tensor | None = None
     table: torch.Tensor | None = None
+    # decode with rows of very different lengths: rows split into groups, each gathering only the
+    # blocks its longest row needs; per group (row indices, block table, additive mask), and the
+    # permutation that puts the groups' outputs back in row order. `update` then returns the cache
+    # itself and `paged_attend` does the attention.
+    groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+    inverse: torch.Tensor | None = None
 
 
 class PagedKVCache(nn.Module):
@@ -190,11 +197,17 @@ class PagedKVCache(nn.Module):
         slots = self.step.slots
         self.k.index_copy_(0, slots, k.transpose(1, 2).reshape(B * T, H, D).to(self.k.dtype))
         self.v.index_copy_(0, slots, v.transpose(1, 2).reshape(B * T, H, D).to(self.v.dtype))
-        table = self.step.table
-        S = table.shape[1] * self.block_size
+        if self.step.groups is not None:
+            return self, self  # `paged_attend` gathers per group
+        return self.gather(self.step.table)
+
+    def gather(self, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, heads, nb * block_size, head_dim) of the blocks in `table` (B, nb)."""
+        B, S = table.shape[0], table.shape[1] * self.block_size
+        H, D = self.k.shape[1], self.k.shape[2]
         idx = table.reshape(-1)
-        kk = self._kb.index_select(0, idx).view(table.shape[0], S, H, D).transpose(1, 2)
-        vv = self._vb.index_select(0, idx).view(table.shape[0], S, H, D).transpose(1, 2)
+        kk = self._kb.index_select(0, idx).view(B, S, H, D).transpose(1, 2)
+        vv = self._vb.index_select(0, idx).view(B, S, H, D).transpose(1, 2)
         return kk, vv
 
     def copy_block(self, src: int, dst: int, block_size: int) -> None:
@@ -203,10 +216,23 @@ class PagedKVCache(nn.Module):
         self.v[d : d + block_size] = self.v[s : s + block_size]
 
 
+def paged_attend(q: torch.Tensor, k, v, mask) -> torch.Tensor:
+    """The attention core for a grouped decode step (`PagedStep.groups`): `k` is the layer's
+    `PagedKVCache`; each group of rows attends over its own gathered blocks, and the outputs are
+    put back in row order."""
+    cache: PagedKVCache = k
+    step = cache.step
+    outs = []
+    for rows, table, m in step.groups:
+        kk, vv = cache.gather(table)
+        outs.append(sdpa_attend(q.index_select(0, rows), kk, vv, m))
+    return torch.cat(outs).index_select(0, step.inverse)
+
+
 def bytes_per_block(cfg, block_size: int, dtype: torch.dtype) -> int:
     """KV bytes of one block over all layers: 2 (keys, values) x layers x kv heads x head_dim x block_size."""
     elem = torch.empty((), dtype=dtype).element_size()
     return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * block_size * elem
 
 
-__all__ = ["SCRATCH_BLOCK", "BlockAllocator", "PagedKVCache", "PagedStep", "block_hashes", "bytes_per_block"]
+__all__ = ["SCRATCH_BLOCK", "BlockAllocator", "PagedKVCache", "PagedStep", "block_hashes", "bytes_per_block", "paged_attend"]
