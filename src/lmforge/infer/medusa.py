@@ -233,6 +233,8 @@ class MedusaProposer(Proposer):
         return self.heads.cfg.heads if self.logits is not None else 0
 
     def propose(self, seq, m, params, seen, g):
+        if params.temperature == 0 and seen is None:  # greedy without a penalty: every head's argmax at once
+            return self.logits[:m].argmax(-1).tolist(), None
         guesses: list[int] = []
         probs = []
         s = seen.clone() if seen is not None else None
