@@ -1,5 +1,6 @@
 """What real clients send (the `openai` client, LangChain's ChatOpenAI, LiteLLM, curl users,
-lm-evaluation-harness): accepted and honoured, or refused with an OpenAI-shaped 400 naming the field."""
+lm-evaluation-harness): accepted and honoured, or refused with an OpenAI-shaped 400 naming the field.
+LangChain and LiteLLM are driven for real when installed (`langchain-openai`, `litellm`)."""
 
 from __future__ import annotations
 
@@ -249,3 +250,48 @@ def test_cors_is_off_by_default_and_opt_in(server, ckpt):
         assert no_key.status_code == 401 and no_key.headers["access-control-allow-origin"] == "http://ui.test"
         other = httpx.get(u + "/v1/models", headers={"Origin": "http://evil.test", "Authorization": "Bearer k"})
         assert "access-control-allow-origin" not in other.headers
+
+
+def test_langchain_chat_openai(server):
+    """LangChain's ChatOpenAI (invoke, stream with usage, batch, logprobs) against the server."""
+    lc = pytest.importorskip("langchain_openai")
+    from langchain_core.messages import HumanMessage, SystemMessage
+
+    url, _, _ = server
+    llm = lc.ChatOpenAI(base_url=url + "/v1", api_key="unused", model="tiny", temperature=0, max_tokens=40,
+                        max_retries=0, stream_usage=True)
+    msg = llm.invoke([HumanMessage(content=[{"type": "text", "text": CHAT_Q}])])
+    assert msg.content == CHAT_A and msg.response_metadata["finish_reason"] == "stop"
+    assert msg.usage_metadata["output_tokens"] > 0
+    parts = list(llm.stream(CHAT_Q))
+    assert "".join(p.content for p in parts) == CHAT_A
+    assert sum((p.usage_metadata or {}).get("output_tokens", 0) for p in parts) == msg.usage_metadata["output_tokens"]
+    out = llm.batch([CHAT_Q, [SystemMessage(content="Be brief."), HumanMessage(content=CHAT_Q)]])
+    assert out[0].content == CHAT_A and isinstance(out[1].content, str)
+    lp = llm.bind(logprobs=True, top_logprobs=2).invoke(CHAT_Q)
+    content = lp.response_metadata["logprobs"]["content"]
+    assert "".join(e["token"] for e in content).startswith(CHAT_A[:5]) and len(content[0]["top_logprobs"]) == 2
+    tools = llm.bind_tools([{"type": "function", "function": {"name": "f", "description": "x",
+                                                               "parameters": {"type": "object", "properties": {}}}}])
+    with pytest.raises(Exception, match="tools"):
+        tools.invoke(CHAT_Q)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+def test_litellm_openai_compatible_provider(server, monkeypatch):
+    """LiteLLM's `openai/` provider (the way it reaches vLLM and other OpenAI-compatible servers)."""
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no download of its price list at import
+    litellm = pytest.importorskip("litellm")
+
+    url, _, _ = server
+    kw = dict(model="openai/tiny", api_base=url + "/v1", api_key="unused", temperature=0, max_tokens=40,
+              num_retries=0)
+    r = litellm.completion(messages=USER, **kw)
+    assert r.choices[0].message.content == CHAT_A and r.usage.completion_tokens > 0
+    chunks = list(litellm.completion(messages=USER, stream=True, stream_options={"include_usage": True}, **kw))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == CHAT_A
+    t = litellm.text_completion(model="openai/tiny", api_base=url + "/v1", api_key="unused", prompt=TEXT_PROMPT,
+                                max_tokens=6, temperature=0)
+    assert TEXT_REST.startswith(t.choices[0].text) and t.choices[0].text
+    with pytest.raises(Exception, match="response_format"):
+        litellm.completion(messages=USER, response_format={"type": "json_object"}, **kw)
