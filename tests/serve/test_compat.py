@@ -196,6 +196,28 @@ def test_completions_parameters(server, client):
         _err(httpx.post(c, json={"prompt": "x", **bad}), param)
 
 
+def test_vllm_extensions(server):
+    """Clients written for vLLM send its extensions (`extra_body`): `stop_token_ids` is implemented,
+    the others are accepted at their "off" value and refused by name otherwise."""
+    url, _, tok = server
+    c = url + "/v1/completions"
+    base = {"prompt": TEXT_PROMPT, "max_tokens": 30, "temperature": 0}
+    full = httpx.post(c, json=base, timeout=60).json()["choices"][0]
+    first = tok.encode(full["text"])[:4]
+    cut = httpx.post(c, json={**base, "stop_token_ids": [first[3]]}, timeout=60).json()["choices"][0]
+    assert cut["finish_reason"] == "stop" and full["text"].startswith(cut["text"]) and len(cut["text"]) < len(full["text"])
+    off = {"min_p": 0, "min_tokens": 0, "use_beam_search": False, "skip_special_tokens": True,
+           "include_stop_str_in_output": False, "add_generation_prompt": True, "length_penalty": 1.0}
+    assert httpx.post(c, json={**base, **off}, timeout=60).json()["choices"][0]["text"] == full["text"]
+    for k, v in (("min_p", 0.1), ("min_tokens", 5), ("prompt_logprobs", 1), ("use_beam_search", True),
+                 ("guided_json", {"type": "object"}), ("guided_choice", ["a"]), ("skip_special_tokens", False),
+                 ("include_stop_str_in_output", True), ("stop_token_ids", [-1]), ("stop_token_ids", [99999]),
+                 ("add_generation_prompt", 0)):
+        _err(httpx.post(c, json={**base, k: v}), k)
+    _err(httpx.post(url + "/v1/chat/completions", json={"messages": USER, "continue_final_message": True}),
+         "continue_final_message")
+
+
 def test_completion_stream_logprobs_zero(server):
     url, _, _ = server
     chunks = _sse(httpx.post(url + "/v1/completions", timeout=60,

@@ -263,12 +263,15 @@ class _Job:
 
     def submit(self) -> None:
         from lmforge.infer.batching import EngineStoppedError, QueueFullError
-        from lmforge.infer.engine import ContextLimitError, SamplingParams
+        from lmforge.infer.engine import ContextLimitError, SamplingParams, end_token_ids
 
         r = self.req
+        stop_ids = [] if r.ignore_eos else None
+        if r.stop_token_ids:  # vLLM's meaning: these as well as the end tokens (unless ignore_eos)
+            stop_ids = sorted(set(r.stop_token_ids) | set([] if r.ignore_eos else end_token_ids(self.state.tokenizer)))
         params = SamplingParams(max_new_tokens=r.max_tokens, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
                                 repetition_penalty=r.repetition_penalty, stop=tuple(r.stop), n=r.n, seed=r.seed,
-                                logprobs=r.logprobs is not None, stop_token_ids=[] if r.ignore_eos else None)
+                                logprobs=r.logprobs is not None, stop_token_ids=stop_ids)
         loop = asyncio.get_running_loop()
         q = self.queue
 
@@ -506,6 +509,10 @@ def create_app(engine=None, tokenizer=None, model_name: str = "lmforge", api_key
             data = await read_json(request, endpoint)
             req = parse(data)
             check_model(req)
+            out = [t for t in req.stop_token_ids if t >= state.vocab]
+            if out and state.vocab:
+                raise APIError(400, f"'stop_token_ids' holds {out[0]}, outside the vocabulary (0..{state.vocab - 1})",
+                               param="stop_token_ids")
             if req.max_tokens == 0:
                 result = await _score_only(state, req)
                 state.metrics.request(endpoint, 200)

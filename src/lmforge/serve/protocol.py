@@ -87,6 +87,7 @@ class GenRequest:
     stream: bool = False
     include_usage: bool = False
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens, end-of-text / end-of-turn tokens do not stop
+    stop_token_ids: list[int] = field(default_factory=list)  # vLLM's extension: more ids that end a choice
     model: str | None = None
 
 
@@ -127,7 +128,25 @@ def _tools(body: dict) -> None:
                       choice_key, "unsupported_parameter")
 
 
+# vLLM's extensions that change the output and that this server does not implement: refused unless
+# they hold their "off" value (clients written for vLLM send them through `extra_body`)
+_VLLM_OFF = {"min_p": (0, 0.0), "min_tokens": (0,), "prompt_logprobs": (), "use_beam_search": (False,),
+             "include_stop_str_in_output": (False,), "skip_special_tokens": (True,), "bad_words": ([],),
+             "allowed_token_ids": (), "truncate_prompt_tokens": (), "guided_json": (), "guided_regex": (),
+             "guided_choice": (), "guided_grammar": (), "structured_outputs": (), "chat_template": (),
+             "continue_final_message": (False,), "add_generation_prompt": (True,), "length_penalty": (1, 1.0)}
+
+
 def _sampling(body: dict, limits: Limits, req: GenRequest) -> None:
+    for key, off in _VLLM_OFF.items():
+        v = body.get(key)
+        if v is not None and not any(v == o and isinstance(v, bool) == isinstance(o, bool) for o in off):
+            raise bad(f"'{key}' {v!r} is not supported by this server", key, "unsupported_parameter")
+    sti = body.get("stop_token_ids")
+    if sti is not None:
+        if not isinstance(sti, list) or any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in sti):
+            raise bad("'stop_token_ids' must be a list of token ids", "stop_token_ids")
+        req.stop_token_ids = list(sti)
     for key in _UNSUPPORTED_NONZERO:
         v = body.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
