@@ -317,3 +317,16 @@ def test_litellm_openai_compatible_provider(server, monkeypatch):
     assert TEXT_REST.startswith(t.choices[0].text) and t.choices[0].text
     with pytest.raises(Exception, match="response_format"):
         litellm.completion(messages=USER, response_format={"type": "json_object"}, **kw)
+
+
+def test_vanishing_sampling_values_are_greedy_not_a_crash(server):
+    """A temperature or top_p below 1e-5 (vLLM's epsilon) is greedy / the top token; dividing the
+    logits by it would overflow to NaN and fail every request in the engine's batch."""
+    url, _, _ = server
+    c = url + "/v1/completions"
+    base = {"prompt": TEXT_PROMPT, "max_tokens": 12}
+    greedy = httpx.post(c, json={**base, "temperature": 0}, timeout=60).json()["choices"][0]["text"]
+    for extra in ({"temperature": 1e-45}, {"temperature": 5e-324}, {"top_p": 1e-300}, {"top_p": 1e-9, "seed": 3}):
+        r = httpx.post(c, json={**base, **extra}, timeout=60)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == greedy, (extra, r.text)
+    _err(httpx.post(c, json={**base, "repetition_penalty": 1e-300}), "repetition_penalty")

@@ -31,6 +31,8 @@ import uuid
 from dataclasses import dataclass, field
 
 MAX_STOP = 4
+SAMPLING_EPS = 1e-5  # temperature / top_p below this: greedy / the top token (vLLM's _SAMPLING_EPS)
+MIN_REPETITION_PENALTY = 0.01  # dividing logits by less overflows
 MAX_LOGPROBS = 5
 
 
@@ -174,11 +176,15 @@ def _sampling(body: dict, limits: Limits, req: GenRequest) -> None:
         raise bad(f"'best_of' is not supported by this server (only equal to n), got {best_of!r}", "best_of",
                   "unsupported_parameter")
     req.temperature = float(_num(body, "temperature", 1.0, lo=0, hi=2))
+    if req.temperature < SAMPLING_EPS:  # as vLLM: a vanishing temperature is greedy (dividing by it overflows)
+        req.temperature = 0.0
     req.top_p = float(_num(body, "top_p", 1.0, lo=0, hi=1, lo_open=True))
     req.top_k = int(_num(body, "top_k", 0, lo=-1, integer=True))
     if req.top_k == -1:  # vLLM's spelling of "off"
         req.top_k = 0
-    req.repetition_penalty = float(_num(body, "repetition_penalty", 1.0, lo=0, hi=10, lo_open=True))
+    if req.top_p < SAMPLING_EPS:  # a vanishing nucleus keeps the most likely token: the same as top_k 1
+        req.top_p, req.top_k = 1.0, 1
+    req.repetition_penalty = float(_num(body, "repetition_penalty", 1.0, lo=MIN_REPETITION_PENALTY, hi=10))
     req.n = int(_num(body, "n", 1, lo=1, hi=limits.max_n, integer=True))
     seed = body.get("seed")
     if seed is not None:
