@@ -20,8 +20,9 @@ generation does not report them.
 What the pair is: by default the target is the demo run's pretrained model
 (runs/demo/checkpoints/demo: 4 layers x 128, vocab 4096, 1.3M parameters); the draft is a
 1-layer student of the same width distilled from it (`lmforge distill --student-init teacher`),
-and the Medusa heads are self-distilled on 512 of its own greedy continuations (`lmforge medusa
---self-distill 512`); `--prepare` makes both into --work (about 15 minutes on 2 shared cores).
+and 4 Medusa heads are self-distilled on 1024 of its own greedy continuations (`lmforge medusa
+--heads 4 --self-distill 1024 --steps 1000`); `--prepare` makes both into --work (about 25 minutes
+on 2 shared cores).
 Both models are tiny: at this size a decode step costs mostly fixed per-layer overhead and the
 output head (4096 x 128, the same in the 1-layer student), not weight reads, so the draft costs
 about half a target step and the draft-model speed-up is bounded by that; Medusa needs no second
@@ -86,9 +87,9 @@ def prepare(args) -> None:
                              "--student-init", "teacher", "--out", str(work / "draft"), "--tokens", str(args.tokens),
                              "--steps", "200", "--temperature", "1.0", "--alpha", "0.9"], check=True, env=env)
     if args.medusa is None and not (work / "medusa" / "medusa.json").is_file():
-        # Medusa heads self-distilled on 512 of the target's own greedy continuations
-        subprocess.run(lm + ["medusa", args.target, "--out", str(work / "medusa"), "--tokens", str(args.tokens),
-                             "--steps", "300", "--self-distill", "512", "--medusa.seq_len", "128", "--medusa.lr", "0.003"],
+        # 4 Medusa heads self-distilled on 1024 of the target's own greedy continuations
+        subprocess.run(lm + ["medusa", args.target, "--out", str(work / "medusa"), "--tokens", str(args.tokens), "--heads", "4",
+                             "--steps", "1000", "--self-distill", "1024", "--medusa.seq_len", "128", "--medusa.lr", "0.003"],
                        check=True, env=env)
 
 
