@@ -35,7 +35,9 @@ vocabulary 50304 rows = the tokenizer's ids + `[PAD]` rows, tied head, random we
     python benchmarks/bench_llamacpp.py                # both models, threads 1 and 2 (~3-6 min)
     python benchmarks/bench_llamacpp.py --quick        # fewer texts/tokens
 
-The machine is shared (2 cores, several jobs): the load average is printed with every figure.
+The machine is shared (2 cores, several jobs): the load average is printed with every figure. llama.cpp's
+worker threads spin-wait for each other: with 2 threads on 2 oversubscribed cores its figures collapse
+(one thread descheduled, the other spinning); read the 2-thread rows only on an idle machine.
 """
 
 from __future__ import annotations
@@ -184,9 +186,35 @@ def ours_bytes_per_token(model) -> int:
     return n
 
 
+_REPACK = False
+
+
+def _no_extra_buffers() -> None:
+    """Load weights without llama.cpp's "extra buffer types" (weight repacking, incl. the AMX one).
+    This VM's CPU advertises AMX, llama.cpp repacks q8_0 weights for it, and the first AMX tile
+    instruction dies with SIGILL (the hypervisor does not enable tile state). llama-cpp-python's
+    `Llama()` has no argument for `llama_model_params.use_extra_bufts`, so the default params it
+    starts from are patched. `--llama-repack` keeps llama.cpp's default (for machines where AMX works)."""
+    import llama_cpp.llama_cpp as lc
+
+    if getattr(lc.llama_model_default_params, "_lmforge", False):
+        return
+    orig = lc.llama_model_default_params
+
+    def params():
+        p = orig()
+        p.use_extra_bufts = False
+        return p
+
+    params._lmforge = True
+    lc.llama_model_default_params = params
+
+
 def llama(path: Path, threads: int, n_ctx: int):
     from llama_cpp import Llama
 
+    if not _REPACK:
+        _no_extra_buffers()
     return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=256,
                  verbose=False, seed=0)
 
@@ -253,6 +281,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--texts", type=int, default=150, help="documents per corpus source for (a)")
     ap.add_argument("--quick", action="store_true", help="--texts 40 --tokens 32 --rounds 1")
+    ap.add_argument("--llama-repack", action="store_true",
+                    help="let llama.cpp repack weights (AMX / extra buffer types); off by default: SIGILL on this VM")
     ap.add_argument("--work", default=None, help="directory for the exports (default: a temporary one)")
     args = ap.parse_args()
     if args.quick:
@@ -266,6 +296,8 @@ def main() -> int:
     from lmforge.infer.gguf import export_gguf
     from lmforge.infer.quantize import quantize_model
 
+    global _REPACK
+    _REPACK = args.llama_repack
     threads = [int(t) for t in args.threads.split(",")]
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-llamacpp-"))
     work.mkdir(parents=True, exist_ok=True)
