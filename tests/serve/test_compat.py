@@ -242,6 +242,11 @@ def test_http_details(server):
     body = r.json()
     assert body["id"].startswith("cmpl-") and isinstance(body["created"], int) and body["system_fingerprint"]
     assert body["object"] == "text_completion" and body["model"] == "tiny"
+    # a base URL without /v1, and curl's default form content type on a JSON body
+    assert httpx.get(url + "/models").json()["data"][0]["id"] == "tiny"
+    r3 = httpx.post(url + "/chat/completions", content=json.dumps({"messages": USER, "max_tokens": 2}),
+                    headers={"Content-Type": "application/x-www-form-urlencoded"}, timeout=60)
+    assert r3.status_code == 200 and r3.json()["object"] == "chat.completion"
     # x-request-id: the client's echoed, else a fresh one per answer (errors too)
     assert len(r.headers["x-request-id"]) >= 16
     r2 = httpx.post(url + "/v1/chat/completions", json={"messages": USER, "max_tokens": 2},
@@ -268,6 +273,7 @@ def test_cors_is_off_by_default_and_opt_in(server, ckpt):
         r = httpx.post(u + "/v1/chat/completions", json={"messages": USER, "max_tokens": 2},
                        headers={"Origin": "http://ui.test", "Authorization": "Bearer k"}, timeout=60)
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://ui.test"
+        assert httpx.get(u + "/v1/models", headers={"Authorization": "bearer k"}).status_code == 200  # any case
         no_key = httpx.get(u + "/v1/models", headers={"Origin": "http://ui.test"})
         assert no_key.status_code == 401 and no_key.headers["access-control-allow-origin"] == "http://ui.test"
         other = httpx.get(u + "/v1/models", headers={"Origin": "http://evil.test", "Authorization": "Bearer k"})

@@ -72,7 +72,7 @@ def _request_id(headers: dict) -> str:
 
 class _AuthAndSize:
     """Pure ASGI middleware (streams and disconnects pass through untouched): trailing slashes dropped
-    (`/v1/models/` is `/v1/models`), an `x-request-id` header on every answer, `OPTIONS` answered with
+    (`/v1/models/` is `/v1/models`) and the OpenAI routes also answered without `/v1`, an `x-request-id` header on every answer, `OPTIONS` answered with
     the allowed methods, `HEAD` answered like `GET` without the body, the Bearer key on every route but
     the public ones, and a Content-Length over the body limit refused before reading."""
 
@@ -84,8 +84,11 @@ class _AuthAndSize:
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         path = scope.get("path", "/")
-        if len(path) > 1 and path.endswith("/"):
-            path = path.rstrip("/") or "/"
+        new = path.rstrip("/") or "/"
+        if new in ("/completions", "/chat/completions", "/models") or new.startswith("/models/"):
+            new = "/v1" + new  # a base URL without /v1 (llama.cpp's server answers both)
+        if new != path:
+            path = new
             scope = dict(scope, path=path, raw_path=path.encode())
         rid = _request_id(headers)
         head = scope.get("method") == "HEAD"
@@ -104,7 +107,7 @@ class _AuthAndSize:
         err = None
         if self.state.api_key and path not in PUBLIC_PATHS:
             auth = headers.get("authorization", "")
-            if not auth.startswith("Bearer ") or auth[7:].strip() != self.state.api_key:
+            if auth[:7].lower() != "bearer " or auth[7:].strip() != self.state.api_key:
                 err = APIError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
                                type="invalid_request_error", code="invalid_api_key",
                                headers={"WWW-Authenticate": "Bearer"})
