@@ -1,6 +1,7 @@
 """`lmforge serve` as a real process on what the other commands write: an int8-quantized checkpoint
-(`lmforge quantize`), a low-rank one (`lmforge lowrank`) and an HF export folder (`lmforge export hf`);
-each answers the memorized chat through the `openai` client."""
+(`lmforge quantize`; int4 too), a low-rank one (`lmforge lowrank`), an MLP-pruned one (`lmforge prune`,
+smaller matrices) and an HF export folder (`lmforge export hf`); each answers the chat through the
+`openai` client (the lossless kinds with the memorized answer)."""
 
 from __future__ import annotations
 
@@ -32,18 +33,22 @@ def _serve_and_ask(model_dir) -> str:
         p.wait(60)
 
 
-@pytest.mark.parametrize("kind", ["int8", pytest.param("lowrank", marks=pytest.mark.slow),
-                                  pytest.param("hf", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("kind", ["int8"] + [pytest.param(k, marks=pytest.mark.slow)
+                                             for k in ("int4", "lowrank", "prune-mlp", "hf")])
 def test_serve_compressed_and_exported_models(ckpt, tmp_path, kind):
     out = tmp_path / kind
     if kind == "int8":
         assert main(["quantize", str(ckpt[0]), "--method", "int8", "--out", str(out)]) == 0
+    elif kind == "int4":
+        assert main(["quantize", str(ckpt[0]), "--method", "int4", "--group-size", "32", "--out", str(out)]) == 0
+    elif kind == "prune-mlp":  # structured: smaller MLP matrices, a different config
+        assert main(["prune", str(ckpt[0]), "--method", "mlp", "--keep-ratio", "0.75", "--out", str(out)]) == 0
     elif kind == "lowrank":
         assert main(["lowrank", str(ckpt[0]), "--energy", "0.999", "--out", str(out)]) == 0
     else:
         assert main(["export", "hf", str(ckpt[0]), str(out)]) == 0
     answer = _serve_and_ask(out)
-    if kind == "lowrank":  # SVD-truncated weights: a close model, not the same one
+    if kind in ("int4", "lowrank", "prune-mlp"):  # lossy: a close model, not the same one
         assert isinstance(answer, str) and answer
     else:
         assert answer == CHAT_A
