@@ -247,6 +247,8 @@ def test_http_details(server):
     r3 = httpx.post(url + "/chat/completions", content=json.dumps({"messages": USER, "max_tokens": 2}),
                     headers={"Content-Type": "application/x-www-form-urlencoded"}, timeout=60)
     assert r3.status_code == 200 and r3.json()["object"] == "chat.completion"
+    bom = b"\xef\xbb\xbf" + json.dumps({"prompt": "x", "max_tokens": 1}).encode()
+    assert httpx.post(url + "/v1/completions", content=bom, timeout=60).status_code == 200
     # x-request-id: the client's echoed, else a fresh one per answer (errors too)
     assert len(r.headers["x-request-id"]) >= 16
     r2 = httpx.post(url + "/v1/chat/completions", json={"messages": USER, "max_tokens": 2},

@@ -497,7 +497,7 @@ def create_app(engine=None, tokenizer=None, model_name: str = "lmforge", api_key
                 raise APIError(413, f"request body is over the limit of {state.limits.max_body_bytes} bytes",
                                code="request_too_large")
         try:
-            data = json.loads(body.decode("utf-8"))
+            data = json.loads(body.decode("utf-8-sig"))  # a byte-order mark (some Windows tools) is fine
         except (UnicodeDecodeError, ValueError) as e:
             raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
         return data
