@@ -301,3 +301,74 @@ def test_cli(ckpt, tmp_path, capsys, f32_file):
     assert main(["export", "gguf-info", str(tmp_path / "bad.gguf")]) == 2
     err = capsys.readouterr().err
     assert "not a readable GGUF" in err and "Traceback" not in err
+
+
+# ---- `[tokenizer] split = "llama-bpe"`: llama.cpp's own regex, declared exactly ------------------
+
+
+@pytest.fixture(scope="module")
+def llama_bpe_tok(tmp_path_factory, corpus) -> Path:
+    from lmforge.tokenizer.config import TokenizerConfig
+    from lmforge.tokenizer.train_bpe import save_tokenizer, train_tokenizer
+
+    cfg = TokenizerConfig(vocab_size=600, reserved_tokens=2, split="llama-bpe")
+    cfg.validate()
+    out = tmp_path_factory.mktemp("tok-llama-bpe")
+    save_tokenizer(train_tokenizer(corpus[::2], cfg), out, cfg)
+    return out
+
+
+@pytest.fixture(scope="module")
+def llama_bpe_file(tmp_path_factory, llama_bpe_tok) -> Path:
+    root, _ = _checkpoint(tmp_path_factory.mktemp("model-llama-bpe") / "m", llama_bpe_tok)
+    out = root.parent / "m.gguf"
+    s = export_gguf(root, out, "f32")
+    assert s["pre"] == "llama-bpe" and s["pre_exact"] is True and s["pre_difference"] == ""
+    return out
+
+
+def test_llama_bpe_split_is_declared_exactly(llama_bpe_tok, llama_bpe_file, corpus):
+    ours = Tokenizer.from_file(llama_bpe_tok)
+    assert ours.backend == "tiktoken" and ours.pattern == LLAMA3_PATTERN
+    m = read_gguf_info(llama_bpe_file)["metadata"]
+    assert m["tokenizer.ggml.pre"] == "llama-bpe" and m["lmforge.tokenizer.pre_exact"] is True
+    assert m["lmforge.tokenizer.pre_regex"] == LLAMA3_PATTERN
+    held_out = corpus[1::2]  # whole dictionary entries and man pages: line breaks, indentation, blank lines
+    assert sum("\n" in d for d in held_out) > 100
+    want = ours.encode_batch(held_out)
+    # rebuilt from the file with the regex llama.cpp runs for `llama-bpe` (= the recorded one)
+    for rebuilt in (gguf_tokenizer(llama_bpe_file), gguf_tokenizer(llama_bpe_file, pattern=LLAMA3_PATTERN)):
+        assert [e.ids for e in rebuilt.encode_batch(held_out, add_special_tokens=False)] == want
+
+
+def test_llama_bpe_split_in_llama_cpp(llama_bpe_tok, llama_bpe_file, corpus):
+    """llama.cpp itself (llama-cpp-python, vocabulary only) gives our ids on whole multi-line documents."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (scripts/setup_llamacpp.sh)")
+    ours = Tokenizer.from_file(llama_bpe_tok)
+    llm = llama_cpp.Llama(model_path=str(llama_bpe_file), vocab_only=True, verbose=False)
+    texts = corpus[1::2] + ["a\nthe  \n\n  x\r\n\r\n z", "IT'S x'\u017fa we'Re 12345\u00a0\u2028y"]
+    theirs = [llm.tokenize(t.encode("utf-8"), add_bos=False, special=False) for t in texts]
+    assert theirs == ours.encode_batch(texts)
+
+
+def test_case_folded_llama3_regex_is_not_exact(tmp_path, llama_bpe_tok, ckpt):
+    """The Llama 3 tokenizer.json spelling `(?i:'s|...)` also folds U+017F into 's': declared, not exact."""
+    from lmforge.infer.gguf import CASE_FOLD_DIFFERENCE, HF_CASE_FOLDED
+
+    spec = json.loads((llama_bpe_tok / "tokenizer.json").read_text())
+    spec["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = HF_CASE_FOLDED["llama-bpe"]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    s = export_gguf(ckpt[0], tmp_path / "f.gguf", tokenizer=tmp_path / "tokenizer.json")
+    assert s["pre"] == "llama-bpe" and s["pre_exact"] is False and s["pre_difference"] == CASE_FOLD_DIFFERENCE
+
+
+def test_cli_warns_only_when_not_exact(llama_bpe_file, ckpt, tmp_path, monkeypatch, capsys):
+    import lmforge.log
+
+    warned = []
+    monkeypatch.setattr(lmforge.log.logger, "warning", lambda *a, **k: warned.append(a))
+    assert main(["export", "gguf", str(ckpt[0]), str(tmp_path / "a.gguf")]) == 0
+    assert len(warned) == 1 and "closest" in warned[0][0]
+    warned.clear()
+    assert main(["export", "gguf", str(llama_bpe_file.parent / "m"), str(tmp_path / "b.gguf")]) == 0
+    assert warned == [] and "pre-tokenizer llama-bpe" in capsys.readouterr().out

@@ -19,16 +19,21 @@ Written with the `gguf` package's `GGUFWriter`, read back with its `GGUFReader`.
   template (lmforge's template without the `{% generation %}` markers, which only `transformers`
   understands; the rendered text is the same).
 * **Pre-tokenizer.** llama.cpp has no way to read a split regex from the file: it maps
-  `tokenizer.ggml.pre` to one of its built-in regexes. None of them equals lmforge's regex: ours lets a
-  word take the line break before it ("\\nword" is one piece) and has no `\\s*[\\r\\n]+` rule; every
-  built-in excludes the line break and has that rule. The closest is declared: `llama-bpe` (the
-  Llama 3 / GPT-4 regex, digits in runs of up to 3, whole-piece vocabulary lookup like ours) for
-  `digits = "group3"`, `qwen2` (the same with single digits) for `digits = "single"`. The two
-  regexes agree on any text without a line break; they differ where a line break is followed by a
-  letter or where a whitespace run holds a line break (`PRETOKENIZER_DIFFERENCES`). Our exact regex
-  is stored under `lmforge.tokenizer.pre_regex` (llama.cpp ignores it; `gguf_tokenizer` rebuilds our
-  tokenizer from it). A foreign tokenizer with GPT-2's ByteLevel regex is declared `gpt-2`, one with
-  exactly the Llama 3 or Qwen2 regex as such; any other pre-tokenizer is refused.
+  `tokenizer.ggml.pre` to one of its built-in regexes. A tokenizer trained with `[tokenizer] split =
+  "llama-bpe"` (or `"qwen2"`) carries llama.cpp's own regex for that pre-tokenizer, character for
+  character (`LLAMA3_PATTERN`, `QWEN2_PATTERN`): it is declared as such, exactly, and llama.cpp
+  tokenizes every text as lmforge does. lmforge's default regex (`split = "lmforge"`) equals none of
+  them: it lets a word take the line break before it ("\\nword" is one piece) and has no
+  `\\s*[\\r\\n]+` rule. For it the closest is declared, with a warning: `llama-bpe` (digits in runs of
+  up to 3, whole-piece vocabulary lookup like ours) for `digits = "group3"`, `qwen2` (single digits)
+  for `digits = "single"`; the two agree on any text without a line break and differ where a line
+  break is followed by a letter or a whitespace run holds a line break (`PRETOKENIZER_DIFFERENCES`).
+  The file's exact regex is stored under `lmforge.tokenizer.pre_regex` (llama.cpp ignores it;
+  `gguf_tokenizer` rebuilds our tokenizer from it) and `lmforge.tokenizer.pre_exact` says whether
+  llama.cpp's equals it. A foreign tokenizer with GPT-2's ByteLevel regex is declared `gpt-2`
+  (exact); one with the Llama 3 / Qwen2 regex as their tokenizer.json spells it (`(?i:'s|...)`)
+  as `llama-bpe` / `qwen2`, not exact: Unicode case folding makes `'\u017f` (long s) a contraction
+  there, llama.cpp's ASCII `'[sS]` does not. Any other pre-tokenizer is refused.
 
 `read_gguf_info(path)` reads a GGUF back (metadata, tensors); `gguf_state_dict` / `load_gguf_model`
 turn one of ours (or any llama / qwen3 GGUF of the same block) back into lmforge weights, which is
@@ -53,16 +58,26 @@ LMFORGE_PATTERNS = {
     "group3": r"'(?i:[sdmt]|ll|ve|re)|[^\r\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s+(?!\S)|\s+",
     "single": r"'(?i:[sdmt]|ll|ve|re)|[^\r\p{L}\p{N}]?+\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s+(?!\S)|\s+",
 }
-# llama.cpp's built-in regexes (src/llama-vocab.cpp, as in the tokenizer.json they come from).
-LLAMA3_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-QWEN2_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+# llama.cpp's built-in regexes, as src/llama-vocab.cpp spells them (the contractions in ASCII case);
+# lmforge.tokenizer.train_bpe.LLAMA_CPP_PATTERNS (`split = "llama-bpe"` / `"qwen2"`) are these strings.
+LLAMA3_PATTERN = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_PATTERN = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 PRE_REGEX = {"llama-bpe": LLAMA3_PATTERN, "qwen2": QWEN2_PATTERN, "gpt-2": GPT2_PATTERN}
+# the same regexes as the original Llama 3 / Qwen2 tokenizer.json files write them
+HF_CASE_FOLDED = {
+    "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
 PRETOKENIZER_DIFFERENCES = (
     "lmforge's regex lets a word take the line break before it ('\\nword' is one piece; llama.cpp: '\\n' + 'word'), "
     "and has no '\\s*[\\r\\n]+' rule (a whitespace run holding a line break splits differently); "
-    "on text without line breaks the two agree"
+    "on text without line breaks the two agree (train with [tokenizer] split = \"llama-bpe\" for an exact match)"
 )
+CASE_FOLD_DIFFERENCE = ("the tokenizer's (?i:'s|...) contractions also match \"'\u017f\" (long s) through Unicode case "
+                        "folding; llama.cpp's ASCII '[sS] does not; all other text splits the same")
 
 # our parameter name (inside layers.{i}.) -> GGUF tensor name (inside blk.{i}.)
 _LAYER_MAP = {
@@ -160,15 +175,18 @@ def _pre_tokenizer_of(spec: dict, where: Path) -> tuple[str, str, bool]:
     if len(steps) == 2 and steps[0].get("type") == "Split" and steps[1].get("type") == "ByteLevel" \
             and not steps[1].get("use_regex") and "Regex" in (steps[0].get("pattern") or {}):
         regex = steps[0]["pattern"]["Regex"]
+        for name, r in PRE_REGEX.items():
+            if regex == r:
+                return name, regex, True
         if regex == LMFORGE_PATTERNS["group3"]:
             return "llama-bpe", regex, False
         if regex == LMFORGE_PATTERNS["single"]:
             return "qwen2", regex, False
-        for name, r in PRE_REGEX.items():
+        for name, r in HF_CASE_FOLDED.items():
             if regex == r:
-                return name, regex, True
+                return name, regex, False
         raise InputError(f"{where}: its split regex {regex!r} matches none of llama.cpp's pre-tokenizers "
-                         "(supported: lmforge's, Llama 3, Qwen2, GPT-2)")
+                         "(supported: lmforge's, llama.cpp's llama-bpe and qwen2 — `[tokenizer] split` —, GPT-2)")
     raise InputError(f"{where}: not a byte-level BPE with a Split(regex) + ByteLevel or a GPT-2 ByteLevel "
                      "pre-tokenizer; llama.cpp's `gpt2` tokenizer model cannot reproduce it")
 
@@ -216,7 +234,16 @@ def gguf_vocab(tokenizer_json: str | Path, n_vocab: int) -> dict:
         t = Tokenizer.from_file(f, backend="tokenizers")
         ids.update(bos=t.bos_id, eos=t.eos_id, pad=t.pad_id)
     return {"tokens": tokens, "types": toktypes, "merges": merges, "pre": pre, "regex": regex, "exact": exact,
-            "n_tokenizer": size, **ids}
+            "difference": pretokenizer_difference(regex), "n_tokenizer": size, **ids}
+
+
+def pretokenizer_difference(regex: str) -> str:
+    """How llama.cpp's declared pre-tokenizer splits differently from `regex` ("" when it does not)."""
+    if regex in PRE_REGEX.values():
+        return ""
+    if regex in HF_CASE_FOLDED.values():
+        return CASE_FOLD_DIFFERENCE
+    return PRETOKENIZER_DIFFERENCES
 
 
 def gguf_chat_template() -> str:
@@ -323,7 +350,8 @@ def export_gguf(model_path: str | Path, out: str | Path, kind: str = "f32", toke
         tmp.unlink(missing_ok=True)
         raise
     return {"path": out, "arch": arch, "type": kind, "tensors": len(tensors), "tensor_bytes": n_bytes,
-            "file_bytes": out.stat().st_size, "pre": voc["pre"], "pre_exact": voc["exact"], "source": ref.path}
+            "file_bytes": out.stat().st_size, "pre": voc["pre"], "pre_exact": voc["exact"],
+            "pre_difference": voc["difference"], "source": ref.path}
 
 
 # ---- reading back ---------------------------------------------------------------------------
@@ -484,8 +512,8 @@ def _cmd_export_gguf(args: argparse.Namespace) -> int:
     print(f"exported {s['source']} -> {s['path']}: {s['arch']} {s['type']}, {s['tensors']} tensors, "
           f"{s['file_bytes'] / 1e6:.1f} MB, pre-tokenizer {s['pre']}")
     if not s["pre_exact"]:
-        logger.warning("llama.cpp has no pre-tokenizer with lmforge's split regex; declared the closest, %r: %s",
-                       s["pre"], PRETOKENIZER_DIFFERENCES)
+        logger.warning("llama.cpp has no pre-tokenizer with this tokenizer's split regex; declared the closest, %r: %s",
+                       s["pre"], s["pre_difference"])
     if args.check:
         _check(s)
     return 0

@@ -11,12 +11,19 @@ from lmforge.errors import ConfigError
 # Always present, in this order, at ids 0..6; `reserved_tokens` <|reserved_N|> follow.
 BASE_SPECIAL_TOKENS = ("<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 
+# the `digits` rule each llama.cpp pre-tokenizer's regex has built in
+SPLIT_DIGITS = {"llama-bpe": "group3", "qwen2": "single"}
+
 
 @dataclass
 class TokenizerConfig:
     corpus: str = ""  # corpus directory of *.jsonl.zst shards; "" = the run's corpus/ (data stage output)
     vocab_size: int = 8192  # total ids, special tokens included
     digits: Literal["single", "group3"] = "group3"  # numbers: every digit alone (Llama) or runs of up to 3 (GPT-4)
+    # the split regex: lmforge's own (a word keeps a preceding line break), or exactly one of llama.cpp's
+    # built-in pre-tokenizers ("llama-bpe": digits "group3"; "qwen2": digits "single"), so that a GGUF
+    # export tokenizes in llama.cpp exactly as here
+    split: Literal["lmforge", "llama-bpe", "qwen2"] = "lmforge"
     train_bytes: int = 50_000_000  # UTF-8 bytes of text sampled across the whole corpus to train on
     max_doc_chars: int = 20_000  # longer documents are cut to this many characters in the training sample
     min_frequency: int = 2  # a pair must occur this often in the sample to become a merge
@@ -40,6 +47,14 @@ class TokenizerConfig:
             raise ConfigError(f"tokenizer.vocab_size = {self.vocab_size} is too large (max 2147483647)")
         if self.dtype == "uint16" and self.vocab_size > 65536:
             raise ConfigError(f"tokenizer.dtype = 'uint16' cannot hold vocab_size = {self.vocab_size} (max 65536); use 'uint32' or 'auto'")
+        need = SPLIT_DIGITS.get(self.split)
+        if need is not None and self.digits != need:
+            raise ConfigError(
+                f"tokenizer.split = {self.split!r} is llama.cpp's regex with digits = {need!r} "
+                f"({'runs of up to 3 digits' if need == 'group3' else 'one token per digit'}), but tokenizer.digits = "
+                f"{self.digits!r}: set digits = {need!r}, or split = "
+                f"{next(k for k, v in SPLIT_DIGITS.items() if v == self.digits)!r}"
+            )
         if self.train_bytes <= 0:
             raise ConfigError(f"tokenizer.train_bytes = {self.train_bytes} must be > 0")
         if self.max_doc_chars <= 0:

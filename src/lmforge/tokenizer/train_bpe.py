@@ -38,10 +38,31 @@ _PATTERN = (
     r"| ?[^\s\p{L}\p{N}]++[\r\n]*|\s+(?!\S)|\s+"
 )
 
+# `split = "llama-bpe"` / `"qwen2"`: llama.cpp's own strings for these pre-tokenizers (src/llama-vocab.cpp),
+# character for character: the Llama 3 / Qwen2 regex with the contractions spelt in ASCII case
+# ('[sS] instead of (?i:'s): Oniguruma and fancy-regex would also fold U+017F 'ſ' into 's', llama.cpp
+# does not). HF tokenizers, tiktoken and llama.cpp give the same pieces on it (tests/tokenizer).
+# A word does not take the line break before it, and `\s*[\r\n]+` keeps line breaks apart.
+LLAMA_CPP_PATTERNS = {
+    "llama-bpe": r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "qwen2": r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+             r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
 
-def split_pattern(digits: str) -> str:
+
+def split_pattern(digits: str, split: str = "lmforge") -> str:
+    """The pre-tokenizer regex for `[tokenizer] digits / split`."""
     if digits not in ("single", "group3"):
         raise ValueError(f"digits must be 'single' or 'group3', got {digits!r}")
+    if split in LLAMA_CPP_PATTERNS:
+        from lmforge.tokenizer.config import SPLIT_DIGITS
+
+        if SPLIT_DIGITS[split] != digits:
+            raise ValueError(f"split {split!r} needs digits {SPLIT_DIGITS[split]!r}, got {digits!r}")
+        return LLAMA_CPP_PATTERNS[split]
+    if split != "lmforge":
+        raise ValueError(f"split must be 'lmforge', 'llama-bpe' or 'qwen2', got {split!r}")
     return _PATTERN.replace("{digits}", r"\p{N}" if digits == "single" else r"\p{N}{1,3}")
 
 
@@ -93,7 +114,7 @@ def build_hf_tokenizer(cfg: TokenizerConfig):
     # (the same rule tiktoken applies), so both engines give identical ids.
     tok = Tokenizer(models.BPE(ignore_merges=True))
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(split_pattern(cfg.digits)), behavior="isolated", invert=False),
+        pre_tokenizers.Split(Regex(split_pattern(cfg.digits, cfg.split)), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
@@ -152,4 +173,4 @@ def train_from_corpus(shards: list[Path], out_dir: str | Path, cfg: TokenizerCon
     return save_tokenizer(tok, out_dir, cfg), sample
 
 
-__all__ = ["split_pattern", "byte_to_unicode", "sample_corpus", "train_tokenizer", "save_tokenizer", "train_from_corpus"]
+__all__ = ["split_pattern", "LLAMA_CPP_PATTERNS", "byte_to_unicode", "sample_corpus", "train_tokenizer", "save_tokenizer", "train_from_corpus"]
