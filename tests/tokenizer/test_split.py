@@ -87,3 +87,15 @@ def test_ids_identical_hf_tiktoken_transformers(split_tok, sample_dir):
     assert [e.ids for e in hf.encode_batch(texts, add_special_tokens=False)] == ours
     assert [tf.encode(t, add_special_tokens=False) for t in texts] == ours
     assert all(tok.decode(ids) == t for t, ids in zip(texts, ours))
+
+
+def test_demo_recipe_uses_llama_bpe(tmp_path, sample_corpus_dir):
+    """The bundled demo trains with llama.cpp's regex, so its GGUF export is exact in llama.cpp."""
+    from lmforge.recipe import DEMO_RECIPE, load_recipe, run_recipe
+
+    raw, _ = load_recipe(DEMO_RECIPE)
+    assert raw["tokenizer"]["split"] == "llama-bpe"
+    rd = run_recipe(DEMO_RECIPE, overrides=[f"tokenizer.corpus={sample_corpus_dir}", "tokenizer.train_bytes=300000",
+                                            "tokenizer.encode=false", "run.workers=1"],
+                    run_dir=tmp_path / "demo", only=["tokenizer"])
+    assert load_tokenizer(rd.tokenizer).pattern == LLAMA_CPP_PATTERNS["llama-bpe"]
