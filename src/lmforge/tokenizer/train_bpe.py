@@ -9,6 +9,9 @@ form one piece, as code wants. A word at the start of a line takes its line brea
 extra token per line (+1.6% bytes/token on extracted web prose at 16k ids, code unchanged).
 (GPT-4's extra rule that cuts whitespace after the last newline was dropped: on the shared
 corpus it cost 2-4% bytes/token on man pages, code and dictionary text; see docs/tokenizer.md.)
+`[tokenizer] split = "llama-bpe"` / `"qwen2"` replaces this regex by llama.cpp's own string for that
+pre-tokenizer (`LLAMA_CPP_PATTERNS`), so a GGUF export is tokenized identically by llama.cpp
+(about 2% more tokens on the demo corpus; docs/tokenizer.md).
 The pieces are then mapped to the 256-symbol byte alphabet, so every string is encodable.
 Special tokens take ids 0..k-1: <|bos|>, <|eos|>, <|pad|>, chat roles, <|reserved_N|>.
 
