@@ -395,8 +395,10 @@ def datatrove_warc_pipeline(src: str, out: str, logs: str, workers: int = 2) -> 
     _quiet_datatrove()
     lid.FT176LID.MODEL_URL = _lid176_path()
     p = Path(src)
+    lang = LanguageFilter(languages=["en"])
+    lang.model.MODEL_URL = lid.FT176LID.MODEL_URL  # on the instance too: the pool's processes import lid afresh (forkserver)
     pipeline = [WarcReader(str(p.parent), glob_pattern=p.name), Trafilatura(favour_precision=True, timeout=1.0),
-                LanguageFilter(languages=["en"]), GopherRepetitionFilter(), GopherQualityFilter(),
+                lang, GopherRepetitionFilter(), GopherQualityFilter(),
                 C4QualityFilter(filter_no_terminal_punct=False), FineWebQualityFilter(), JsonlWriter(out)]
     t0 = time.perf_counter()
     LocalPipelineExecutor(pipeline=pipeline, tasks=workers, workers=workers, logging_dir=logs).run()
