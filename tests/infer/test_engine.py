@@ -225,3 +225,13 @@ def test_compiled_decode_keeps_its_cache_aside_between_calls():
     c = generate(m, [[1, 2, 3, 4, 5]], p, compile=True, on_token=lambda *_: caches.append(m.layers[0].attn.cache))
     assert c[0].token_ids == _greedy_plain(m, [1, 2, 3, 4, 5], 4) and len({id(c) for c in caches}) == 2
     release_cache(m)
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=1e-45), dict(temperature=float("nan")), dict(top_p=1e-300),
+                                 dict(repetition_penalty=1e-300), dict(seed=2**70), dict(seed=True)])
+def test_sampling_values_that_would_give_nan_or_overflow_are_refused(bad):
+    """Values that would make the sampler produce NaN probabilities or overflow the generator's
+    seed are refused up front (one request must never fail a whole batch in the server)."""
+    with pytest.raises(ConfigError):
+        SamplingParams(**bad).validate()
+    SamplingParams(temperature=1e-5, top_p=1e-6, repetition_penalty=0.01, seed=2**64 - 1).validate()

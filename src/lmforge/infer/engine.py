@@ -95,6 +95,9 @@ def intra_op_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+MIN_TEMPERATURE = 1e-5  # below it, sampling is greedy in all but name (callers map it to 0)
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 64
@@ -111,14 +114,19 @@ class SamplingParams:
     def validate(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if not self.temperature >= 0:
-            raise ConfigError(f"temperature must be >= 0, got {self.temperature!r}")
+        # the bounds keep every value representable in fp32 sampling (a temperature of 1e-45 or a
+        # penalty of 1e-300 would turn the logits into inf and the probabilities into NaN)
+        if not (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= 1e4):
+            raise ConfigError(f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE}, 1e4], got {self.temperature!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ConfigError(f"top_k must be an integer >= 0, got {self.top_k!r}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not self.repetition_penalty > 0:
-            raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        if not 1e-6 <= self.top_p <= 1:
+            raise ConfigError(f"top_p must be in [1e-6, 1], got {self.top_p!r}")
+        if not 0.01 <= self.repetition_penalty <= 100:
+            raise ConfigError(f"repetition_penalty must be in [0.01, 100], got {self.repetition_penalty!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not -(2**63) <= self.seed < 2**64):
+            raise ConfigError(f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
         if not isinstance(self.n, int) or self.n < 1:
             raise ConfigError(f"n must be a positive integer, got {self.n!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
