@@ -9,7 +9,8 @@ vocabulary 50304 rows = the tokenizer's ids + `[PAD]` rows, tied head, random we
 
 (a) Tokens. llama.cpp's `Llama.tokenize(text, add_bos=False)` against `Tokenizer.encode` on real
     text from ../shared/corpus (dictionary, man pages, fortunes, Python code; the bundled sample when
-    absent). llama.cpp has no pre-tokenizer with lmforge's split regex (see lmforge/infer/gguf.py), so:
+    absent). llama.cpp has no pre-tokenizer with lmforge's default split regex (`split = "lmforge"`, see
+    lmforge/infer/gguf.py), so for the models' tokenizer (the demo run's, when trained with it):
     a1 every line (text without line breaks, where the two regexes agree): must be 0 mismatches;
     a2 whole documents against lmforge's vocabulary split with the declared `llama-bpe` regex
        (`gguf_tokenizer(path, LLAMA3_PATTERN)`): must be 0 (llama.cpp reads our vocabulary, merges
@@ -17,6 +18,10 @@ vocabulary 50304 rows = the tokenizer's ids + `[PAD]` rows, tied head, random we
     a3 whole documents against lmforge itself: the documents that differ are counted and reported
        (the known regex difference at line breaks), not hidden;
     a4 `Llama.detokenize(our ids)` == the text's bytes: must be 0 mismatches.
+    a5 exact split: a tokenizer trained with `[tokenizer] split = "llama-bpe"` (llama.cpp's own Llama 3
+       regex, what the demo recipe now uses; 4096 ids, on the demo corpus or the bundled sample),
+       exported with a small random model: the export must declare `llama-bpe` exactly, and llama.cpp's
+       tokens must equal lmforge's (tiktoken path) on every whole multi-line document: must be 0.
 (b) Greedy continuation, f32: the same prompt ids (ours, with <|bos|>) into both; llama.cpp
     `Llama.generate(temp=0)` vs `lmforge.infer.engine.generate(temperature=0)`, no stop tokens. On the
     trained demo model this must match; on random weights near-ties can flip a token (reported).
@@ -274,6 +279,53 @@ def check_tokens(gguf_path: Path, tok, texts: dict[str, list[str]]) -> dict:
     return r
 
 
+def check_exact_split(work: Path, texts: dict[str, list[str]]) -> dict:
+    """(a5): train with split = "llama-bpe", export, compare llama.cpp's tokens with ours on whole documents."""
+    from lmforge.infer.gguf import export_gguf
+    from lmforge.model.config import ModelConfig
+    from lmforge.model.io import save_model
+    from lmforge.model.transformer import Transformer
+    from lmforge.tokenizer import Tokenizer
+    from lmforge.tokenizer.config import TokenizerConfig
+    from lmforge.tokenizer.train_bpe import save_tokenizer, train_tokenizer
+
+    demo = REPO / "runs" / "demo" / "corpus" / "shard_00000.jsonl.zst"
+    if demo.is_file():
+        train, on = _jsonl(demo, 10**9), "the demo corpus"
+    else:
+        train = _jsonl(SAMPLE / "dictionary" / "gcide-sample.jsonl.gz", 3000) + \
+            _jsonl(SAMPLE / "multilingual" / "manpages-sample.jsonl.gz", 300)
+        on = "the bundled sample"
+    cfg = TokenizerConfig(vocab_size=4096, split="llama-bpe")
+    cfg.validate()
+    tok_dir = work / "tokenizer-llama-bpe"
+    save_tokenizer(train_tokenizer(train, cfg), tok_dir, cfg)
+    root = work / "m-llama-bpe"
+    torch.manual_seed(0)
+    save_model(Transformer(ModelConfig(vocab_size=4096, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                                       max_seq_len=128, ffn_hidden=128)).eval(), root)
+    shutil.copyfile(tok_dir / "tokenizer.json", root / "tokenizer.json")
+    s = export_gguf(root, work / "m-llama-bpe.gguf", "f32")
+    tok = Tokenizer.from_file(tok_dir)
+    llm = llama(s["path"], 2, 64)
+    r = {"trained_on": on, "pre": s["pre"], "pre_exact": s["pre_exact"], "backend": tok.backend, "docs": 0,
+         "multiline_docs": 0, "doc_mismatch": 0, "tokens": 0, "detok_mismatch": 0, "by_source": {}}
+    for src, docs in texts.items():
+        bad = 0
+        for d in docs:
+            theirs = llm.tokenize(d.encode("utf-8"), add_bos=False, special=False)
+            ours = tok.encode(d)
+            r["docs"] += 1
+            r["multiline_docs"] += "\n" in d
+            r["tokens"] += len(ours)
+            bad += theirs != ours
+            r["detok_mismatch"] += llm.detokenize(ours) != d.encode("utf-8")
+        r["doc_mismatch"] += bad
+        r["by_source"][src] = f"{bad}/{len(docs)}"
+    del llm
+    return r
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts for (c)")
@@ -311,6 +363,15 @@ def main() -> int:
     print(f"texts for (a): {', '.join(f'{k} {len(v)}' for k, v in texts.items())}; tokenizer {tok_dir}")
     passed = True
     summary = {}
+    a5 = check_exact_split(work, texts)
+    ok_a5 = a5["pre"] == "llama-bpe" and a5["pre_exact"] and a5["doc_mismatch"] == 0 and a5["detok_mismatch"] == 0
+    passed &= ok_a5
+    summary["a5_exact_split"] = a5
+    print(f"(a5) split = \"llama-bpe\" tokenizer (4096 ids, trained on {a5['trained_on']}, lmforge backend "
+          f"{a5['backend']}), export declares {a5['pre']} exact={a5['pre_exact']}: {a5['docs']} whole documents "
+          f"({a5['multiline_docs']} multi-line, {a5['tokens']} tokens): {a5['doc_mismatch']} differ between llama.cpp and "
+          f"lmforge ({', '.join(f'{k} {v}' for k, v in a5['by_source'].items())}); detokenize mismatches "
+          f"{a5['detok_mismatch']}; load {load()} -> {'PASS' if ok_a5 else 'FAIL'}")
     speed_rows = []
     for label, path in models.items():
         torch.set_num_threads(2)
@@ -390,7 +451,7 @@ def main() -> int:
             speed_rows.append({"model": label, "threads": th, **{k: round(v, 1) for k, v in best.items()},
                                "fp32_ratio": round(r32, 3), "int8_ratio": round(r8, 3), "gemv_GBps": round(bw["gemv"], 1), "load": ld})
         del model, qmodel
-    print(f"\ncorrectness checks (a: lines, declared-regex documents, detokenize, special tokens; b: demo greedy): "
+    print(f"\ncorrectness checks (a: lines, declared-regex documents, detokenize, special tokens, exact split; b: demo greedy): "
           f"{'PASS' if passed else 'FAIL'}")
     rows = [r for r in speed_rows if r["model"].startswith("124m")] or speed_rows
     head = min(min(r["fp32_ratio"], r["int8_ratio"]) for r in rows)
