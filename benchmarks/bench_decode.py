@@ -173,6 +173,14 @@ def main(argv=None) -> int:
         cells = [f"{k} {v:.1f}" + (f" ({v / res['hf']:.2f}x)" if "hf" in res and k != "hf" else "") for k, v in res.items()]
         print(f"  {th} thread(s), {bw / 1e9:.1f} GB/s: " + ", ".join(cells))
     print(f"load average at end {os.getloadavg()}")
+    th, _, res = rows[0]
+    if "hf" in res:
+        from _bench import result
+
+        result("decode", res["fp32"] / res["hf"], 1.5,
+               f"batch-1 greedy decode tok/s, {args.shape} shape, {th} thread(s): lmforge fp32 vs HF generate fp32 "
+               f"(int8 {res['int8'] / res['hf']:.2f}x, goal 3x; int4 {res['int4'] / res['hf']:.2f}x)",
+               **{k: round(v, 2) for k, v in res.items()})
     return 0
 
 

@@ -57,11 +57,13 @@ BENCHES = [
     Bench("lora_memory", "LoRA / QLoRA peak memory: lmforge vs transformers + peft + bitsandbytes", ["--quick"]),
     Bench("speculative", "speculative decoding / Medusa at identical greedy output: lmforge vs HF assisted generation", []),
     Bench("compress", "pruning / quantization table; magnitude pruning vs torch.nn.utils.prune", []),
+    Bench("decode", "batch-1 decode tok/s: lmforge fp32 / int8 / int4 vs HF transformers generate fp32", ["--threads", "1"]),
     Bench("llamacpp", "decode tokens/s: lmforge vs llama.cpp (llama-cpp-python)", ["--quick"]),
 ]
 SKIP = {
     "mfu_gpu": "GPU only (CUDA)",
     "train_gpu": "GPU only (CUDA)",
+    "decode_gpu": "GPU only (CUDA)",
     "sample_efficiency": "no peer (lmforge recipe vs its own AdamW baseline)",
     "sft_effect": "no peer (held-out effect of SFT)",
     "align_effect": "no peer (held-out effect of alignment)",
