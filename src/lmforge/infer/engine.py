@@ -13,8 +13,11 @@ capture — with CUDA graphs on GPU):
    only each row's last real position goes through the output head;
 2. n samples per prompt share that prefill: the cache rows are copied n times;
 3. decode: every row feeds its last token at its own position `pos[b]` (per-row RoPE, per-row
-   cache write, mask `slot <= pos[b]` over the whole cache), one token per row per step; a row
-   that has stopped keeps computing (the shapes stay fixed) and its tokens are ignored.
+   cache write, additive mask `slot <= pos[b]`), one token per row per step; a row that has
+   stopped keeps computing (the shapes stay fixed) and its tokens are ignored. Eager decode
+   attends to the slots written so far rounded up to a multiple of `LIVE_BUCKET` (the mask passed
+   is that prefix of the full one: a handful of static shapes over a long generation), compiled
+   decode to the whole cache (one shape, one graph).
 
 Speed (docs/inference.md, "Engine speed"):
 - threads per phase (CPU): the prefill runs at the caller's `torch.get_num_threads()` (GEMMs that
@@ -62,6 +65,7 @@ class ContextLimitError(InputError):
 
 PREFILL_CHUNK = 512  # prompt tokens per prefill chunk
 DECODE_SINGLE_THREAD_ROWS = 4  # CPU decode batches up to this many rows run on one intra-op thread
+LIVE_BUCKET = 256  # eager decode attends to the written cache slots rounded up to a multiple of this
 
 
 def decode_threads_for(rows: int, device: torch.device | str = "cpu") -> int | None:
@@ -199,8 +203,9 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 
 
 def decode_step(model, tokens: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """One decode step: tokens (B, 1) at per-row cache positions pos (B, 1), attention mask (B, 1, 1, S)
-    -> next-token logits (B, V) in fp32. Static shapes: the graph `torch.compile` captures."""
+    """One decode step: tokens (B, 1) at per-row cache positions pos (B, 1), attention mask (B, 1, 1, S')
+    (boolean, or additive float; S' <= S: attention reads the first S' cache slots) -> next-token
+    logits (B, V) in fp32. Static shapes: the graph `torch.compile` captures."""
     logits, _ = model(tokens, pos=pos, mask=mask)
     return logits[:, -1].float()
 
@@ -370,24 +375,34 @@ def _generate_chunk(model, prompts, first_index, params, tokenizer, stop_ids, g,
             seen[r, torch.tensor(prompts[r // n], device=device)] = True
     state = [_Row(first_index + r // n, r % n, lens[r // n]) for r in range(rows)]
     pos = torch.tensor([lens[r // n] for r in range(rows)], dtype=torch.long, device=device)  # next slot per row
-    # the decode mask (rows, 1, 1, S): slot <= pos[row]; kept in place, one slot set per row per step
-    mask = (torch.arange(S, device=device)[None, :] < pos[:, None])[:, None, None, :].contiguous()
+    # the decode mask (rows, 1, 1, S), additive (0 where slot <= pos[row], -inf elsewhere: SDPA's CPU
+    # kernel takes it as is, a boolean one it converts in every layer); kept in place, one slot
+    # opened per row per step
+    dtype = next(model.parameters()).dtype
+    dtype = dtype if dtype.is_floating_point else torch.float32
+    mask = torch.zeros(rows, 1, 1, S, dtype=dtype, device=device)
+    mask.masked_fill_((torch.arange(S, device=device)[None, :] >= pos[:, None])[:, None, None, :], float("-inf"))
     step_fn = _decode_fn(model, compile)
     with intra_op_threads(threads):
-        _decode_loop(model, params, tokenizer, stop_ids, g, on_token, state, logits, seen, pos, mask, S, step_fn)
+        _decode_loop(model, params, tokenizer, stop_ids, g, on_token, state, logits, seen, pos, mask, S, step_fn,
+                     live_bucket=0 if compile else LIVE_BUCKET, max_len=L)
     for row in state:
         if row.finish is None:  # cannot happen: every row ends by length at the latest
             row.finish = "length"
     return [_completion(row, tokenizer, params) for row in state]
 
 
-def _decode_loop(model, params, tokenizer, stop_ids, g, on_token, state, logits, seen, pos, mask, S, step_fn):
+def _decode_loop(model, params, tokenizer, stop_ids, g, on_token, state, logits, seen, pos, mask, S, step_fn,
+                 live_bucket: int = 0, max_len: int = 0):
+    """`live_bucket` > 0: each step attends only to the first slots that any row has written,
+    rounded up to a multiple of `live_bucket` (a few static shapes), not to all S slots; `max_len`
+    is the longest prompt (the first decode step writes slot max_len at the latest)."""
     ctx = model.cfg.max_seq_len
     rows = len(state)
     device = pos.device
     arange_rows = torch.arange(rows, device=device)
     max_stop = max((len(s) for s in params.stop), default=0)
-    for _ in range(params.max_new_tokens):
+    for step in range(params.max_new_tokens):
         lp_all = logits.log_softmax(-1) if params.logprobs else None
         nxt = sample(process_logits(logits, params, seen), params, g)
         nxt_host = nxt.tolist()
@@ -415,8 +430,13 @@ def _decode_loop(model, params, tokenizer, stop_ids, g, on_token, state, logits,
         if seen is not None:
             seen[arange_rows, nxt] = True
         p = pos.clamp(max=S - 1)[:, None]  # finished rows keep computing at a valid slot; their output is ignored
-        mask[arange_rows, 0, 0, p[:, 0]] = True
-        logits = step_fn(model, nxt[:, None], p, mask)
+        mask[arange_rows, 0, 0, p[:, 0]] = 0.0
+        m = mask
+        if live_bucket:
+            live = -(-(max_len + step + 1) // live_bucket) * live_bucket  # slots 0..max_len+step are written
+            if live < S:
+                m = mask[..., :live]
+        logits = step_fn(model, nxt[:, None], p, m)
         pos = pos + 1
 
 

@@ -50,13 +50,18 @@ def _plain(*tensors: torch.Tensor) -> bool:
     return all(type(t) in (torch.Tensor, nn.Parameter) for t in tensors)
 
 
+def _rms_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """1 / sqrt(mean(x^2) + eps) per row, (..., 1)."""
+    return torch.linalg.vecdot(x, x).unsqueeze(-1).div_(x.shape[-1]).add_(eps).rsqrt_()
+
+
 class _RMSNormFn(torch.autograd.Function):
     """y = x * r * w with r = 1 / sqrt(mean(x^2) + eps) per row. Saves x * r (the normalised
     input) and r; backward: dx = r * (g w - xhat * mean(g w xhat)), dw = sum over rows of g xhat."""
 
     @staticmethod
     def forward(ctx, x, weight, eps: float):
-        r = torch.linalg.vecdot(x, x).unsqueeze(-1).div_(x.shape[-1]).add_(eps).rsqrt_()
+        r = _rms_scale(x, eps)
         xhat = x * r
         ctx.save_for_backward(xhat, r, weight)
         return xhat * weight
@@ -82,6 +87,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _cpu_fast(x) and _plain(x, self.weight):
+            if not torch.is_grad_enabled():  # the same values as _RMSNormFn, without autograd's bookkeeping
+                return torch.mul(x, _rms_scale(x, self.eps)).mul_(self.weight)
             return _RMSNormFn.apply(x, self.weight, self.eps)
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
@@ -102,6 +109,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + rot * sin).to(x.dtype)
 
 
+def _rope_rotate(x: torch.Tensor, cos: torch.Tensor, sin_h: torch.Tensor) -> torch.Tensor:
+    """out1 = x1 c - x2 s, out2 = x2 c + x1 s (rotate-half); `sin_h` is the first half of the sin table."""
+    h = x.shape[-1] // 2
+    out = torch.mul(x, cos)
+    out[..., :h].addcmul_(x[..., h:], sin_h, value=-1.0)
+    out[..., h:].addcmul_(x[..., :h], sin_h)
+    return out
+
+
 class _RopeFn(torch.autograd.Function):
     """Rotate-half RoPE: out1 = x1 c - x2 s, out2 = x2 c + x1 s, as x * cos over the full width
     (both halves of a table row are equal) plus one multiply-add per half. The map is a rotation,
@@ -109,12 +125,8 @@ class _RopeFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, cos, sin_h):
-        h = x.shape[-1] // 2
-        out = torch.mul(x, cos)
-        out[..., :h].addcmul_(x[..., h:], sin_h, value=-1.0)
-        out[..., h:].addcmul_(x[..., :h], sin_h)
         ctx.save_for_backward(cos, sin_h)
-        return out
+        return _rope_rotate(x, cos, sin_h)
 
     @staticmethod
     def backward(ctx, g):
@@ -127,10 +139,17 @@ class _RopeFn(torch.autograd.Function):
 
 
 def rope_bthd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on a (..., T, heads, head_dim) tensor with (T, head_dim) tables (rotate-half layout,
-    so the two halves of each table row are equal and only the first half of `sin` is read)."""
-    extra = (None,) * (x.dim() - 3)  # the heads axis, and a q/k axis when both are rotated at once
-    return _RopeFn.apply(x, cos[(slice(None),) + extra], sin[(slice(None),) + extra + (slice(0, x.shape[-1] // 2),)])
+    """RoPE on a (B, T, heads, head_dim) tensor (or (B, T, 2, heads, head_dim): queries and keys at
+    once) with (T, head_dim) tables, or (B, T, head_dim) tables of per-row positions (rotate-half
+    layout, so the two halves of each table row are equal and only the first half of `sin` is read)."""
+    if cos.dim() == 2:
+        extra = (None,) * (x.dim() - 3)  # the heads axis, and a q/k axis when both are rotated at once
+    else:
+        extra = (slice(None),) + (None,) * (x.dim() - 3)
+    c, s = cos[(slice(None),) + extra], sin[(slice(None),) + extra + (slice(0, x.shape[-1] // 2),)]
+    if not torch.is_grad_enabled():
+        return _rope_rotate(x, c, s)
+    return _RopeFn.apply(x, c, s)
 
 
 class KVCache(nn.Module):
@@ -196,7 +215,11 @@ class Attention(nn.Module):
     def project(self, x, cos, sin):
         """Queries, keys and values (B, heads, T, head_dim) with QK-norm and RoPE applied. `cos`/`sin`:
         (T, head_dim) tables, or (B, 1, T, head_dim) for per-row positions."""
-        if cos.dim() == 2 and _cpu_fast(x) and self._fusable():
+        if _cpu_fast(x) and self._fusable():
+            if cos.dim() == 4:  # per-row positions (decoding): (B, 1, T, head_dim) -> (B, T, head_dim)
+                cos, sin = cos[:, 0], sin[:, 0]
+            if not torch.is_grad_enabled():
+                return self._project_inference(x, cos, sin)
             return self._project_fused(x, cos, sin)
         B, T, _ = x.shape
         # heads are derived from the weight shapes so a tensor-parallel shard works unchanged
@@ -232,14 +255,30 @@ class Attention(nn.Module):
             q, k = rope_bthd(q, cos, sin), rope_bthd(k, cos, sin)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
+    def _project_inference(self, x, cos, sin):
+        """`project` without autograd (CPU fp32): three GEMMs on the weights as they are (the fused
+        GEMM would first copy the three weights into one, every call) and the RoPE kernel."""
+        B, T, _ = x.shape
+        q = F.linear(x, self.wq.weight).view(B, T, -1, self.hd)
+        k = F.linear(x, self.wk.weight).view(B, T, -1, self.hd)
+        v = F.linear(x, self.wv.weight).view(B, T, -1, self.hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rope_bthd(q, cos, sin), rope_bthd(k, cos, sin)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
     def forward(self, x, cos, sin, mask=None, pos: int | torch.Tensor = 0, attend=None):
         """`pos`: where this chunk's keys/values go in `self.cache` (when one is set up). `attend`:
         the attention core (q, k, v, mask) -> y, `sdpa_attend` by default; context parallelism passes
-        one that gathers keys/values across ranks."""
+        one that gathers keys/values across ranks. A mask narrower than the keys the cache returns
+        limits attention to the first mask-width slots (the engine's decode passes the live prefix
+        of its cache, rounded up, instead of every slot)."""
         B, T, _ = x.shape
         q, k, v = self.project(x, cos, sin)
         if self.cache is not None:
             k, v = self.cache.update(k, v, pos)
+            if isinstance(mask, torch.Tensor) and isinstance(k, torch.Tensor) and mask.shape[-1] < k.shape[2]:
+                k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]
         y = (attend or sdpa_attend)(q, k, v, mask)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -260,6 +299,9 @@ class SwiGLU(nn.Module):
         self.w2 = nn.Linear(hidden, d, bias=False)  # down
 
     def forward(self, x):
+        if not torch.is_grad_enabled():  # in place: no autograd graph needs the intermediates
+            h = F.silu(self.w1(x), inplace=True)
+            return self.w2(h.mul_(self.w3(x)))
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
