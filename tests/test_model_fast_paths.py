@@ -129,6 +129,31 @@ def test_inference_and_kv_cache_equal_the_plain_computation(monkeypatch, kw):
     _close(step, ref)
 
 
+@pytest.mark.parametrize("kw", [{}, {"n_kv_heads": 2, "qk_norm": True}])
+@pytest.mark.parametrize("narrow", [False, True])
+def test_per_row_decode_without_autograd_equals_the_plain_computation(monkeypatch, kw, narrow):
+    """Decoding with per-row positions under no_grad (the RMSNorm / RoPE kernels as plain functions,
+    per-row RoPE tables, in-place SwiGLU, an additive mask narrower than the cache) gives the
+    logits of the plain full forward at each row's own position."""
+    m = _model(**kw).eval()
+    x = torch.randint(0, 320, (2, 12))
+    lens = [7, 10]  # row r has lens[r] tokens in the cache and decodes token x[r, lens[r]]
+    S, width = 32, (16 if narrow else 32)
+    with torch.no_grad():
+        m.setup_cache(2, S)
+        m(x[:, :10], pos=0)  # prefill (row 0's slots 7..9 are overwritten / masked below)
+        pos = torch.tensor(lens)[:, None]
+        mask = torch.zeros(2, 1, 1, S).masked_fill_(torch.arange(S)[None, None, None, :] > pos[:, None, :, None],
+                                                    float("-inf"))
+        tok = x[torch.arange(2), torch.tensor(lens)][:, None]
+        got = m(tok, pos=pos, mask=mask[..., :width])[0][:, -1]
+        m.clear_cache()
+        with monkeypatch.context() as mp:
+            _plain(mp)
+            ref = torch.stack([m(x[r : r + 1, : lens[r] + 1])[0][0, -1] for r in range(2)])
+    _close(got, ref)
+
+
 def test_only_single_document_batches_drop_the_mask():
     one = torch.zeros(2, 10, dtype=torch.long)
     assert T.attention_mask(one, fast=True) is None

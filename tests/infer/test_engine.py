@@ -235,3 +235,24 @@ def test_sampling_values_that_would_give_nan_or_overflow_are_refused(bad):
     with pytest.raises(ConfigError):
         SamplingParams(**bad).validate()
     SamplingParams(temperature=1e-5, top_p=1e-6, repetition_penalty=0.01, seed=2**64 - 1).validate()
+
+
+@pytest.mark.parametrize("bucket", [4, 0])
+def test_decode_over_the_live_cache_prefix_equals_the_whole_cache(monkeypatch, bucket):
+    """Eager decode attends to the written slots rounded up to LIVE_BUCKET (here 4: the width
+    grows every few steps); greedy tokens and log-probs equal those of attention over every slot
+    (bucket 0)."""
+    from lmforge.infer import engine as E
+
+    m = _model()
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15]]
+    p = SamplingParams(max_new_tokens=20, temperature=0.0, stop_token_ids=(), logprobs=True)
+    with monkeypatch.context() as mp:
+        mp.setattr(E, "LIVE_BUCKET", 0)
+        ref = generate(m, prompts, p)
+    monkeypatch.setattr(E, "LIVE_BUCKET", bucket)
+    got = generate(m, prompts, p)
+    for a, b in zip(got, ref):
+        assert a.token_ids == b.token_ids
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+    assert got[0].token_ids == _greedy_plain(m, prompts[0], 20)
