@@ -302,3 +302,42 @@ def test_muon_update_equals_the_per_matrix_version(nesterov, wd):
         for p, q, b in zip(ps, qs, before):
             _close(p - b, q - b, rtol=0, atol=1e-3 * (q - b).abs().max().item())
             _close(opt.state[p]["momentum_buffer"], ref.state[q]["momentum_buffer"])
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_decode_layout_keeps_values_outputs_ties_and_saving(tmp_path, tie):
+    """`decode_layout` stores plain linear weights column-major: same parameters and values, the
+    same logits up to summation order, greedy decoding unchanged, tied weights still tied, LoRA-style
+    subclasses left alone, and the model still saves, loads and trains."""
+    from lmforge.infer.engine import SamplingParams, generate
+    from lmforge.model.io import load_model, save_model
+
+    m = Transformer(preset("tiny", vocab_size=320, max_seq_len=64, tie_embeddings=tie)).eval()
+
+    class Sub(torch.nn.Linear):
+        pass
+
+    m.layers[0].attn.wo.__class__ = Sub
+    ref = copy.deepcopy(m)
+    params = {n: p for n, p in m.named_parameters()}
+    n = T.decode_layout(m)
+    assert n == sum(1 for x in m.modules() if T.plain_linear(x))
+    assert {k: v for k, v in m.named_parameters()} == params  # the same Parameter objects
+    assert not m.layers[0].attn.wq.weight.is_contiguous() and m.layers[0].attn.wo.weight.is_contiguous()
+    assert (m.lm_head.weight is m.tok_emb.weight) == tie
+    for (k, a), b in zip(m.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(a, b), k
+    x = torch.randint(0, 320, (2, 20))
+    with torch.no_grad():
+        _close(m(x)[0], ref(x)[0])
+    p = SamplingParams(max_new_tokens=12, temperature=0.0, stop_token_ids=())
+    assert [c.token_ids for c in generate(m, [[1, 2, 3], [4, 5]], p)] == \
+        [c.token_ids for c in generate(ref, [[1, 2, 3], [4, 5]], p)]
+    save_model(m, tmp_path / "m")
+    back = load_model(tmp_path / "m")
+    for (k, a), b in zip(back.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(a, b), k
+    m.train()
+    _, loss = m(x, targets=x)
+    loss.backward()
+    assert m.layers[0].attn.wq.weight.grad is not None and torch.isfinite(loss)
