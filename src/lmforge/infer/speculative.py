@@ -46,6 +46,7 @@ import torch
 from lmforge.errors import ConfigError, InputError
 from lmforge.infer.engine import (Completion, ContextLimitError, SamplingParams, end_token_ids, process_logits,
                                   sample)
+from lmforge.infer.engine import _completion, _hit_stop  # the engine's stop-string cut and result, shared
 
 
 @dataclass
@@ -351,26 +352,6 @@ def _decode_one(target, proposer: Proposer, prompt, pi, si, params, tokenizer, s
                 break
     st.seconds = time.perf_counter() - t0
     return row, st
-
-
-def _hit_stop(row: _Seq, tokenizer, stops, max_stop: int) -> bool:
-    """True (and the sequence finished, its text cut) when a stop string appears in the text so far."""
-    tail = tokenizer.decode(row.tokens[-(max_stop + 8):])
-    if not any(s in tail for s in stops):
-        return False
-    text = tokenizer.decode(row.tokens)
-    at, which = min(((text.find(s), s) for s in stops if s in text), default=(-1, None))
-    if at < 0:
-        return False
-    row.finish, row.stop_reason, row.text = "stop", which, text[:at]
-    return True
-
-
-def _completion(row: _Seq, tokenizer, params: SamplingParams) -> Completion:
-    text = row.text if row.text is not None else (tokenizer.decode(row.tokens) if tokenizer is not None else None)
-    return Completion(prompt_index=row.prompt_index, sample_index=row.sample_index, token_ids=row.tokens, text=text,
-                      finish_reason=row.finish, prompt_tokens=row.prompt_len,
-                      logprobs=row.logprobs if params.logprobs else None, stop_reason=row.stop_reason)
 
 
 def speculative_generate(target, draft, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None,
