@@ -84,4 +84,22 @@ def load_model(path: str | Path, device="cpu", dtype=None, verify: bool = True):
     return model.eval(), ref
 
 
-__all__ = ["load_model", "load_model_and_tokenizer", "quantization_of"]
+def device_from_name(name: str):
+    """`torch.device` for a `--device` value: cpu, cuda, cuda:N or auto (CUDA when present).
+    ConfigError for a malformed name or CUDA asked for where there is none."""
+    import torch
+
+    from lmforge.errors import ConfigError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r}: use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available")
+    return dev
+
+
+__all__ = ["load_model", "load_model_and_tokenizer", "quantization_of", "device_from_name"]

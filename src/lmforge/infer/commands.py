@@ -69,27 +69,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     register_quantize(sub)  # lmforge quantize
 
 
-def _device(name: str):
-    import torch
-
-    from lmforge.errors import ConfigError
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device {name!r}: use cpu, cuda, cuda:N or auto") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available")
-    return dev
-
-
 def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from lmforge.errors import ConfigError
-    from lmforge.infer import load_model_and_tokenizer
+    from lmforge.infer import device_from_name, load_model_and_tokenizer
     from lmforge.infer.engine import SamplingParams, generate
 
     if args.max_new_tokens < 1:
@@ -98,7 +82,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                             top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=tuple(args.stop), n=args.n,
                             seed=args.seed)
     params.validate()
-    device = _device(args.device)
+    device = device_from_name(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     model, tok, ref = load_model_and_tokenizer(args.checkpoint, device=device, dtype=dtype, tokenizer=args.tokenizer)
     if args.chat:

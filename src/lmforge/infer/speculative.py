@@ -46,7 +46,7 @@ import torch
 from lmforge.errors import ConfigError, InputError
 from lmforge.infer.engine import (Completion, ContextLimitError, SamplingParams, end_token_ids, process_logits,
                                   sample)
-from lmforge.infer.engine import _completion, _hit_stop  # the engine's stop-string cut and result, shared
+from lmforge.infer.engine import _completion, _hit_stop, _Row  # the engine's stop-string cut and result, shared
 
 
 @dataclass
@@ -222,16 +222,7 @@ class DraftProposer(Proposer):
         self.model.clear_cache()
 
 
-@dataclass
-class _Seq:
-    prompt_index: int
-    sample_index: int
-    prompt_len: int
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    finish: str | None = None
-    stop_reason: int | str | None = None
-    text: str | None = None
+_Seq = _Row  # one sequence being generated: the engine's row record
 
 
 def check_prompts(prompts, vocab: int, ctx: int, who: str = "the model") -> list[list[int]]:

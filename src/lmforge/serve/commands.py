@@ -69,32 +69,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(func=_cmd_chat)
 
 
-def _device(name: str):
-    import torch
-
-    from lmforge.errors import ConfigError
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device {name!r}: use cpu, cuda, cuda:N or auto") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available")
-    return dev
-
-
 def _load(args):
     """(model, tokenizer, ModelRef): verified (checksums) before anything binds or prints a prompt."""
     import torch
 
     from lmforge.errors import InputError
-    from lmforge.infer import load_model_and_tokenizer
+    from lmforge.infer import device_from_name, load_model_and_tokenizer
 
     if not Path(args.checkpoint).exists():
         raise InputError(f"{args.checkpoint}: not found")
-    device = _device(args.device)
+    device = device_from_name(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     model, tok, ref = load_model_and_tokenizer(args.checkpoint, device=device, dtype=dtype, tokenizer=args.tokenizer)
     _check_chat_template(ref)
