@@ -38,6 +38,7 @@ accepted / proposed, tokens per target step = emitted / steps (plain decoding: 1
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -91,7 +92,7 @@ class SpecStats:
                 f"{self.tokens_per_step:.2f} tokens per target step ({self.emitted} tokens in {self.steps} steps)")
 
 
-class Proposer:
+class Proposer(ABC):
     """What the decoding loop asks of a guesser. `begin(prompt)` before a sequence (the target's
     prefill of prompt[:-1] has run; `hidden` is its last hidden state (1, d) or None);
     `propose(seq, m, params, seen, g)` -> (m guesses for positions len(seq) .., their
@@ -104,9 +105,10 @@ class Proposer:
 
     def begin(self, prompt: list[int], hidden: torch.Tensor | None) -> None: ...
 
+    @abstractmethod
     def propose(self, seq: list[int], m: int, params: SamplingParams, seen: torch.Tensor | None,
                 g: torch.Generator | None) -> tuple[list[int], torch.Tensor | None]:
-        raise NotImplementedError
+        """The m guesses and their distributions (each guesser implements it)."""
 
     def verified(self, n_before: int, m: int, accepted: int, hidden: torch.Tensor) -> None: ...
 
