@@ -432,6 +432,14 @@ def best(runs: list[dict]) -> dict:
     return max(runs, key=lambda r: r["rate"])
 
 
+def _result(*a, **k):
+    """The RESULT line run_all.py collects (benchmarks/_bench.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _bench import result
+
+    return result(*a, **k)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -541,6 +549,11 @@ def main(argv=None) -> int:
               f"{r['note']} |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+    if table:
+        _result("align_trl", min(r["ratio"] for r in table), GOAL,
+                "alignment speed, lmforge / TRL on the same data; headline = the lowest of "
+                + ", ".join(f"{r['stage']} {r['ratio']:.2f}x" for r in table),
+                **{r["stage"]: round(r["ratio"], 3) for r in table})
     return 0
 
 

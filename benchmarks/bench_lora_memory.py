@@ -234,6 +234,14 @@ def run_child(args, side: str, config: str, ck: Path, hf: Path) -> dict:
     return json.loads(lines[-1])
 
 
+def _result(*a, **k):
+    """The RESULT line run_all.py collects (benchmarks/_bench.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _bench import result
+
+    return result(*a, **k)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.one:
@@ -273,6 +281,13 @@ def main(argv=None) -> int:
               f"{r['load_peak']:,.0f} | {r['rss_imports']:,.0f} | {r['s_per_step']:.2f} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"config": vars(args), "rows": rows}, indent=1))
+    less = {r["config"]: peer[(r["config"], "hf")]["train_peak"] / r["train_peak"]
+            for r in rows if r["side"] == "lmforge" and "error" not in r and (r["config"], "hf") in peer}
+    if less:
+        _result("lora_memory", min(less.values()), 1.0,
+                "peak training memory, peer (transformers + peft / bitsandbytes) / lmforge, higher = lmforge uses less; "
+                "headline = the lowest of " + ", ".join(f"{k} {v:.2f}x" for k, v in less.items()),
+                **{k: round(v, 3) for k, v in less.items()})
     return 0
 
 

@@ -337,6 +337,14 @@ def summarize(side: dict, tokens_per_step: list[int], warmup: int) -> dict:
             "last5_loss": statistics.fmean(side["losses"][-5:]), "trainable": side["trainable"]}
 
 
+def _result(*a, **k):
+    """The RESULT line run_all.py collects (benchmarks/_bench.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _bench import result
+
+    return result(*a, **k)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -428,6 +436,11 @@ def main(argv=None) -> int:
               f"{r['lmforge']['last_loss']:.4f} / {r['trl']['last_loss']:.4f} | >= {GOAL}x: {met} |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
+    if table:
+        _result("sft_trl", min(r["ratio"] for r in table), GOAL,
+                "SFT tokens/s, lmforge / TRL SFTTrainer (+ peft), same rows and init; headline = the lower of "
+                + ", ".join(f"{r['mode']} {r['ratio']:.2f}x" for r in table),
+                **{r["mode"]: round(r["ratio"], 3) for r in table})
     return 0
 
 
