@@ -26,9 +26,10 @@ vocabulary 50304 rows = the tokenizer's ids + `[PAD]` rows, tied head, random we
     `Llama.generate(temp=0)` vs `lmforge.infer.engine.generate(temperature=0)`, no stop tokens. On the
     trained demo model this must match; on random weights near-ties can flip a token (reported).
 (c) Decode tokens/s, batch 1, the same thread count on both sides (1 and 2): llama.cpp f32 vs our
-    fp32, llama.cpp q8_0 vs our int8 (`lmforge.infer.quantize.quantize_model(model, "int8")`: weight-
-    only per-channel int8 linears; the tied head stays fp32 — it cannot be quantized while tied, so
-    our int8 model reads more bytes per token than q8_0, which quantizes token_embd/head too).
+    fp32, llama.cpp q8_0 vs our int8 (`lmforge.infer.quantize.quantize_model(model, "int8",
+    include_head=True)`: per-channel int8 linears, the tied head included as its own int8 copy, as
+    q8_0 quantizes token_embd/head; batch-1 decode runs torch's fbgemm `quantized::linear_dynamic`,
+    which quantizes the activation row to 8 bits on the fly — q8_0's matmuls do the same).
     Timer: from the call to the last of `--tokens` new tokens, i.e. prefill of the short prompt +
     decode + greedy pick on both sides (llama.cpp: `Llama.generate` with its C greedy sampler; ours:
     `engine.generate`). Not timed: loading the model / GGUF, building the KV cache ahead of time in
@@ -186,7 +187,7 @@ def ours_bytes_per_token(model) -> int:
     from lmforge.infer.quantize import model_bytes
 
     n = model_bytes(model)
-    if not model.cfg.tie_embeddings:
+    if getattr(model.lm_head, "weight", None) is not model.tok_emb.weight:  # untied, or a quantized copy of the head
         n -= model.tok_emb.weight.numel() * model.tok_emb.weight.element_size()
     return n
 
@@ -422,7 +423,7 @@ def main() -> int:
         summary[label] = {"a": {k: v for k, v in a.items() if k != "examples"}, "greedy_identical": f"{same}/{len(prompts)}"}
         # (c)
         qmodel, _, _ = load_model_and_tokenizer(path)
-        quantize_model(qmodel, "int8")
+        quantize_model(qmodel, "int8", include_head=True)
         bpt = {"ours fp32": ours_bytes_per_token(model), "ours int8": ours_bytes_per_token(qmodel),
                "llama.cpp f32": gguf_bytes_per_token(files["f32"]), "llama.cpp q8_0": gguf_bytes_per_token(files["q8_0"])}
         print("bytes of weights read per token: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in bpt.items()))

@@ -159,6 +159,21 @@ def test_compiled_decode_step_gives_the_same_tokens():
     m.clear_cache()
 
 
+def test_compiled_decode_of_an_int8_model_on_cpu(monkeypatch):
+    # inductor cannot lower the CPU bf16 int8 kernel: inside the compiled step the int8 layers trace as
+    # dequantize-and-matmul (this call used to fail with an inductor LoweringException)
+    from lmforge.infer.quantize import quantize_model
+
+    m = _model()
+    quantize_model(m, "int8")
+    p = SamplingParams(max_new_tokens=4, temperature=0, stop_token_ids=[])
+    out = generate(m, [[1, 2, 3, 4]], p, compile=True)
+    from lmforge.infer.quantize import Int8Linear
+
+    monkeypatch.setattr(Int8Linear, "kernel_rows", 0)  # eager through the same dequantize-and-matmul
+    assert out[0].token_ids == generate(m, [[1, 2, 3, 4]], p)[0].token_ids
+
+
 # ---- engine speed: chunked prefill, threads per phase, the compiled step's kept cache ----------
 
 @pytest.mark.parametrize("chunk", [1, 4, 7])

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from lmforge.errors import ConfigError, InputError
 from lmforge.infer import quantize as Q
@@ -131,21 +132,25 @@ def test_quantize_targets_head_and_errors():
                                                                 for w in ("attn.wq", "mlp.w2")]
     m2 = _model(tie_embeddings=False)
     assert "lm_head" in Q.quantize_model(m2, "nf4", include_head=True)
-    with pytest.raises(ConfigError, match="tied"):
-        Q.quantize_model(_model(), "int8", targets=("lm_head",))
+    tied = _model()
+    emb = tied.tok_emb.weight.detach().clone()
+    assert Q.quantize_model(tied, "int8", targets=("lm_head",)) == ["lm_head"]  # a tied head: its own copy
+    assert isinstance(tied.lm_head, Q.Int8Linear) and torch.equal(tied.tok_emb.weight, emb)
+    torch.testing.assert_close(tied.lm_head.dequantize(), emb, atol=emb.abs().max().item() / 127, rtol=0)
     with pytest.raises(ConfigError, match="unknown quantization kind 'int3'"):
         Q.quantize_model(_model(), "int3")
     with pytest.raises(ConfigError, match="match no linear layer"):
         Q.quantize_model(_model(), "int8", targets=("nope",))
 
 
-@pytest.mark.parametrize("kind", ["int8", "int4", "nf4"])
-def test_quantized_model_round_trips_through_safetensors(kind, tmp_path):
-    m = _model()
+@pytest.mark.parametrize("kind,head", [("int8", False), ("int4", False), ("nf4", False), ("int8", True)])
+def test_quantized_model_round_trips_through_safetensors(kind, head, tmp_path):
+    m = _model()  # a tied head: with `head`, quantized as its own copy
     before = Q.model_bytes(m)
-    Q.quantize_model(m, kind, group_size=64)
+    Q.quantize_model(m, kind, group_size=64, include_head=head)
+    assert ("lm_head" in Q.quantization_map(m)) == head
     after = Q.model_bytes(m)
-    assert after < before * (0.5 if kind == "int8" else 0.4)
+    assert after < before * (0.5 if kind == "int8" else 0.4) * (1.5 if head else 1)
     path = Q.save_quantized(m, tmp_path / "q.safetensors")
     fresh = _model()
     with torch.no_grad():
@@ -346,3 +351,47 @@ def test_gptq_refuses_bad_calibration():
         gptq_quantize_model(_model(), [list(range(40))], "int4", group_size=32)
     with pytest.raises(ConfigError, match="GPTQ quantizes to"):
         gptq_quantize_model(_model(), [[1, 2]], "nf4")
+
+
+def _int8_layer(out_features=96, in_features=64, bias=False):
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(in_features, out_features, bias=bias)
+    return Q.Int8Linear.from_linear(lin)
+
+
+@pytest.mark.skipif(not Q.fbgemm_available(), reason="this torch build has no fbgemm (x86 quantized engine)")
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_single_row_decode_runs_the_dynamic_kernel_close_to_weight_only(bias, monkeypatch):
+    q = _int8_layer(bias=bias)
+    x = torch.randn(1, 1, 64)
+    exact = F.linear(x, q.dequantize(), q.bias)
+    calls = []
+    real = torch.ops.quantized.linear_dynamic
+    monkeypatch.setattr(torch.ops.quantized, "linear_dynamic", lambda *a: calls.append(1) or real(*a), raising=False)
+    with torch.no_grad():
+        monkeypatch.setenv("LMFORGE_INT8_DECODE", "dynamic")
+        y = q(x)
+        assert calls, "one fp32 row on CPU goes through quantized::linear_dynamic"
+        assert _rel(y, exact) < 0.02  # activations quantized to 8 bits on the fly
+        calls.clear()
+        y2 = q(torch.cat([x, x], dim=1))  # two rows: never one shared activation scale
+        assert not calls
+        torch.testing.assert_close(y2[:, 0], y2[:, 1])
+        monkeypatch.setenv("LMFORGE_INT8_DECODE", "weight-only")
+        y3 = q(x)
+        assert not calls and _rel(y3, exact) < 0.01
+        monkeypatch.setenv("LMFORGE_INT8_DECODE", "fast")
+        with pytest.raises(ConfigError, match="LMFORGE_INT8_DECODE='fast'"):
+            q(x)
+
+
+@pytest.mark.skipif(not Q.fbgemm_available(), reason="this torch build has no fbgemm (x86 quantized engine)")
+def test_int8_dynamic_kernel_follows_reloaded_weights():
+    q = _int8_layer()
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        q(x)  # packs the weight
+        other = _int8_layer(out_features=96)
+        other.weight.mul_(-1)
+        q.load_state_dict(other.state_dict())
+        torch.testing.assert_close(q(x), F.linear(x, other.dequantize()), rtol=0.02, atol=0.05)

@@ -41,6 +41,8 @@ from __future__ import annotations
 
 import abc
 import json
+import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -178,11 +180,47 @@ def _int8_kernel_ok(x: torch.Tensor) -> bool:
     return x.dtype == torch.float32 or x.shape[-1] % 16 == 0
 
 
+def int8_decode_mode() -> str:
+    """How a single-row fp32 call of `Int8Linear` runs on CPU: "dynamic" (default where torch has
+    fbgemm: `quantized::linear_dynamic`, the activation row quantized to 8 bits on the fly, int8 x
+    int8 products accumulated in int32 — the precision class of llama.cpp's q8_0, whose matmuls also
+    quantize the activations to 8 bits) or "weight-only" (the bf16-activation `_weight_int8pack_mm`
+    path; exactly the dequantized weights' result up to bf16 rounding of the activations).
+    `LMFORGE_INT8_DECODE=weight-only|dynamic` overrides; `Int8Linear.decode_mode` sets the default."""
+    env = os.environ.get("LMFORGE_INT8_DECODE", "").strip()
+    mode = env or Int8Linear.decode_mode
+    if mode not in ("dynamic", "weight-only"):
+        raise ConfigError(f"LMFORGE_INT8_DECODE={env!r}: choose 'dynamic' or 'weight-only'")
+    return mode
+
+
+_FBGEMM: bool | None = None
+
+
+def fbgemm_available() -> bool:
+    """Whether this torch build has the x86 quantized engine (fbgemm) for `quantized::linear_dynamic`."""
+    global _FBGEMM
+    if _FBGEMM is None:
+        engines = torch.backends.quantized.supported_engines
+        _FBGEMM = "fbgemm" in engines and torch.backends.quantized.engine in ("x86", "fbgemm")
+    return _FBGEMM
+
+
+def _int8_dynamic_ok(x: torch.Tensor) -> bool:
+    """One fp32 row on CPU (decode at batch 1) with fbgemm present and the dynamic mode chosen. One
+    row only: the op quantizes its whole input with one scale, so rows of a batch would otherwise
+    share a scale (and each row's result would depend on its neighbours)."""
+    return (x.shape[0] == 1 and x.dtype == torch.float32 and x.device.type == "cpu"
+            and not torch.compiler.is_compiling() and fbgemm_available() and int8_decode_mode() == "dynamic")
+
+
 def _int8_decode_kernel_ok(x: torch.Tensor, kernel_rows: int) -> bool:
     """Decode-shaped CPU calls (at most `kernel_rows` rows) go through `_weight_int8pack_mm` with
-    bf16 activations when the CPU has native bf16 and the width is a multiple of 16."""
+    bf16 activations when the CPU has native bf16 and the width is a multiple of 16. Not inside
+    `torch.compile` (inductor cannot lower the bf16 CPU kernel; the traced dequantize-and-matmul is
+    what it fuses)."""
     return (kernel_rows > 0 and x.shape[0] <= kernel_rows and x.device.type == "cpu" and x.shape[-1] % 16 == 0
-            and x.dtype in (torch.float32, torch.bfloat16) and cpu_has_bf16())
+            and x.dtype in (torch.float32, torch.bfloat16) and cpu_has_bf16() and not torch.compiler.is_compiling())
 
 
 class Int8Linear(QuantizedLinear):
@@ -191,6 +229,7 @@ class Int8Linear(QuantizedLinear):
     kind = "int8"
     use_kernel = False  # every call through `_weight_int8pack_mm` in the input's dtype (see `_int8_kernel_ok`)
     kernel_rows = 16  # calls of <= this many rows: the bf16 kernel on CPUs with native bf16 (0 = never)
+    decode_mode = "dynamic"  # single-row fp32 CPU calls: see `int8_decode_mode`
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype = torch.float32,
                  device=None):
@@ -227,6 +266,8 @@ class Int8Linear(QuantizedLinear):
     def _matmul(self, x: torch.Tensor, kernel: bool = True) -> torch.Tensor:
         if _int8_kernel_ok(x):
             return torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.weight, self.scale.to(x.dtype))
+        if kernel and self.kernel_rows > 0 and _int8_dynamic_ok(x):
+            return torch.ops.quantized.linear_dynamic(x.contiguous(), self._fbgemm_packed(), False)
         if kernel and _int8_decode_kernel_ok(x, self.kernel_rows):
             xb = x.to(torch.bfloat16).contiguous()
             return torch.ops.aten._weight_int8pack_mm(xb, self.weight, self._scale_bf16()).to(x.dtype)
@@ -244,12 +285,28 @@ class Int8Linear(QuantizedLinear):
             c = self.__dict__["_sb"] = self.scale.to(torch.bfloat16)
         return c
 
-    def _apply(self, fn, recurse=True):
+    def _fbgemm_packed(self):
+        """fbgemm's packed form of the int8 weight and per-channel scales (no bias: `forward` adds
+        it, as on every path), built on first use and kept (one more byte per weight) until the module is moved or reloaded."""
+        c = self.__dict__.get("_fb")
+        if c is None:
+            with warnings.catch_warnings():  # torch's qint8 tensor type is marked deprecated; the op is not
+                warnings.simplefilter("ignore")
+                q = torch._make_per_channel_quantized_tensor(
+                    self.weight, self.scale.double(), torch.zeros(self.out_features, dtype=torch.long), 0)
+                c = self.__dict__["_fb"] = torch.ops.quantized.linear_prepack(q, None)
+        return c
+
+    def _drop_caches(self) -> None:
         self.__dict__.pop("_sb", None)
+        self.__dict__.pop("_fb", None)
+
+    def _apply(self, fn, recurse=True):
+        self._drop_caches()
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self.__dict__.pop("_sb", None)
+        self._drop_caches()
         return super()._load_from_state_dict(*args, **kwargs)
 
 
@@ -546,17 +603,15 @@ def _matches(name: str, targets) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def _tied_head(model: nn.Module, name: str, module: nn.Module) -> bool:
-    emb = getattr(model, "tok_emb", None)
-    return emb is not None and getattr(module, "weight", None) is emb.weight
-
-
 def quantize_model(model: nn.Module, kind: str = "int8", targets=None, include_head: bool = False,
                    block_size: int = 64, group_size: int = 128) -> list[str]:
     """Swap `nn.Linear` modules of `model` in place for quantized ones of `kind` ("int8" | "int4" |
     "nf4"; `group_size` for int4, `block_size` for NF4); returns the swapped module names.
-    `targets`: module-name suffixes ("wq", "w1", "lm_head", ...); None = every linear layer except the output head (`include_head` adds it). The embedding is
-    never quantized, nor a head whose weight is tied to it (ConfigError when asked to)."""
+    `targets`: module-name suffixes ("wq", "w1", "lm_head", ...); None = every linear layer except
+    the output head (`include_head` adds it). The embedding is never quantized; a head whose weight
+    is tied to it, when asked for, gets its own quantized copy (the embedding stays as it is, so
+    the checkpoint then holds both: the embedding is read one row per token, the head in full —
+    llama.cpp's q8_0 quantizes the shared matrix for both)."""
     chosen = select_linears(model, kind, targets, include_head)
     cls = KINDS[kind]
     if cls is Int4Linear:
@@ -585,10 +640,6 @@ def select_linears(model: nn.Module, kind: str, targets=None, include_head: bool
         wanted = _matches(name, targets) if targets is not None else (include_head or not is_head)
         if not wanted:
             continue
-        if _tied_head(model, name, mod):
-            if targets is None and not include_head:
-                continue
-            raise ConfigError(f"cannot quantize {name}: its weight is tied to the embedding")
         chosen.append(name)
     if targets is not None and not chosen:
         raise ConfigError(f"quantization targets {list(targets)} match no linear layer of the model")
@@ -621,7 +672,8 @@ def model_bytes(model: nn.Module) -> int:
 
 def _state_for_save(model: nn.Module) -> dict[str, torch.Tensor]:
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    if getattr(getattr(model, "cfg", None), "tie_embeddings", False):
+    head = getattr(model, "lm_head", None)
+    if getattr(getattr(model, "cfg", None), "tie_embeddings", False) and not isinstance(head, QuantizedLinear):
         sd.pop("lm_head.weight", None)  # shared with tok_emb.weight, stored once (as model.safetensors does)
     return sd
 

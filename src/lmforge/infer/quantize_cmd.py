@@ -58,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing activation energy")
     q.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, a fraction of the mean Hessian diagonal "
                                                             "(default 0.01)")
-    q.add_argument("--include-head", action="store_true", help="quantize the output head too (never a tied one)")
+    q.add_argument("--include-head", action="store_true", help="quantize the output head too (a tied head gets its own quantized copy)")
     q.add_argument("--tokenizer", help="tokenizer directory or tokenizer.json (default: the model's own copy, else the run's)")
     q.set_defaults(func=_cmd_quantize)
 
@@ -283,7 +283,7 @@ def quantize_checkpoint(model_path: str | Path, kind: str, out: str | Path, incl
         raise InputError(f"{ref.path} is already quantized: quantize the dense model instead")
     model, tok, ref = load_model_and_tokenizer(model_path, tokenizer=tokenizer)
     model.float()
-    select_linears(model, base, None, include_head)  # a tied head asked for: one line now, not after GPTQ
+    select_linears(model, base, None, include_head)  # an unknown method: one line now, not after loading data
     source, seqs, nbytes = heldout_sequences(ref.path, tok, model.cfg.max_seq_len)
     if not seqs:
         raise InputError(f"no held-out text to measure perplexity on ({source})")
