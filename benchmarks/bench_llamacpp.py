@@ -240,7 +240,10 @@ def ours_greedy(model, prompt: list[int], n: int) -> tuple[list[int], float]:
     from lmforge.infer.engine import SamplingParams, generate
 
     t = time.perf_counter()
-    c = generate(model, [prompt], SamplingParams(max_new_tokens=n, temperature=0.0, stop_token_ids=[]))[0]
+    # the decode at the thread count the caller set (llama.cpp is given the same count), not the
+    # engine's own choice between 1 and that count
+    c = generate(model, [prompt], SamplingParams(max_new_tokens=n, temperature=0.0, stop_token_ids=[]),
+                 decode_threads=torch.get_num_threads())[0]
     return c.token_ids, time.perf_counter() - t
 
 

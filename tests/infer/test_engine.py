@@ -192,7 +192,7 @@ def test_chunked_prefill_gives_the_same_tokens_and_logprobs(chunk):
 
 
 def test_decode_runs_on_its_own_thread_count_and_restores_the_callers(monkeypatch):
-    from lmforge.infer.engine import DECODE_SINGLE_THREAD_ROWS, decode_threads_for
+    from lmforge.infer.engine import AUTO_THREADS, DECODE_SINGLE_THREAD_ROWS, LAST_TUNER, ThreadTuner, decode_threads_for
 
     m = _model()
     before = torch.get_num_threads()
@@ -201,12 +201,17 @@ def test_decode_runs_on_its_own_thread_count_and_restores_the_callers(monkeypatc
         during = []
         p = SamplingParams(max_new_tokens=3, temperature=0, stop_token_ids=[])
         out = generate(m, [[1, 2, 3]], p, on_token=lambda *a: during.append(torch.get_num_threads()))
-        assert during == [1, 1, 1] and torch.get_num_threads() == 2  # batch 1: one thread, then restored
+        # batch 1: the tuner alternates 1 and 2 threads over its first steps, then the caller's count is back
+        assert LAST_TUNER[0].choices == [1, 2] and torch.get_num_threads() == 2
+        during.clear()
+        generate(m, [[1, 2, 3]], p, decode_threads=1, on_token=lambda *a: during.append(torch.get_num_threads()))
+        assert during == [1, 1, 1] and torch.get_num_threads() == 2 and LAST_TUNER[0] is None
         during.clear()
         generate(m, [[1, 2, 3]], p, decode_threads=2, on_token=lambda *a: during.append(torch.get_num_threads()))
         assert during == [2, 2, 2]
         rows = DECODE_SINGLE_THREAD_ROWS + 1
-        assert decode_threads_for(1) == 1 and decode_threads_for(rows) is None and decode_threads_for(1, "meta") is None
+        assert decode_threads_for(1) == AUTO_THREADS and decode_threads_for(rows) is None
+        assert decode_threads_for(1, "meta") is None
         monkeypatch.setenv("LMFORGE_DECODE_THREADS", "2")
         assert decode_threads_for(1) == 2
         during.clear()
@@ -217,6 +222,52 @@ def test_decode_runs_on_its_own_thread_count_and_restores_the_callers(monkeypatc
             generate(m, [[1, 2, 3]], p)
         with pytest.raises(ConfigError, match="decode_threads"):
             generate(m, [[1, 2, 3]], p, decode_threads=0)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_thread_tuner_keeps_the_faster_count_and_probes_again():
+    from lmforge.infer.engine import ThreadTuner
+
+    t = ThreadTuner(2)
+    cost = {1: 1.0, 2: 0.6}  # 2 threads faster
+    ran = []
+    for step in range(2 * t.PROBE + 10):
+        th = t.threads(step)
+        ran.append(th)
+        t.record(step, th, cost[th])
+    assert ran[: 2 * t.PROBE] == [1, 2] * t.PROBE and set(ran[2 * t.PROBE :]) == {2}
+    cost = {1: 0.5, 2: 2.0}  # another job started: 2 threads now slower
+    for step in range(2 * t.PROBE + 10, t.REPROBE + 2 * t.PROBE + 5):
+        th = t.threads(step)
+        ran.append(th)
+        t.record(step, th, cost[th])
+    assert ran[-1] == 1 and t.best == 1 and t.choices == ran
+
+
+def test_decode_tunes_threads_to_the_faster_count(monkeypatch):
+    # a model step that is much slower at 2 threads (as on a machine whose other core is busy)
+    import time as _time
+
+    from lmforge.infer import engine as E
+
+    m = _model()
+    real = E.decode_step
+
+    def slow_at_two(model, *a):
+        if torch.get_num_threads() == 2:
+            _time.sleep(0.01)
+        return real(model, *a)
+
+    monkeypatch.setattr(E, "decode_step", slow_at_two)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        p = SamplingParams(max_new_tokens=16, temperature=0, stop_token_ids=[])
+        out = E.generate(m, [[1, 2, 3]], p)
+        choices = E.LAST_TUNER[0].choices
+        assert choices[6:] == [1] * (len(choices) - 6) and torch.get_num_threads() == 2
+        assert out[0].token_ids == E.generate(m, [[1, 2, 3]], p, decode_threads=1)[0].token_ids
     finally:
         torch.set_num_threads(before)
 

@@ -21,11 +21,15 @@ capture — with CUDA graphs on GPU):
 
 Speed (docs/inference.md, "Engine speed"):
 - threads per phase (CPU): the prefill runs at the caller's `torch.get_num_threads()` (GEMMs that
-  use every core), the decode at `decode_threads` — by default 1 while the batch has at most
-  `DECODE_SINGLE_THREAD_ROWS` rows (batch-1 decode is a chain of small GEMVs bound by memory
-  bandwidth, where a second intra-op thread measured 2-4x *slower* on this project's 2-core
-  machine, far worse when the cores are shared), else the caller's count. `LMFORGE_DECODE_THREADS`
-  overrides the default; the caller's thread count is restored afterwards.
+  use every core). Batch-1 decode is a chain of small GEMVs bound by memory bandwidth, where the
+  best intra-op thread count depends on what else the machine runs: measured on this project's
+  2-core machine, 2 threads decode 1.4-1.7x faster than 1 when the other core is idle and 2x
+  *slower* when another process keeps it busy (the threads wait for each other at every op). So
+  while the batch has at most `DECODE_SINGLE_THREAD_ROWS` rows the decode tunes itself
+  (`ThreadTuner`): it times its own steps at 1 thread and at the caller's count, alternating, keeps
+  the faster, and probes again every `ThreadTuner.REPROBE` steps; larger batches decode at the
+  caller's count. `decode_threads=N` or `LMFORGE_DECODE_THREADS=N` fixes the count; the caller's
+  count is restored afterwards.
 - chunked prefill: prompts longer than `prefill_chunk` tokens (default `PREFILL_CHUNK`) go through
   the cache in chunks (each chunk's queries attend to the cache so far), so the attention scores
   and activations of a long prompt never exist at full length at once;
@@ -49,8 +53,9 @@ leaves no room at all is refused with `ContextLimitError`.
 from __future__ import annotations
 
 import contextlib
-import weakref
 import os
+import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -68,9 +73,13 @@ DECODE_SINGLE_THREAD_ROWS = 4  # CPU decode batches up to this many rows run on 
 LIVE_BUCKET = 256  # eager decode attends to the written cache slots rounded up to a multiple of this
 
 
-def decode_threads_for(rows: int, device: torch.device | str = "cpu") -> int | None:
-    """The intra-op threads the decode phase runs on for a batch of `rows` (None: leave torch's
-    setting alone — GPU, or a larger CPU batch). `LMFORGE_DECODE_THREADS=N` forces N on CPU."""
+AUTO_THREADS = "auto"
+
+
+def decode_threads_for(rows: int, device: torch.device | str = "cpu") -> int | str | None:
+    """The intra-op threads the decode phase runs on for a batch of `rows`: None (leave torch's
+    setting alone — GPU, or a larger CPU batch), `AUTO_THREADS` (small CPU batches: `ThreadTuner`
+    picks 1 or the caller's count from measured step times), or N from `LMFORGE_DECODE_THREADS=N`."""
     if torch.device(device).type != "cpu":
         return None
     env = os.environ.get("LMFORGE_DECODE_THREADS", "").strip()
@@ -82,7 +91,44 @@ def decode_threads_for(rows: int, device: torch.device | str = "cpu") -> int | N
         if n < 1:
             raise ConfigError(f"LMFORGE_DECODE_THREADS={env!r}: expected a positive integer")
         return n
-    return 1 if rows <= DECODE_SINGLE_THREAD_ROWS else None
+    return AUTO_THREADS if rows <= DECODE_SINGLE_THREAD_ROWS else None
+
+
+class ThreadTuner:
+    """Chooses the intra-op thread count of each decode step between 1 and `most` from the step
+    times it measures: the first `2 * PROBE` steps alternate the two counts, the count with the
+    smaller median step time is kept, and every `REPROBE` steps the probe runs again (another job
+    may have started or ended). Only the model step is timed (the sampling around it is the same
+    either way)."""
+
+    PROBE = 3  # timed steps per candidate in one probe
+    REPROBE = 96  # steps between probes
+
+    def __init__(self, most: int):
+        self.candidates = (1, most)
+        self.best = 1
+        self.times: dict[int, list[float]] = {1: [], most: []}
+        self.probing_from = 0
+        self.choices: list[int] = []  # the count each step ran at (tests, benchmarks)
+
+    def threads(self, step: int) -> int:
+        k = step - self.probing_from
+        if k < 2 * self.PROBE:
+            return self.candidates[k % 2]
+        if k == 2 * self.PROBE:
+            med = {c: sorted(v)[len(v) // 2] for c, v in self.times.items() if v}
+            self.best = min(med, key=med.get) if len(med) == 2 else self.best
+            for v in self.times.values():
+                v.clear()
+        if k >= self.REPROBE:
+            self.probing_from = step
+            return self.candidates[0]
+        return self.best
+
+    def record(self, step: int, threads: int, seconds: float) -> None:
+        self.choices.append(threads)
+        if step - self.probing_from < 2 * self.PROBE:
+            self.times[threads].append(seconds)
 
 
 @contextlib.contextmanager
@@ -383,17 +429,32 @@ def _generate_chunk(model, prompts, first_index, params, tokenizer, stop_ids, g,
     mask = torch.zeros(rows, 1, 1, S, dtype=dtype, device=device)
     mask.masked_fill_((torch.arange(S, device=device)[None, :] >= pos[:, None])[:, None, None, :], float("-inf"))
     step_fn = _decode_fn(model, compile)
-    with intra_op_threads(threads):
-        _decode_loop(model, params, tokenizer, stop_ids, g, on_token, state, logits, seen, pos, mask, S, step_fn,
-                     live_bucket=0 if compile else LIVE_BUCKET, max_len=L)
+    tuner = None
+    if threads == AUTO_THREADS:
+        most = torch.get_num_threads()
+        threads = 1 if most == 1 else None
+        if most > 1:
+            tuner = ThreadTuner(most)
+    caller = torch.get_num_threads()
+    try:
+        with intra_op_threads(threads):
+            _decode_loop(model, params, tokenizer, stop_ids, g, on_token, state, logits, seen, pos, mask, S, step_fn,
+                         live_bucket=0 if compile else LIVE_BUCKET, max_len=L, tuner=tuner)
+    finally:
+        if torch.get_num_threads() != caller:  # the tuner's last choice
+            torch.set_num_threads(caller)
+    LAST_TUNER[0] = tuner
     for row in state:
         if row.finish is None:  # cannot happen: every row ends by length at the latest
             row.finish = "length"
     return [_completion(row, tokenizer, params) for row in state]
 
 
+LAST_TUNER: list = [None]  # the ThreadTuner of the last generate call on this process (tests, benchmarks)
+
+
 def _decode_loop(model, params, tokenizer, stop_ids, g, on_token, state, logits, seen, pos, mask, S, step_fn,
-                 live_bucket: int = 0, max_len: int = 0):
+                 live_bucket: int = 0, max_len: int = 0, tuner: ThreadTuner | None = None):
     """`live_bucket` > 0: each step attends only to the first slots that any row has written,
     rounded up to a multiple of `live_bucket` (a few static shapes), not to all S slots; `max_len`
     is the longest prompt (the first decode step writes slot max_len at the latest)."""
@@ -436,7 +497,15 @@ def _decode_loop(model, params, tokenizer, stop_ids, g, on_token, state, logits,
             live = -(-(max_len + step + 1) // live_bucket) * live_bucket  # slots 0..max_len+step are written
             if live < S:
                 m = mask[..., :live]
-        logits = step_fn(model, nxt[:, None], p, m)
+        if tuner is None:
+            logits = step_fn(model, nxt[:, None], p, m)
+        else:
+            th = tuner.threads(step)
+            if th != torch.get_num_threads():
+                torch.set_num_threads(th)
+            t0 = time.perf_counter()
+            logits = step_fn(model, nxt[:, None], p, m)
+            tuner.record(step, th, time.perf_counter() - t0)
         pos = pos + 1
 
 
@@ -462,6 +531,7 @@ def _completion(row: _Row, tokenizer, params: SamplingParams) -> Completion:
 
 __all__ = ["SamplingParams", "Completion", "ContextLimitError", "generate", "decode_step", "process_logits", "sample",
            "end_token_ids", "prefill", "release_cache", "decode_threads_for", "intra_op_threads", "PREFILL_CHUNK",
+           "ThreadTuner", "AUTO_THREADS",
            "DECODE_SINGLE_THREAD_ROWS"]
 
 
