@@ -192,7 +192,7 @@ def test_chunked_prefill_gives_the_same_tokens_and_logprobs(chunk):
 
 
 def test_decode_runs_on_its_own_thread_count_and_restores_the_callers(monkeypatch):
-    from lmforge.infer.engine import AUTO_THREADS, DECODE_SINGLE_THREAD_ROWS, LAST_TUNER, ThreadTuner, decode_threads_for
+    from lmforge.infer.engine import AUTO_THREADS, DECODE_SINGLE_THREAD_ROWS, LAST_TUNER, decode_threads_for
 
     m = _model()
     before = torch.get_num_threads()
