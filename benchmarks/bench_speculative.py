@@ -31,6 +31,8 @@ pair (a larger target with a distilled student is where a draft pays off).
 
     python benchmarks/bench_speculative.py --prepare          # trains the draft + heads once (minutes), then measures
     python benchmarks/bench_speculative.py --no-hf            # lmforge rows only
+    python benchmarks/bench_speculative.py --random-target --no-hf --self-draft int8,int4   # the target's own
+                                     # int8 / int4 copy as the draft, on a 124M-shape random-weight target
 """
 
 from __future__ import annotations
@@ -108,6 +110,12 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=2, help="interleaved timing rounds; the best of each row is kept")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers rows")
+    ap.add_argument("--self-draft", default="",
+                    help="comma list of int8 / int4: also decode with the target's own quantized copy as the draft "
+                         "(`quantize_model(copy, kind, include_head=True)`)")
+    ap.add_argument("--random-target", action="store_true",
+                    help="the target is a random-weight 124M-shape model (12 x 768, the demo tokenizer's vocabulary) "
+                         "instead of --target's weights: a size where the weights, not per-call overhead, set the step time")
     args = ap.parse_args()
 
     import torch
@@ -125,12 +133,29 @@ def main() -> int:
 
     target, tok, tref = load_model_and_tokenizer(args.target)
     draft, dref = load_model(draft_path) if Path(draft_path).exists() else (None, None)
+    if args.random_target:
+        from lmforge.model import Transformer, preset
+
+        if not args.no_hf or args.draft or args.medusa:
+            raise SystemExit("--random-target runs the lmforge rows only: pass --no-hf, and no --draft / --medusa")
+        torch.manual_seed(0)
+        target = Transformer(preset("124m", vocab_size=target.cfg.vocab_size, max_seq_len=1024)).eval()
+        draft = dref = None
+        medusa_path = "/nonexistent"
+    self_drafts = {}
+    for kind in filter(None, args.self_draft.split(",")):
+        import copy
+
+        from lmforge.infer.quantize import quantize_model
+
+        self_drafts[kind] = copy.deepcopy(target)
+        quantize_model(self_drafts[kind], kind, include_head=True)
     heads = load_heads(medusa_path, target) if Path(medusa_path, "medusa.json").is_file() else None
     texts = prompts_from_corpus(args.prompts, args.words)
     prompts = [[tok.bos_id] + tok.encode(t) for t in texts]
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0, stop_token_ids=[])
     nparams = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    print(f"target {tref.path} ({nparams(target) / 1e6:.2f}M parameters)")
+    print(f"target {'random 124M-shape' if args.random_target else tref.path} ({nparams(target) / 1e6:.2f}M parameters)")
     if draft is not None:
         print(f"draft  {dref.path} ({nparams(draft) / 1e6:.2f}M parameters)")
     if heads is not None:
@@ -186,6 +211,8 @@ def main() -> int:
     generate(target, prompts[:1], short)
     if draft is not None:
         speculative_generate(target, draft, prompts[:1], short, k=args.k)
+    for d in self_drafts.values():
+        speculative_generate(target, d, prompts[:1], short, k=args.k)
     if heads is not None:
         medusa_generate(target, heads, prompts[:1], short)
     if hf is not None:
@@ -196,9 +223,12 @@ def main() -> int:
                 hf[0].generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=8, assistant_model=hf[1])
 
     for _ in range(args.rounds):  # interleaved: every row sees the same load drift
-        run_ours("lmforge plain", lambda p: generate(target, [p], params))
+        # plain decode pinned to --threads (speculative decoding runs at the caller's count too)
+        run_ours("lmforge plain", lambda p: generate(target, [p], params, decode_threads=args.threads))
         if draft is not None:
             run_ours(f"lmforge draft k={args.k}", lambda p: speculative_generate(target, draft, [p], params, k=args.k))
+        for kind, d in self_drafts.items():
+            run_ours(f"lmforge self-{kind} k={args.k}", lambda p, d=d: speculative_generate(target, d, [p], params, k=args.k))
         if heads is not None:
             run_ours(f"lmforge medusa {heads.cfg.heads} heads", lambda p: medusa_generate(target, heads, [p], params))
         if hf is not None:
@@ -224,6 +254,7 @@ def main() -> int:
 
     extra = {name: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k != "ids"} for name, r in rows.items()}
     draft_row = next((n for n in rows if n.startswith("lmforge draft")), None)
+    self_rows = [n for n in rows if n.startswith("lmforge self-")]
     med_row = next((n for n in rows if n.startswith("lmforge medusa")), None)
     hf_row = max((n for n in rows if n.startswith("HF assisted")), key=lambda n: rows[n]["tok_s"], default=None)
     if hf_row and draft_row:
@@ -231,9 +262,10 @@ def main() -> int:
         print(f"lmforge draft vs HF plain: {ratio:.2f}x; lmforge draft vs the faster HF assisted row: "
               f"{rows[hf_row]['seconds'] / rows[draft_row]['seconds']:.2f}x")
         extra["vs_hf_assisted"] = round(rows[hf_row]["seconds"] / rows[draft_row]["seconds"], 3)
-    best = max((rows[n]["speedup"] for n in (draft_row, med_row) if n and rows[n]["equal"]), default=0.0)
-    result("speculative", best, 1.5, "best speed-up over lmforge plain greedy at identical output (draft or Medusa), batch 1 CPU",
-           rows=extra, target=str(tref.path), prompts=len(prompts), new_tokens=args.max_new_tokens, threads=args.threads)
+    best = max((rows[n]["speedup"] for n in (draft_row, med_row, *self_rows) if n and rows[n]["equal"]), default=0.0)
+    result("speculative", best, 1.5, "best speed-up over lmforge plain greedy at identical output (draft, self-draft or "
+           "Medusa), batch 1 CPU", rows=extra, target="random 124M-shape" if args.random_target else str(tref.path),
+           prompts=len(prompts), new_tokens=args.max_new_tokens, threads=args.threads)
     return 0
 
 
