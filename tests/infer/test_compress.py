@@ -296,3 +296,33 @@ def test_head_pruned_model_exports_to_hf_and_back(tmp_path):
     x = _x()
     with torch.no_grad():
         torch.testing.assert_close(back(x)[0], small(x)[0])
+
+
+def test_lowrank_checkpoint_exports_dense_and_refuses_quantization(dense, tmp_path, capsys):
+    out = tmp_path / "lr"
+    lowrank_checkpoint(dense, out, 0.5)
+    lowrank, _ = load_model(out)
+    x = _x()
+    with torch.no_grad():
+        want = lowrank(x)[0]
+        dense_copy, _ = load_model(out)
+        names = C.densify_lowrank(dense_copy)
+        assert names and not C.lowrank_map(dense_copy) and all(type(dense_copy.get_submodule(n)) is nn.Linear for n in names)
+        torch.testing.assert_close(dense_copy(x)[0], want, rtol=1e-4, atol=1e-4)
+    # GGUF and HF exports write the dense equivalent (with a note), read back to the same logits
+    from lmforge.infer.gguf import load_gguf_model
+    from lmforge.model.hf import load_hf
+
+    assert main(["export", "gguf", str(out), str(tmp_path / "lr.gguf")]) == 0
+    assert "low-rank checkpoint" in capsys.readouterr().out
+    back = load_gguf_model(tmp_path / "lr.gguf")
+    assert main(["export", "hf", str(out), str(tmp_path / "hf")]) == 0
+    hf = load_hf(tmp_path / "hf").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(x)[0], want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(hf(x)[0], want, rtol=1e-4, atol=1e-4)
+    # quantizing the factorised layers is not supported: one line, nothing written
+    capsys.readouterr()
+    assert main(["quantize", str(out), "--method", "int8", "--out", str(tmp_path / "q")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "low-rank checkpoint" in err and "\n" not in err and not (tmp_path / "q").exists()

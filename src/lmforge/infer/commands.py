@@ -180,9 +180,29 @@ def _cmd_export_hf(args: argparse.Namespace) -> int:
 
         if all(t in Tokenizer.from_file(tok).special_tokens for t in TEMPLATE.special_tokens):
             template = chat_template_jinja()  # the chat format every lmforge model is trained and served with
-    out = export_hf(ref.path, args.out, tok, args.dtype, chat_template=template)
-    print(f"exported {ref.path} -> {out}" + ("" if tok else " (no tokenizer found: pass --tokenizer to include one)"))
-    if args.check:
-        diff = compare_logits(ref.path, out)
-        print(f"max |logit difference| lmforge vs transformers: {diff:.3g}")
+    import tempfile
+
+    from lmforge.infer.compress import lowrank_of
+
+    with tempfile.TemporaryDirectory(prefix="lmforge-densify-") as tmp:
+        source = ref.path
+        if lowrank_of(ref.path) is not None:  # transformers has no factorised linear layer
+            source = _densified_copy(ref.path, Path(tmp))
+            print(f"note: {ref.path} is a low-rank checkpoint: exported with dense weights (up @ down), at the dense size")
+        out = export_hf(source, args.out, tok, args.dtype, chat_template=template)
+        print(f"exported {ref.path} -> {out}" + ("" if tok else " (no tokenizer found: pass --tokenizer to include one)"))
+        if args.check:
+            diff = compare_logits(source, out)
+            print(f"max |logit difference| lmforge vs transformers: {diff:.3g}")
     return 0
+
+
+def _densified_copy(path: Path, tmp: Path) -> Path:
+    """A plain checkpoint in `tmp` holding the low-rank checkpoint at `path` with dense weights."""
+    from lmforge.infer import load_model
+    from lmforge.infer.compress import densify_lowrank
+    from lmforge.model.io import save_model
+
+    model, _ = load_model(path)
+    densify_lowrank(model)
+    return save_model(model, tmp / "dense")

@@ -380,6 +380,23 @@ def apply_lowrank_map(model: nn.Module, ranks: dict, where: str = "state.json") 
                                                dtype=p.dtype, device=p.device))
 
 
+def densify_lowrank(model: nn.Module) -> list[str]:
+    """Replace every `LowRankLinear` of `model` by a plain `nn.Linear` holding `up @ down` (the
+    matrix it applies), in place; returns the names. For formats without factorised layers (GGUF,
+    Hugging Face): the file then holds the low-rank model's function at the dense size."""
+    names = []
+    for name, m in list(model.named_modules()):
+        if isinstance(m, LowRankLinear):
+            lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, dtype=m.up.dtype, device=m.up.device)
+            with torch.no_grad():
+                lin.weight.copy_(m.dense_weight())
+                if m.bias is not None:
+                    lin.bias.copy_(m.bias)
+            _set_module(model, name, lin)
+            names.append(name)
+    return names
+
+
 def lowrank_of(directory: str | Path) -> dict | None:
     """The {"ranks": {...}, ...} a low-rank checkpoint's state.json records, or None."""
     from lmforge.rundir import read_json

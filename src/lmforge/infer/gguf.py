@@ -263,7 +263,8 @@ def export_gguf(model_path: str | Path, out: str | Path, kind: str = "f32", toke
     gguf = _gguf()
     import torch
 
-    from lmforge.infer import quantization_of
+    from lmforge.infer import load_model, quantization_of
+    from lmforge.infer.compress import densify_lowrank, lowrank_of
     from lmforge.model.io import load_checkpoint, resolve_model
 
     if kind not in TYPES:
@@ -277,7 +278,13 @@ def export_gguf(model_path: str | Path, out: str | Path, kind: str = "f32", toke
         raise InputError(f"no tokenizer.json with the model {ref.path} or in its run: pass --tokenizer DIR")
     if not tok.exists():
         raise InputError(f"--tokenizer {tok} not found")
-    model, ref = load_checkpoint(ref.path)
+    lowrank = ref.kind == "lmforge" and lowrank_of(ref.path) is not None
+    if lowrank:  # llama.cpp has no factorised linear layer: the function at the dense size
+        model, ref = load_model(ref.path)
+        densified = densify_lowrank(model)
+    else:
+        model, ref = load_checkpoint(ref.path)
+        densified = []
     cfg = model.cfg
     if cfg.moe_experts:
         raise InputError(f"{ref.path} is a mixture-of-experts model ({cfg.moe_experts} experts); GGUF export supports dense models only")
@@ -351,7 +358,7 @@ def export_gguf(model_path: str | Path, out: str | Path, kind: str = "f32", toke
         raise
     return {"path": out, "arch": arch, "type": kind, "tensors": len(tensors), "tensor_bytes": n_bytes,
             "file_bytes": out.stat().st_size, "pre": voc["pre"], "pre_exact": voc["exact"],
-            "pre_difference": voc["difference"], "source": ref.path}
+            "pre_difference": voc["difference"], "source": ref.path, "densified": len(densified)}
 
 
 # ---- reading back ---------------------------------------------------------------------------
@@ -511,6 +518,9 @@ def _cmd_export_gguf(args: argparse.Namespace) -> int:
     s = export_gguf(args.model, args.out, args.type, args.tokenizer)
     print(f"exported {s['source']} -> {s['path']}: {s['arch']} {s['type']}, {s['tensors']} tensors, "
           f"{s['file_bytes'] / 1e6:.1f} MB, pre-tokenizer {s['pre']}")
+    if s["densified"]:
+        print(f"note: {s['source']} is a low-rank checkpoint: its {s['densified']} factorised layers are written as "
+              "dense weights (up @ down; llama.cpp has no factorised linear layer), so the file has the dense size")
     if not s["pre_exact"]:
         logger.warning("llama.cpp has no pre-tokenizer with this tokenizer's split regex; declared the closest, %r: %s",
                        s["pre"], s["pre_difference"])

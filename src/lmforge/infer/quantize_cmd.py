@@ -279,11 +279,17 @@ def quantize_checkpoint(model_path: str | Path, kind: str, out: str | Path, incl
     ref = resolve_model(model_path)
     if out.resolve() == ref.path.resolve():
         raise InputError(f"--out {out} is the model being quantized: choose another directory")
+    from lmforge.infer.compress import lowrank_of
+
+    if ref.kind == "lmforge" and lowrank_of(ref.path) is not None:
+        raise InputError(f"{ref.path} is a low-rank checkpoint (`lmforge lowrank`): its factorised layers are not "
+                         "quantized; quantize the dense model it came from")
     if ref.kind == "lmforge" and quantization_of(ref.path) is not None:
         raise InputError(f"{ref.path} is already quantized: quantize the dense model instead")
     model, tok, ref = load_model_and_tokenizer(model_path, tokenizer=tokenizer)
     model.float()
-    select_linears(model, base, None, include_head)  # an unknown method: one line now, not after loading data
+    if not select_linears(model, base, None, include_head):  # an unknown method: one line now, not after loading data
+        raise InputError(f"{ref.path} has no linear layer to quantize")
     source, seqs, nbytes = heldout_sequences(ref.path, tok, model.cfg.max_seq_len)
     if not seqs:
         raise InputError(f"no held-out text to measure perplexity on ({source})")
