@@ -160,18 +160,22 @@ def test_compiled_decode_step_gives_the_same_tokens():
 
 
 def test_compiled_decode_of_an_int8_model_on_cpu(monkeypatch):
-    # inductor cannot lower the CPU bf16 int8 kernel: inside the compiled step the int8 layers trace as
-    # dequantize-and-matmul (this call used to fail with an inductor LoweringException)
-    from lmforge.infer.quantize import quantize_model
+    # batch 1: the fbgemm dynamic int8 kernel runs inside the compiled step as one custom op
+    # (lmforge::int8_dynamic_linear), the same kernel as eager; with the weight-only mode the int8
+    # layers trace as dequantize-and-matmul (inductor cannot lower the CPU bf16 kernel; this call used
+    # to fail with an inductor LoweringException)
+    from lmforge.infer.quantize import Int8Linear, fbgemm_available, quantize_model
 
     m = _model()
     quantize_model(m, "int8")
     p = SamplingParams(max_new_tokens=4, temperature=0, stop_token_ids=[])
-    out = generate(m, [[1, 2, 3, 4]], p, compile=True)
-    from lmforge.infer.quantize import Int8Linear
-
+    if fbgemm_available():
+        monkeypatch.setenv("LMFORGE_INT8_DECODE", "dynamic")
+        assert generate(m, [[1, 2, 3, 4]], p, compile=True)[0].token_ids == generate(m, [[1, 2, 3, 4]], p)[0].token_ids
+    monkeypatch.setenv("LMFORGE_INT8_DECODE", "weight-only")
+    out = generate(m, [[5, 6, 7]], p, compile=True)
     monkeypatch.setattr(Int8Linear, "kernel_rows", 0)  # eager through the same dequantize-and-matmul
-    assert out[0].token_ids == generate(m, [[1, 2, 3, 4]], p)[0].token_ids
+    assert out[0].token_ids == generate(m, [[5, 6, 7]], p)[0].token_ids
 
 
 # ---- engine speed: chunked prefill, threads per phase, the compiled step's kept cache ----------

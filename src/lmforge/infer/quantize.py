@@ -43,6 +43,7 @@ import abc
 import json
 import os
 import warnings
+import weakref
 from pathlib import Path
 
 import torch
@@ -211,7 +212,44 @@ def _int8_dynamic_ok(x: torch.Tensor) -> bool:
     row only: the op quantizes its whole input with one scale, so rows of a batch would otherwise
     share a scale (and each row's result would depend on its neighbours)."""
     return (x.shape[0] == 1 and x.dtype == torch.float32 and x.device.type == "cpu"
-            and not torch.compiler.is_compiling() and fbgemm_available() and int8_decode_mode() == "dynamic")
+            and fbgemm_available() and int8_decode_mode() == "dynamic")
+
+
+_PACKED: dict = {}  # id(weight) -> (weakref to the weight, its version, fbgemm packed weight)
+
+
+def _packed_int8(weight: torch.Tensor, scale: torch.Tensor):
+    """fbgemm's packed form of an int8 weight and its per-channel scales (no bias), built on first use
+    and kept while the weight lives and is not modified in place (its version counter)."""
+    key = id(weight)
+    hit = _PACKED.get(key)
+    if hit is not None and hit[0]() is weight and hit[1] == (weight._version, scale._version):
+        return hit[2]
+    with warnings.catch_warnings():  # torch's qint8 tensor type is marked deprecated; the op is not
+        warnings.simplefilter("ignore")
+        q = torch._make_per_channel_quantized_tensor(weight, scale.double(),
+                                                     torch.zeros(weight.shape[0], dtype=torch.long), 0)
+        packed = torch.ops.quantized.linear_prepack(q, None)
+    _PACKED[key] = (weakref.ref(weight, lambda _, k=key: _PACKED.pop(k, None)), (weight._version, scale._version), packed)
+    return packed
+
+
+def _int8_dynamic(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return torch.ops.quantized.linear_dynamic(x.contiguous(), _packed_int8(weight, scale), False)
+
+
+@torch.library.custom_op("lmforge::int8_dynamic_linear", mutates_args=())
+def int8_dynamic_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (1, in) fp32 -> (1, out): fbgemm's dynamic int8 linear on the int8 weight (out, in) with
+    per-channel `scale` (out,). A custom op so that `torch.compile` keeps it as one call (the packed
+    weight is a TorchScript object dynamo cannot trace) and fuses the ops around it; eager calls skip
+    the op's dispatch and run `_int8_dynamic` directly."""
+    return _int8_dynamic(x, weight, scale)
+
+
+@int8_dynamic_linear.register_fake
+def _(x, weight, scale):
+    return x.new_empty(x.shape[0], weight.shape[0])
 
 
 def _int8_decode_kernel_ok(x: torch.Tensor, kernel_rows: int) -> bool:
@@ -267,7 +305,9 @@ class Int8Linear(QuantizedLinear):
         if _int8_kernel_ok(x):
             return torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.weight, self.scale.to(x.dtype))
         if kernel and self.kernel_rows > 0 and _int8_dynamic_ok(x):
-            return torch.ops.quantized.linear_dynamic(x.contiguous(), self._fbgemm_packed(), False)
+            if torch.compiler.is_compiling():
+                return int8_dynamic_linear(x, self.weight, self.scale)
+            return _int8_dynamic(x, self.weight, self.scale)
         if kernel and _int8_decode_kernel_ok(x, self.kernel_rows):
             xb = x.to(torch.bfloat16).contiguous()
             return torch.ops.aten._weight_int8pack_mm(xb, self.weight, self._scale_bf16()).to(x.dtype)
@@ -285,21 +325,8 @@ class Int8Linear(QuantizedLinear):
             c = self.__dict__["_sb"] = self.scale.to(torch.bfloat16)
         return c
 
-    def _fbgemm_packed(self):
-        """fbgemm's packed form of the int8 weight and per-channel scales (no bias: `forward` adds
-        it, as on every path), built on first use and kept (one more byte per weight) until the module is moved or reloaded."""
-        c = self.__dict__.get("_fb")
-        if c is None:
-            with warnings.catch_warnings():  # torch's qint8 tensor type is marked deprecated; the op is not
-                warnings.simplefilter("ignore")
-                q = torch._make_per_channel_quantized_tensor(
-                    self.weight, self.scale.double(), torch.zeros(self.out_features, dtype=torch.long), 0)
-                c = self.__dict__["_fb"] = torch.ops.quantized.linear_prepack(q, None)
-        return c
-
     def _drop_caches(self) -> None:
         self.__dict__.pop("_sb", None)
-        self.__dict__.pop("_fb", None)
 
     def _apply(self, fn, recurse=True):
         self._drop_caches()
