@@ -28,7 +28,12 @@ stored (fp32 / int8 + scales / int4 codes + scales + zeros) + one embedding row 
 bandwidth = a 256 MB fp32 GEMV on T threads (bytes / time, best of 5). Fraction = tok/s x
 bytes per token / bandwidth. The KV cache reads (a few hundred KB at these lengths) are left out.
 
-    .venv/bin/python benchmarks/bench_decode.py [--threads 1,2] [--new-tokens 128] [--repeats 2]
+    .venv/bin/python benchmarks/bench_decode.py [--threads 1,2] [--new-tokens 128] [--repeats 2] [--compile]
+
+`--compile` adds fp32 and int8 rows with the decode step through `torch.compile` (`generate(...,
+compile=True)`; on CPU inductor's C++ kernels around the BLAS / fbgemm calls, no CUDA graphs); the
+compile runs in the untimed warm-up call of the same shape, its time printed. HF is timed eager
+either way (its `torch.compile` path is not used on CPU).
 """
 
 from __future__ import annotations
@@ -80,14 +85,19 @@ def bandwidth(threads: int) -> float:
     return w.numel() * 4 / best
 
 
-def time_ours(model, prompt, n, threads, repeats) -> tuple[float, list[int]]:
+def time_ours(model, prompt, n, threads, repeats, compile: bool = False) -> tuple[float, list[int]]:
     torch.set_num_threads(threads)
     p = SamplingParams(max_new_tokens=n, temperature=0.0, stop_token_ids=())
-    generate(model, [prompt], SamplingParams(max_new_tokens=4, temperature=0.0, stop_token_ids=()), decode_threads=threads)
+    t0 = time.perf_counter()
+    # warm-up: with `compile`, the call of the timed shape (same cache size) compiles the step
+    generate(model, [prompt], p if compile else SamplingParams(max_new_tokens=4, temperature=0.0, stop_token_ids=()),
+             decode_threads=threads, compile=compile)
+    if compile:
+        print(f"    (compile + first call {time.perf_counter() - t0:.1f} s, not timed)")
     best, toks = float("inf"), []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        out = generate(model, [prompt], p, decode_threads=threads)
+        out = generate(model, [prompt], p, decode_threads=threads, compile=compile)
         best = min(best, time.perf_counter() - t0)
         toks = out[0].token_ids
     return len(toks) / best, toks
@@ -124,6 +134,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--shape", default="124m", choices=["124m", "tiny"])
     ap.add_argument("--no-hf", action="store_true", help="ours only (no transformers installed)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time fp32 and int8 with the decode step through torch.compile (compile time not timed)")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     threads = [int(t) for t in args.threads.split(",")]
@@ -150,6 +162,9 @@ def main(argv=None) -> int:
         variants[kind] = q
         if kind == "int8":
             variants["int8-wo"] = q  # the same model, decode through the weight-only bf16 kernel
+            if args.compile:
+                variants["fp32-compiled"] = model
+                variants["int8-compiled"] = q
     rows = []
     for th in threads:
         bw = bandwidth(th)
@@ -163,7 +178,7 @@ def main(argv=None) -> int:
         for name, m in variants.items():
             mode = "weight-only" if name == "int8-wo" else "dynamic"
             os.environ["LMFORGE_INT8_DECODE"] = mode
-            tps, toks = time_ours(m, prompt, args.new_tokens, th, args.repeats)
+            tps, toks = time_ours(m, prompt, args.new_tokens, th, args.repeats, compile=name.endswith("-compiled"))
             os.environ.pop("LMFORGE_INT8_DECODE")
             res[name] = tps
             bpt = bytes_per_token(m)
@@ -188,7 +203,9 @@ def main(argv=None) -> int:
         result("decode", res["fp32"] / res["hf"], 1.5,
                f"batch-1 greedy decode tok/s, {args.shape} shape, {th} thread(s): lmforge fp32 vs HF generate fp32 "
                f"(int8 {res['int8'] / res['hf']:.2f}x, goal 3x; int8 weight-only kernel {res['int8-wo'] / res['hf']:.2f}x; "
-               f"int4 {res['int4'] / res['hf']:.2f}x)",
+               f"int4 {res['int4'] / res['hf']:.2f}x"
+               + (f"; compiled step: fp32 {res['fp32-compiled'] / res['hf']:.2f}x, int8 {res['int8-compiled'] / res['hf']:.2f}x"
+                  if "int8-compiled" in res else "") + ")",
                **{k: round(v, 2) for k, v in res.items()})
     return 0
 
