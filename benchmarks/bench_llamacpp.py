@@ -236,14 +236,14 @@ def llama_greedy(llm, prompt: list[int], n: int) -> tuple[list[int], float]:
     return out, time.perf_counter() - t
 
 
-def ours_greedy(model, prompt: list[int], n: int) -> tuple[list[int], float]:
+def ours_greedy(model, prompt: list[int], n: int, compile: bool = False) -> tuple[list[int], float]:
     from lmforge.infer.engine import SamplingParams, generate
 
     t = time.perf_counter()
     # the decode at the thread count the caller set (llama.cpp is given the same count), not the
     # engine's own choice between 1 and that count
     c = generate(model, [prompt], SamplingParams(max_new_tokens=n, temperature=0.0, stop_token_ids=[]),
-                 decode_threads=torch.get_num_threads())[0]
+                 decode_threads=torch.get_num_threads(), compile=compile)[0]
     return c.token_ids, time.perf_counter() - t
 
 
@@ -337,6 +337,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--texts", type=int, default=150, help="documents per corpus source for (a)")
     ap.add_argument("--quick", action="store_true", help="--texts 40 --tokens 32 --rounds 1")
+    ap.add_argument("--compile", action="store_true",
+                    help="(c) also times our fp32 / int8 with the decode step through torch.compile (compile not timed); "
+                         "the headline stays the eager rows")
     ap.add_argument("--llama-repack", action="store_true",
                     help="let llama.cpp repack weights (AMX / extra buffer types); off by default: SIGILL on this VM")
     ap.add_argument("--work", default=None, help="directory for the exports (default: a temporary one)")
@@ -428,6 +431,7 @@ def main() -> int:
         qmodel, _, _ = load_model_and_tokenizer(path)
         quantize_model(qmodel, "int8", include_head=True)
         bpt = {"ours fp32": ours_bytes_per_token(model), "ours int8": ours_bytes_per_token(qmodel),
+               "ours fp32 compiled": ours_bytes_per_token(model), "ours int8 compiled": ours_bytes_per_token(qmodel),
                "llama.cpp f32": gguf_bytes_per_token(files["f32"]), "llama.cpp q8_0": gguf_bytes_per_token(files["q8_0"])}
         print("bytes of weights read per token: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in bpt.items()))
         prompt = [tok.bos_id] + tok.encode("The meaning of the word")
@@ -437,11 +441,16 @@ def main() -> int:
             llms = {"f32": llama(files["f32"], th, len(prompt) + n + 8), "q8_0": llama(files["q8_0"], th, len(prompt) + n + 8)}
             best: dict[str, float] = {}
             for _ in range(args.rounds):
-                runners = (("ours fp32", ours_greedy, model), ("llama.cpp f32", llama_greedy, llms["f32"]),
-                           ("ours int8", ours_greedy, qmodel), ("llama.cpp q8_0", llama_greedy, llms["q8_0"]))
+                runners = [("ours fp32", ours_greedy, model), ("llama.cpp f32", llama_greedy, llms["f32"]),
+                           ("ours int8", ours_greedy, qmodel), ("llama.cpp q8_0", llama_greedy, llms["q8_0"])]
+                if args.compile:
+                    runners += [("ours fp32 compiled", ours_greedy, model), ("ours int8 compiled", ours_greedy, qmodel)]
                 for name, fn, obj in runners:
                     torch.set_num_threads(th)
-                    out, dt = fn(obj, prompt, n)
+                    kw = {"compile": True} if name.endswith("compiled") else {}
+                    if kw and name not in best:  # compile (and capture the shape) outside the timer
+                        fn(obj, prompt, n, **kw)
+                    out, dt = fn(obj, prompt, n, **kw)
                     assert len(out) == n, (name, len(out))
                     best[name] = max(best.get(name, 0.0), n / dt)
             del llms
@@ -451,7 +460,9 @@ def main() -> int:
                 frac = tps * bpt[name] / (bw["gemv"] * 1e9)
                 print(f"    {name:15s} {tps:8.1f} tok/s   {frac:6.1%} of the bandwidth limit ({bw['gemv'] * 1e9 / bpt[name]:.0f} tok/s)")
             r32, r8 = best["ours fp32"] / best["llama.cpp f32"], best["ours int8"] / best["llama.cpp q8_0"]
-            print(f"    ratio ours/llama.cpp: fp32 {r32:.2f}x, int8 vs q8_0 {r8:.2f}x")
+            print(f"    ratio ours/llama.cpp: fp32 {r32:.2f}x, int8 vs q8_0 {r8:.2f}x"
+                  + (f"; compiled step: fp32 {best['ours fp32 compiled'] / best['llama.cpp f32']:.2f}x, int8 vs q8_0 "
+                     f"{best['ours int8 compiled'] / best['llama.cpp q8_0']:.2f}x" if args.compile else ""))
             speed_rows.append({"model": label, "threads": th, **{k: round(v, 1) for k, v in best.items()},
                                "fp32_ratio": round(r32, 3), "int8_ratio": round(r8, 3), "gemv_GBps": round(bw["gemv"], 1), "load": ld})
         del model, qmodel

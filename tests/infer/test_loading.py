@@ -86,7 +86,11 @@ def test_generate_cli_on_a_run_dir_and_a_corrupt_checkpoint(run_dir, tmp_path, c
     assert line["prompt"] == "The" and isinstance(line["completion"], str) and line["model"].endswith("step_000300")
     assert main(["generate", str(run_dir / "checkpoints" / "tiny" / "latest"), "--prompt", "A", "--prompt", "B",
                  "--temperature", "0", "--max-new-tokens", "3"]) == 0
-    assert len(capsys.readouterr().out.strip().splitlines()) == 2
+    eager = capsys.readouterr().out.strip().splitlines()
+    assert len(eager) == 2
+    assert main(["generate", str(run_dir / "checkpoints" / "tiny" / "latest"), "--prompt", "A", "--prompt", "B",
+                 "--temperature", "0", "--max-new-tokens", "3", "--compile"]) == 0
+    assert capsys.readouterr().out.strip().splitlines() == eager  # the compiled decode step: the same text
     rd = tmp_path / "demo"
     shutil.copytree(run_dir, rd)
     f = rd / "checkpoints" / "tiny" / "step_000300" / "model.safetensors"

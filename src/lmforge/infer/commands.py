@@ -2,7 +2,7 @@
 
     lmforge generate MODEL --prompt TEXT [--prompt TEXT ...] [--max-new-tokens N] [--temperature T]
                      [--top-k K] [--top-p P] [--repetition-penalty R] [--stop S] [-n N] [--seed S]
-                     [--draft MODEL [--draft-tokens K] | --medusa HEADS_DIR [--draft-tokens K]]
+                     [--compile] [--draft MODEL [--draft-tokens K] | --medusa HEADS_DIR [--draft-tokens K]]
     lmforge export hf MODEL OUT [--tokenizer DIR] [--dtype float32|bfloat16|float16] [--check]
 
 MODEL is anything `lmforge.model.io.resolve_model` accepts: a run directory (its latest model), a
@@ -46,6 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--draft", help="speculative decoding: a draft model with the same tokenizer (run, checkpoint or "
                    "step directory, e.g. a distilled student or a quantized copy)")
     g.add_argument("--medusa", help="speculative decoding with Medusa heads (a directory written by `lmforge medusa`)")
+    g.add_argument("--compile", action="store_true",
+                   help="the decode step through torch.compile (CUDA graphs on GPU; seconds to a minute of compilation "
+                        "first, worth it for long generations)")
     g.add_argument("--draft-tokens", type=int,
                    help="guesses per target step (default 4 with --draft, the number of heads with --medusa)")
     g.set_defaults(func=_cmd_generate)
@@ -94,11 +97,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         prompts = [bos + tok.encode(p) for p in args.prompt]
     spec = None
     if args.draft or args.medusa:
+        if args.compile:
+            raise ConfigError("--compile applies to plain decoding, not to --draft / --medusa")
         outs, spec = _speculative(args, model, tok, ref, prompts, params, device, dtype)
     else:
         if args.draft_tokens is not None:
             raise ConfigError("--draft-tokens needs --draft MODEL or --medusa DIR")
-        outs = generate(model, prompts, params, tokenizer=tok)
+        outs = generate(model, prompts, params, tokenizer=tok, compile=args.compile)
     for o in outs:
         prompt = args.prompt[o.prompt_index] + ("\n" if args.chat and not args.json else "")
         # special tokens (a weak model's stray <|pad|>) are left out of the text, as before the engine
