@@ -325,15 +325,12 @@ class Int8Linear(QuantizedLinear):
             c = self.__dict__["_sb"] = self.scale.to(torch.bfloat16)
         return c
 
-    def _drop_caches(self) -> None:
-        self.__dict__.pop("_sb", None)
-
     def _apply(self, fn, recurse=True):
-        self._drop_caches()
+        self.__dict__.pop("_sb", None)
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._drop_caches()
+        self.__dict__.pop("_sb", None)
         return super()._load_from_state_dict(*args, **kwargs)
 
 
