@@ -69,6 +69,8 @@ SKIP = {
     "align_effect": "no peer (held-out effect of alignment)",
     "dedup_memory": "no peer (memory model)",
     "batching": "no peer (batched vs one-by-one on lmforge's own engine)",
+    "decode_threads": "no peer (the engine's own thread choice)",
+    "int8_precision": "no peer (a precision check of the int8 decode kernels)",
     "serve": "no peer in its default run (llama.cpp's server only with --llamacpp MODEL.gguf)",
 }
 

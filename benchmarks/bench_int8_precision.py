@@ -1,0 +1,103 @@
+"""What the int8 decode kernel costs in accuracy: held-out next-token loss decoded one token at a time.
+
+lmforge only, no peer (a precision check, not a speed comparison). A trained checkpoint (default:
+the demo run's pretrained model) quantized to int8 per channel (`quantize_model(..., include_head=
+True)`), then `--windows` windows of `--tokens` held-out tokens (the run's validation shard) fed
+one token per step through the KV cache with `engine.decode_step` — the batch-1 decode path — under:
+
+- dense fp32 (the unquantized model),
+- int8, weight-only kernel (`LMFORGE_INT8_DECODE=weight-only`: `_weight_int8pack_mm`, bf16 activations),
+- int8, dynamic kernel (the default on x86: fbgemm `quantized::linear_dynamic`, activations
+  quantized to 8 bits per call).
+
+Printed per window: mean negative log-likelihood (nats) of the next token, the greedy (argmax)
+agreement with the dense model and with the weight-only kernel, and the largest logit difference
+between the two int8 kernels.
+
+    python benchmarks/bench_int8_precision.py [--model runs/demo/checkpoints/demo] [--windows 2] [--tokens 250]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from lmforge.infer import load_model  # noqa: E402
+from lmforge.infer.engine import decode_step  # noqa: E402
+from lmforge.infer.quantize import fbgemm_available, quantize_model  # noqa: E402
+
+
+def val_tokens(model_dir: Path) -> np.ndarray:
+    """The validation shard of the run the checkpoint belongs to."""
+    for d in [model_dir, *model_dir.parents]:
+        index = d / "tokens" / "index.json"
+        if index.is_file():
+            dtype = np.dtype(json.loads(index.read_text()).get("dtype", "uint16"))
+            shards = sorted((d / "tokens" / "val").glob("*.bin"))
+            if shards:
+                return np.fromfile(shards[0], dtype=dtype)
+    raise SystemExit(f"no run tokens/val shard above {model_dir}")
+
+
+@torch.no_grad()
+def decode_logits(model, toks: torch.Tensor) -> torch.Tensor:
+    n = toks.numel() - 1
+    model.setup_cache(1, n)
+    mask = torch.zeros(1, 1, 1, n, dtype=torch.bool)
+    out = []
+    try:
+        for t in range(n):
+            mask[..., t] = True
+            out.append(decode_step(model, toks[t].view(1, 1), torch.tensor([[t]]), mask))
+    finally:
+        model.clear_cache()
+    return torch.cat(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=str(ROOT / "runs" / "demo" / "checkpoints" / "demo"))
+    ap.add_argument("--windows", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=250)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    dense, ref = load_model(args.model)
+    n = min(args.tokens, dense.cfg.max_seq_len - 1)
+    raw = val_tokens(ref.path)
+    q = copy.deepcopy(dense)
+    quantize_model(q, "int8", include_head=True)
+    print(f"model {ref.path}, int8 per channel (head included), {args.windows} windows x {n} held-out tokens, "
+          f"decoded one token per step; fbgemm available: {fbgemm_available()}")
+    step = max(1, (len(raw) - n - 1) // max(1, args.windows))
+    for w in range(args.windows):
+        toks = torch.tensor(raw[w * step : w * step + n + 1].astype(np.int64))
+        target = toks[1:]
+        res = {}
+        for name, model, mode in (("dense", dense, None), ("weight-only", q, "weight-only"), ("dynamic", q, "dynamic")):
+            if mode:
+                os.environ["LMFORGE_INT8_DECODE"] = mode
+            res[name] = decode_logits(model, toks)
+            os.environ.pop("LMFORGE_INT8_DECODE", None)
+        nll = {k: float(-v.log_softmax(-1).gather(1, target[:, None]).mean()) for k, v in res.items()}
+        agree = lambda a, b: float((res[a].argmax(-1) == res[b].argmax(-1)).float().mean())  # noqa: E731
+        print(f"window {w} (tokens {w * step}..{w * step + n}): mean NLL dense {nll['dense']:.5f}, "
+              f"int8 weight-only {nll['weight-only']:.5f}, int8 dynamic {nll['dynamic']:.5f} "
+              f"(dynamic - weight-only {nll['dynamic'] - nll['weight-only']:+.5f}); greedy agreement with dense: "
+              f"weight-only {agree('weight-only', 'dense'):.3f}, dynamic {agree('dynamic', 'dense'):.3f}; dynamic vs "
+              f"weight-only {agree('dynamic', 'weight-only'):.3f}; max |logit difference| between the int8 kernels "
+              f"{float((res['dynamic'] - res['weight-only']).abs().max()):.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
