@@ -14,8 +14,11 @@ What each side does, per measured call (the timer covers exactly this on both si
   documented CPU path; `torch.compile` of HF's forward is left out, as it is on our side).
 - int8 / int4 (ours only): the same model with every linear layer, the head included, swapped
   for `Int8Linear` (per channel) / `Int4Linear` (group 128) by `quantize_model`. Batch-1 int8
-  decode runs torch's fbgemm `quantized::linear_dynamic` (the activation row quantized to 8 bits on
-  the fly, int32 accumulation: the precision class of llama.cpp's q8_0); "int8-wo" is the same
+  decode runs lmforge's compiled int8 GEMV (lmforge.infer.cpu_kernels: the activation row
+  quantized to 8 bits on the fly, int32 accumulation — the precision class of llama.cpp's q8_0 —
+  with the T threads given to the kernel's own pool and torch's ops on one); "int8-fbgemm" is the
+  same model through torch's fbgemm `quantized::linear_dynamic` instead (`LMFORGE_CPU_KERNELS=0`,
+  torch's ops on T threads); "int8-wo" is the same
   model through the weight-only path (`LMFORGE_INT8_DECODE=weight-only`: `_weight_int8pack_mm`
   with bf16 activations); int4 runs `_weight_int4pack_mm_for_cpu` with bf16 activations
   (lmforge.infer.quantize); all compared with HF fp32 as the issue asks.
@@ -50,6 +53,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from lmforge.infer import cpu_kernels  # noqa: E402
 from lmforge.infer.engine import SamplingParams, generate  # noqa: E402
 from lmforge.infer.quantize import model_bytes, quantize_model  # noqa: E402
 from lmforge.model import Transformer, preset  # noqa: E402
@@ -161,6 +165,7 @@ def main(argv=None) -> int:
         quantize_model(q, kind, include_head=True, **opts)
         variants[kind] = q
         if kind == "int8":
+            variants["int8-fbgemm"] = q  # the same model, the dynamic kernel of torch (fbgemm), not lmforge's
             variants["int8-wo"] = q  # the same model, decode through the weight-only bf16 kernel
             if args.compile:
                 variants["fp32-compiled"] = model
@@ -178,8 +183,13 @@ def main(argv=None) -> int:
         for name, m in variants.items():
             mode = "weight-only" if name == "int8-wo" else "dynamic"
             os.environ["LMFORGE_INT8_DECODE"] = mode
+            if name == "int8-fbgemm":
+                os.environ["LMFORGE_CPU_KERNELS"] = "0"
+            cpu_kernels.reset()
             tps, toks = time_ours(m, prompt, args.new_tokens, th, args.repeats, compile=name.endswith("-compiled"))
             os.environ.pop("LMFORGE_INT8_DECODE")
+            os.environ.pop("LMFORGE_CPU_KERNELS", None)
+            cpu_kernels.reset()
             res[name] = tps
             bpt = bytes_per_token(m)
             line = (f"[{th} thread(s)] ours {name}: {tps:.1f} tok/s, {bpt / 1e6:.1f} MB/token, "
@@ -202,7 +212,8 @@ def main(argv=None) -> int:
 
         result("decode", res["fp32"] / res["hf"], 1.5,
                f"batch-1 greedy decode tok/s, {args.shape} shape, {th} thread(s): lmforge fp32 vs HF generate fp32 "
-               f"(int8 {res['int8'] / res['hf']:.2f}x, goal 3x; int8 weight-only kernel {res['int8-wo'] / res['hf']:.2f}x; "
+               f"(int8 {res['int8'] / res['hf']:.2f}x, goal 3x; int8 through torch's fbgemm {res['int8-fbgemm'] / res['hf']:.2f}x; "
+               f"int8 weight-only kernel {res['int8-wo'] / res['hf']:.2f}x; "
                f"int4 {res['int4'] / res['hf']:.2f}x"
                + (f"; compiled step: fp32 {res['fp32-compiled'] / res['hf']:.2f}x, int8 {res['int8-compiled'] / res['hf']:.2f}x"
                   if "int8-compiled" in res else "") + ")",

@@ -473,3 +473,39 @@ def test_rows_of_very_different_lengths_attend_in_groups_with_unchanged_output(m
         blocker.result(timeout=60)
     assert calls  # the grouped path ran
     assert [o.token_ids for o in outs] == [r.token_ids for r in ref]
+
+
+def test_a_lone_int8_sequence_decodes_through_the_int8_kernel_on_the_engine_threads(monkeypatch):
+    # one running sequence of an int8 model: torch's ops on one thread, the engine thread's count
+    # to lmforge's int8 kernel (as generate does); two sequences: torch's count, the batched path
+    from lmforge.infer import cpu_kernels as CK
+    from lmforge.infer.quantize import quantize_model
+
+    CK.reset()
+    if CK.int8_gemv_lib() is None:
+        pytest.skip(f"lmforge's int8 kernel is not available here: {CK.int8_gemv_status()}")
+    m = _model()
+    quantize_model(m, "int8", include_head=True)
+    seen = []
+    m.lm_head.register_forward_hook(lambda mod, inp, out: seen.append((inp[0].shape[0], torch.get_num_threads(),
+                                                                        CK.kernel_threads())))
+    real_loop = BatchEngine._loop
+
+    def loop_on_two_threads(self):
+        torch.set_num_threads(2)
+        return real_loop(self)
+
+    monkeypatch.setattr(BatchEngine, "_loop", loop_on_two_threads)
+    p = SamplingParams(max_new_tokens=6, temperature=0, stop_token_ids=[])
+    want = generate(m, [[1, 2, 3]], p)[0].token_ids
+    seen.clear()
+    with _Engine(m, None, max_running=4) as e:
+        out = e.submit([1, 2, 3], p).result()[0].token_ids
+        lone = set(seen)
+        seen.clear()
+        both = [e.submit(q, p) for q in ([1, 2, 3], [4, 5, 6, 7])]
+        outs = [r.result()[0].token_ids for r in both]
+    assert out == want == outs[0]
+    # decode steps of the lone sequence (1, 2); its prefill's last row (2, 1); never both pools at 2
+    assert {(t, k) for rows, t, k in lone} == {(1, 2), (2, 1)}
+    assert {(t, k) for rows, t, k in seen if rows == 2} == {(2, 1)}  # two rows: torch's threads

@@ -326,3 +326,38 @@ def test_decode_over_the_live_cache_prefix_equals_the_whole_cache(monkeypatch, b
         assert a.token_ids == b.token_ids
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
     assert got[0].token_ids == _greedy_plain(m, prompts[0], 20)
+
+
+def test_int8_kernel_decode_gets_the_threads_and_torch_runs_on_one(monkeypatch):
+    # one row of an int8 model through lmforge's compiled kernel: the decode's thread count goes to
+    # the kernel's own pool, torch's ops run on one thread; the tokens do not depend on the count
+    from lmforge.infer import cpu_kernels as CK
+    from lmforge.infer import engine as E
+    from lmforge.infer.quantize import int8_kernel_decode, quantize_model
+
+    CK.reset()
+    if CK.int8_gemv_lib() is None:
+        pytest.skip(f"lmforge's int8 kernel is not available here: {CK.int8_gemv_status()}")
+    m = _model()
+    quantize_model(m, "int8", include_head=True)
+    assert int8_kernel_decode(m)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        p = SamplingParams(max_new_tokens=8, temperature=0, stop_token_ids=[])
+        seen = []
+        on = lambda *a: seen.append((torch.get_num_threads(), CK.kernel_threads()))  # noqa: E731
+        one = E.generate(m, [[1, 2, 3]], p, decode_threads=1, on_token=on)
+        assert set(seen) == {(1, 1)}
+        seen.clear()
+        two = E.generate(m, [[1, 2, 3]], p, decode_threads=2, on_token=on)
+        assert set(seen) == {(1, 2)} and two[0].token_ids == one[0].token_ids
+        seen.clear()
+        auto = E.generate(m, [[1, 2, 3]], p, on_token=on)  # the tuner alternates the kernel's count
+        assert {t for t, _ in seen} == {1} and {k for _, k in seen} == {1, 2}
+        assert auto[0].token_ids == one[0].token_ids and E.LAST_TUNER[0].choices[:2] == [1, 2]
+        assert torch.get_num_threads() == 2 and CK.kernel_threads() == 1  # both restored
+        monkeypatch.setenv("LMFORGE_INT8_DECODE", "weight-only")
+        assert not int8_kernel_decode(m)
+    finally:
+        torch.set_num_threads(before)

@@ -359,19 +359,39 @@ def _int8_layer(out_features=96, in_features=64, bias=False):
     return Q.Int8Linear.from_linear(lin)
 
 
-@pytest.mark.skipif(not Q.fbgemm_available(), reason="this torch build has no fbgemm (x86 quantized engine)")
+@pytest.fixture(params=["lmforge", "fbgemm"])
+def dynamic_kernel(request, monkeypatch):
+    """Each single-row int8 kernel in turn: lmforge's compiled one and torch's fbgemm (the fallback)."""
+    from lmforge.infer import cpu_kernels as CK
+
+    if request.param == "fbgemm":
+        if not Q.fbgemm_available():
+            pytest.skip("this torch build has no fbgemm (x86 quantized engine)")
+        monkeypatch.setenv("LMFORGE_CPU_KERNELS", "0")
+    CK.reset()
+    if request.param == "lmforge" and CK.int8_gemv_lib() is None:
+        pytest.skip(f"lmforge's int8 kernel is not available here: {CK.int8_gemv_status()}")
+    calls = []
+    if request.param == "lmforge":
+        real = Q.int8_gemv
+        monkeypatch.setattr(Q, "int8_gemv", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    else:
+        real = torch.ops.quantized.linear_dynamic
+        monkeypatch.setattr(torch.ops.quantized, "linear_dynamic", lambda *a: calls.append(1) or real(*a), raising=False)
+    yield calls
+    CK.reset()
+
+
 @pytest.mark.parametrize("bias", [False, True])
-def test_int8_single_row_decode_runs_the_dynamic_kernel_close_to_weight_only(bias, monkeypatch):
+def test_int8_single_row_decode_runs_the_dynamic_kernel_close_to_weight_only(bias, monkeypatch, dynamic_kernel):
     q = _int8_layer(bias=bias)
     x = torch.randn(1, 1, 64)
     exact = F.linear(x, q.dequantize(), q.bias)
-    calls = []
-    real = torch.ops.quantized.linear_dynamic
-    monkeypatch.setattr(torch.ops.quantized, "linear_dynamic", lambda *a: calls.append(1) or real(*a), raising=False)
+    calls = dynamic_kernel
     with torch.no_grad():
         monkeypatch.setenv("LMFORGE_INT8_DECODE", "dynamic")
         y = q(x)
-        assert calls, "one fp32 row on CPU goes through quantized::linear_dynamic"
+        assert calls, "one fp32 row on CPU goes through the dynamic kernel"
         assert _rel(y, exact) < 0.02  # activations quantized to 8 bits on the fly
         calls.clear()
         y2 = q(torch.cat([x, x], dim=1))  # two rows: never one shared activation scale
@@ -385,8 +405,7 @@ def test_int8_single_row_decode_runs_the_dynamic_kernel_close_to_weight_only(bia
             q(x)
 
 
-@pytest.mark.skipif(not Q.fbgemm_available(), reason="this torch build has no fbgemm (x86 quantized engine)")
-def test_int8_dynamic_kernel_follows_reloaded_weights():
+def test_int8_dynamic_kernel_follows_reloaded_weights(dynamic_kernel):
     q = _int8_layer()
     x = torch.randn(1, 64)
     with torch.no_grad():

@@ -56,7 +56,16 @@ from typing import Callable, Iterator
 import torch
 
 from lmforge.errors import ConfigError, InputError, LmforgeError
-from lmforge.infer.engine import Completion, ContextLimitError, SamplingParams, end_token_ids, process_logits, sample
+from lmforge.infer.cpu_kernels import use_threads as use_kernel_threads
+from lmforge.infer.engine import (
+    Completion,
+    ContextLimitError,
+    SamplingParams,
+    end_token_ids,
+    intra_op_threads,
+    process_logits,
+    sample,
+)
 from lmforge.infer.paged import (
     SCRATCH_BLOCK,
     BlockAllocator,
@@ -263,6 +272,11 @@ class BatchEngine:
         self.max_prefill_tokens = max(1, int(max_prefill_tokens))
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
+        from lmforge.infer.quantize import int8_kernel_decode
+
+        # a lone sequence of an int8 model decodes through lmforge's int8 kernel (one row): the
+        # engine thread's intra-op count goes to the kernel's threads, torch's ops run on one
+        self._kernel_decode = self.device.type == "cpu" and int8_kernel_decode(model)
         per_block = bytes_per_block(self.cfg, block_size, self.dtype)
         blocks_per_ctx = math.ceil(self.cfg.max_seq_len / block_size)
         if kv_memory_mb is None:
@@ -634,6 +648,13 @@ class BatchEngine:
         self._sample_and_advance(list(seqs), logits)
 
     def _decode_forward(self, tok, pos, mask) -> torch.Tensor:
+        if self._kernel_decode and tok.shape[0] == 1:
+            threads = torch.get_num_threads()
+            with intra_op_threads(1), use_kernel_threads(threads):
+                return self._decode_forward_as_is(tok, pos, mask)
+        return self._decode_forward_as_is(tok, pos, mask)
+
+    def _decode_forward_as_is(self, tok, pos, mask) -> torch.Tensor:
         if self.compile:
             if self._compiled is None:
                 mode = "reduce-overhead" if self.device.type == "cuda" else None

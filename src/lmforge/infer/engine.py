@@ -29,7 +29,9 @@ Speed (docs/inference.md, "Engine speed"):
   (`ThreadTuner`): it times its own steps at 1 thread and at the caller's count, alternating, keeps
   the faster, and probes again every `ThreadTuner.REPROBE` steps; larger batches decode at the
   caller's count. `decode_threads=N` or `LMFORGE_DECODE_THREADS=N` fixes the count; the caller's
-  count is restored afterwards.
+  count is restored afterwards. A single row of an int8 model whose decode runs lmforge's compiled
+  int8 kernel (`lmforge.infer.cpu_kernels`) gives the chosen count to that kernel's own threads and
+  runs torch's ops on one (two thread pools spinning on the same two cores slowed decode 2-3x).
 - chunked prefill: prompts longer than `prefill_chunk` tokens (default `PREFILL_CHUNK`) go through
   the cache in chunks (each chunk's queries attend to the cache so far), so the attention scores
   and activations of a long prompt never exist at full length at once;
@@ -62,6 +64,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from lmforge.errors import ConfigError, InputError
+from lmforge.infer.cpu_kernels import set_threads as set_kernel_threads
+from lmforge.infer.cpu_kernels import use_threads as use_kernel_threads
 
 
 class ContextLimitError(InputError):
@@ -398,6 +402,12 @@ def prefill(model, prompts: Sequence[Sequence[int]], device, chunk: int = PREFIL
     return model.lm_head(h_last).float()
 
 
+def _int8_kernel_decode(model) -> bool:
+    from lmforge.infer.quantize import int8_kernel_decode
+
+    return int8_kernel_decode(model)
+
+
 def _generate_chunk(model, prompts, first_index, params, tokenizer, stop_ids, g, device, compile, on_token,
                     threads=None, chunk_len=PREFILL_CHUNK):
     ctx = model.cfg.max_seq_len
@@ -430,16 +440,18 @@ def _generate_chunk(model, prompts, first_index, params, tokenizer, stop_ids, g,
     mask.masked_fill_((torch.arange(S, device=device)[None, :] >= pos[:, None])[:, None, None, :], float("-inf"))
     step_fn = _decode_fn(model, compile)
     tuner = None
-    if threads == AUTO_THREADS:
-        most = torch.get_num_threads()
-        threads = 1 if most == 1 else None
-        if most > 1:
-            tuner = ThreadTuner(most)
     caller = torch.get_num_threads()
+    if threads == AUTO_THREADS:
+        threads = 1 if caller == 1 else None
+        if caller > 1:
+            tuner = ThreadTuner(caller)
+    # one row through lmforge's int8 kernel: the tuned / fixed count goes to the kernel's own threads,
+    # torch's ops run on one (cpu_kernels.kernel_threads)
+    kernel = rows == 1 and device.type == "cpu" and _int8_kernel_decode(model)
     try:
-        with intra_op_threads(threads):
+        with intra_op_threads(1 if kernel else threads), use_kernel_threads((threads or caller) if kernel else 1):
             _decode_loop(model, params, tokenizer, stop_ids, g, on_token, state, logits, seen, pos, mask, S, step_fn,
-                         live_bucket=0 if compile else LIVE_BUCKET, max_len=L, tuner=tuner)
+                         live_bucket=0 if compile else LIVE_BUCKET, max_len=L, tuner=tuner, kernel=kernel)
     finally:
         if torch.get_num_threads() != caller:  # the tuner's last choice
             torch.set_num_threads(caller)
@@ -454,7 +466,7 @@ LAST_TUNER: list = [None]  # the ThreadTuner of the last generate call on this p
 
 
 def _decode_loop(model, params, tokenizer, stop_ids, g, on_token, state, logits, seen, pos, mask, S, step_fn,
-                 live_bucket: int = 0, max_len: int = 0, tuner: ThreadTuner | None = None):
+                 live_bucket: int = 0, max_len: int = 0, tuner: ThreadTuner | None = None, kernel: bool = False):
     """`live_bucket` > 0: each step attends only to the first slots that any row has written,
     rounded up to a multiple of `live_bucket` (a few static shapes), not to all S slots; `max_len`
     is the longest prompt (the first decode step writes slot max_len at the latest)."""
@@ -501,7 +513,9 @@ def _decode_loop(model, params, tokenizer, stop_ids, g, on_token, state, logits,
             logits = step_fn(model, nxt[:, None], p, m)
         else:
             th = tuner.threads(step)
-            if th != torch.get_num_threads():
+            if kernel:
+                set_kernel_threads(th)
+            elif th != torch.get_num_threads():
                 torch.set_num_threads(th)
             t0 = time.perf_counter()
             logits = step_fn(model, nxt[:, None], p, m)

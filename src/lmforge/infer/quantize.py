@@ -51,6 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.errors import ConfigError, InputError
+from lmforge.infer.cpu_kernels import int8_gemv, int8_gemv_lib, int8_gemv_ready, kernel_threads
 
 META_KEY = "lmforge_quantization"
 
@@ -181,14 +182,29 @@ def _int8_kernel_ok(x: torch.Tensor) -> bool:
     return x.dtype == torch.float32 or x.shape[-1] % 16 == 0
 
 
+def _env(name: str) -> str:
+    """`os.environ.get(name, "").strip()`, read from the environment's own dict where it has one (a
+    plain dict lookup: this is read on every decode call, and `os.environ.get` of an unset name costs
+    an exception)."""
+    data = getattr(os.environ, "_data", None)
+    if isinstance(data, dict):
+        try:
+            raw = data.get(os.environ.encodekey(name))
+            return os.environ.decodevalue(raw).strip() if raw is not None else ""
+        except (AttributeError, TypeError):
+            pass
+    return os.environ.get(name, "").strip()
+
+
 def int8_decode_mode() -> str:
-    """How a single-row fp32 call of `Int8Linear` runs on CPU: "dynamic" (default where torch has
-    fbgemm: `quantized::linear_dynamic`, the activation row quantized to 8 bits on the fly, int8 x
-    int8 products accumulated in int32 — the precision class of llama.cpp's q8_0, whose matmuls also
-    quantize the activations to 8 bits) or "weight-only" (the bf16-activation `_weight_int8pack_mm`
+    """How a single-row fp32 call of `Int8Linear` runs on CPU: "dynamic" (default: the activation row
+    quantized to 8 bits on the fly, int8 x int8 products accumulated in int32 — the precision class
+    of llama.cpp's q8_0, whose matmuls also quantize the activations to 8 bits — by lmforge's
+    compiled kernel, `lmforge.infer.cpu_kernels`, where it builds, else torch's fbgemm
+    `quantized::linear_dynamic`) or "weight-only" (the bf16-activation `_weight_int8pack_mm`
     path; exactly the dequantized weights' result up to bf16 rounding of the activations).
     `LMFORGE_INT8_DECODE=weight-only|dynamic` overrides; `Int8Linear.decode_mode` sets the default."""
-    env = os.environ.get("LMFORGE_INT8_DECODE", "").strip()
+    env = _env("LMFORGE_INT8_DECODE")
     mode = env or Int8Linear.decode_mode
     if mode not in ("dynamic", "weight-only"):
         raise ConfigError(f"LMFORGE_INT8_DECODE={env!r}: choose 'dynamic' or 'weight-only'")
@@ -208,48 +224,74 @@ def fbgemm_available() -> bool:
 
 
 def _int8_dynamic_ok(x: torch.Tensor) -> bool:
-    """One fp32 row on CPU (decode at batch 1) with fbgemm present and the dynamic mode chosen. One
-    row only: the op quantizes its whole input with one scale, so rows of a batch would otherwise
-    share a scale (and each row's result would depend on its neighbours)."""
+    """One fp32 row on CPU (decode at batch 1), the dynamic mode chosen, and a kernel for it
+    (lmforge's compiled one, `lmforge.infer.cpu_kernels`, else fbgemm). One row only: the activation
+    is quantized with one scale per call, so rows of a batch would otherwise share a scale (and each
+    row's result would depend on its neighbours)."""
     return (x.shape[0] == 1 and x.dtype == torch.float32 and x.device.type == "cpu"
-            and fbgemm_available() and int8_decode_mode() == "dynamic")
+            and int8_decode_mode() == "dynamic" and (int8_gemv_ready() or fbgemm_available()))
 
 
-_PACKED: dict = {}  # id(weight) -> (weakref to the weight, its version, fbgemm packed weight)
+_DERIVED: dict = {}  # (what, id(weight)) -> (weakref to the weight, versions, the derived object)
 
 
-def _packed_int8(weight: torch.Tensor, scale: torch.Tensor):
-    """fbgemm's packed form of an int8 weight and its per-channel scales (no bias), built on first use
-    and kept while the weight lives and is not modified in place (its version counter)."""
-    key = id(weight)
-    hit = _PACKED.get(key)
+def _derived(what: str, weight: torch.Tensor, scale: torch.Tensor, make):
+    """`make(weight, scale)`, built on first use and kept while the weight lives and neither it nor
+    the scale is modified in place (their version counters); a reload or a move rebuilds it."""
+    key = (what, id(weight))
+    hit = _DERIVED.get(key)
     if hit is not None and hit[0]() is weight and hit[1] == (weight._version, scale._version):
         return hit[2]
+    value = make(weight, scale)
+    _DERIVED[key] = (weakref.ref(weight, lambda _, k=key: _DERIVED.pop(k, None)), (weight._version, scale._version), value)
+    return value
+
+
+def _fbgemm_pack(weight: torch.Tensor, scale: torch.Tensor):
     with warnings.catch_warnings():  # torch's qint8 tensor type is marked deprecated; the op is not
         warnings.simplefilter("ignore")
         q = torch._make_per_channel_quantized_tensor(weight, scale.double(),
                                                      torch.zeros(weight.shape[0], dtype=torch.long), 0)
-        packed = torch.ops.quantized.linear_prepack(q, None)
-    _PACKED[key] = (weakref.ref(weight, lambda _, k=key: _PACKED.pop(k, None)), (weight._version, scale._version), packed)
-    return packed
+        return torch.ops.quantized.linear_prepack(q, None)
+
+
+def _gemv_operands(weight: torch.Tensor, scale: torch.Tensor):
+    """What the compiled kernel reads besides the weight: fp32 scales and the int32 row sums."""
+    return scale.detach().float().contiguous(), weight.sum(dim=1, dtype=torch.int32).contiguous()
 
 
 def _int8_dynamic(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return torch.ops.quantized.linear_dynamic(x.contiguous(), _packed_int8(weight, scale), False)
+    """One fp32 row through the dynamic int8 kernel: lmforge's compiled GEMV on `kernel_threads()`
+    threads where it is available, else fbgemm's `quantized::linear_dynamic`."""
+    lib = int8_gemv_lib()
+    if lib is not None and weight.is_contiguous():
+        sc, wsum = _derived("gemv", weight, scale, _gemv_operands)
+        return int8_gemv(lib, x.contiguous(), weight, sc, wsum, kernel_threads())
+    return torch.ops.quantized.linear_dynamic(x.contiguous(), _derived("fbgemm", weight, scale, _fbgemm_pack), False)
 
 
 @torch.library.custom_op("lmforge::int8_dynamic_linear", mutates_args=())
 def int8_dynamic_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x (1, in) fp32 -> (1, out): fbgemm's dynamic int8 linear on the int8 weight (out, in) with
-    per-channel `scale` (out,). A custom op so that `torch.compile` keeps it as one call (the packed
-    weight is a TorchScript object dynamo cannot trace) and fuses the ops around it; eager calls skip
-    the op's dispatch and run `_int8_dynamic` directly."""
+    """x (1, in) fp32 -> (1, out): the dynamic int8 linear (`_int8_dynamic`) on the int8 weight (out,
+    in) with per-channel `scale` (out,). A custom op so that `torch.compile` keeps it as one call
+    (neither the compiled kernel's ctypes call nor fbgemm's packed weight, a TorchScript object, can
+    be traced) and fuses the ops around it; eager calls skip the op's dispatch and run
+    `_int8_dynamic` directly."""
     return _int8_dynamic(x, weight, scale)
 
 
 @int8_dynamic_linear.register_fake
 def _(x, weight, scale):
     return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def int8_kernel_decode(model: nn.Module) -> bool:
+    """Whether batch-1 decode of `model` runs its int8 layers through lmforge's compiled kernel (an
+    `Int8Linear` on CPU, the dynamic mode, the kernel built): the decode loop then gives the kernel
+    the threads and runs torch's own ops on one (`lmforge.infer.cpu_kernels.kernel_threads`)."""
+    lin = next((m for m in model.modules() if isinstance(m, Int8Linear)), None)
+    return (lin is not None and lin.weight.device.type == "cpu" and lin.kernel_rows > 0
+            and int8_decode_mode() == "dynamic" and int8_gemv_ready())
 
 
 def _int8_decode_kernel_ok(x: torch.Tensor, kernel_rows: int) -> bool:
@@ -300,6 +342,19 @@ class Int8Linear(QuantizedLinear):
     @property
     def weight_bytes(self) -> int:
         return self.weight.numel() * self.weight.element_size() + self.scale.numel() * self.scale.element_size()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # decode's hot call (one fp32 row on CPU, no autograd) straight to the dynamic kernel: the
+        # same result as the general path below, without its per-call checks (~10 us of ~20)
+        if (x.numel() == self.in_features and x.dtype == torch.float32 and x.device.type == "cpu"
+                and not torch.is_grad_enabled() and self.kernel_rows > 0 and self._buffers.get("bias") is None
+                and int8_gemv_ready() and not torch.compiler.is_compiling() and x.is_contiguous()
+                and int8_decode_mode() == "dynamic"):
+            w, scale = self._buffers["weight"], self._buffers["scale"]
+            if w.is_contiguous():
+                sc, wsum = _derived("gemv", w, scale, _gemv_operands)
+                return int8_gemv(int8_gemv_lib(), x, w, sc, wsum, kernel_threads(), lead=x.shape[:-1])
+        return super().forward(x)
 
     def _matmul(self, x: torch.Tensor, kernel: bool = True) -> torch.Tensor:
         if _int8_kernel_ok(x):
@@ -760,6 +815,6 @@ def load_quantized(model: nn.Module, path: str | Path) -> list[str]:
 
 __all__ = ["INT4_GROUP_SIZES", "KINDS", "NF4_CODE", "Int4Linear", "Int8Linear", "NF4Linear", "cpu_has_bf16",
            "int4_dequantize", "int4_group_params", "int4_codes", "int4_kernel_available", "int4_pack", "int4_quantize",
-           "int4_unpack", "prepare_kernels", "replace_module", "select_linears", "QuantizedLinear", "int8_quantize", "load_quantized",
+           "int4_unpack", "int8_kernel_decode", "prepare_kernels", "replace_module", "select_linears", "QuantizedLinear", "int8_quantize", "load_quantized",
            "model_bytes", "nf4_dequantize", "nf4_quantize", "quantization_map", "quantize_model", "quantized_bytes",
            "save_quantized"]
