@@ -26,7 +26,8 @@ Fast paths (each tested equal to the plain computation in tests/test_model_fast_
   masks as an additive float mask built once per forward (SDPA's CPU kernel would convert a
   boolean mask in every layer) and dropped when each row holds a single document.
 - inference (no autograd) on CPU fp32: the RMSNorm and RoPE kernels as plain functions (no
-  autograd.Function bookkeeping per call), per-row RoPE tables (decoding) through the same
+  autograd.Function bookkeeping per call; also when the projections are swapped-in modules without
+  hooks, such as quantized or LoRA layers, which are then called as modules), per-row RoPE tables (decoding) through the same
   kernel, SwiGLU in place, the three projections as three GEMMs on the weights as stored (the
   fused GEMM would copy the weights into one every call), and attention over only the first
   mask-width cache slots when the caller's mask is narrower than the cache (the engine's live
@@ -222,12 +223,14 @@ class Attention(nn.Module):
     def project(self, x, cos, sin):
         """Queries, keys and values (B, heads, T, head_dim) with QK-norm and RoPE applied. `cos`/`sin`:
         (T, head_dim) tables, or (B, 1, T, head_dim) for per-row positions."""
-        if _cpu_fast(x) and self._fusable():
-            if cos.dim() == 4:  # per-row positions (decoding): (B, 1, T, head_dim) -> (B, T, head_dim)
-                cos, sin = cos[:, 0], sin[:, 0]
-            if not torch.is_grad_enabled():
-                return self._project_inference(x, cos, sin)
-            return self._project_fused(x, cos, sin)
+        if _cpu_fast(x):
+            fusable = self._fusable()
+            if fusable or (not torch.is_grad_enabled() and self._hookless()):
+                if cos.dim() == 4:  # per-row positions (decoding): (B, 1, T, head_dim) -> (B, T, head_dim)
+                    cos, sin = cos[:, 0], sin[:, 0]
+                if not torch.is_grad_enabled():
+                    return self._project_inference(x, cos, sin, fusable)
+                return self._project_fused(x, cos, sin)
         B, T, _ = x.shape
         # heads are derived from the weight shapes so a tensor-parallel shard works unchanged
         q = self.wq(x).view(B, T, -1, self.hd).transpose(1, 2)
@@ -262,13 +265,22 @@ class Attention(nn.Module):
             q, k = rope_bthd(q, cos, sin), rope_bthd(k, cos, sin)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
-    def _project_inference(self, x, cos, sin):
+    def _hookless(self) -> bool:
+        """None of the three projections carries forward hooks (tensor parallelism's), so their outputs
+        are plain local tensors whatever module was swapped in (LoRA, quantized)."""
+        return not any(m._forward_hooks or m._forward_pre_hooks for m in (self.wq, self.wk, self.wv))
+
+    def _project_inference(self, x, cos, sin, plain: bool = True):
         """`project` without autograd (CPU fp32): three GEMMs on the weights as they are (the fused
-        GEMM would first copy the three weights into one, every call) and the RoPE kernel."""
+        GEMM would first copy the three weights into one, every call) and the RoPE kernel. `plain`
+        False: the projections are modules swapped in from outside (quantized, LoRA), called as
+        modules."""
         B, T, _ = x.shape
-        q = F.linear(x, self.wq.weight).view(B, T, -1, self.hd)
-        k = F.linear(x, self.wk.weight).view(B, T, -1, self.hd)
-        v = F.linear(x, self.wv.weight).view(B, T, -1, self.hd)
+        if plain:
+            q, k, v = F.linear(x, self.wq.weight), F.linear(x, self.wk.weight), F.linear(x, self.wv.weight)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q, k, v = q.view(B, T, -1, self.hd), k.view(B, T, -1, self.hd), v.view(B, T, -1, self.hd)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope_bthd(q, cos, sin), rope_bthd(k, cos, sin)
