@@ -7,8 +7,10 @@ one token per step through the KV cache with `engine.decode_step` — the batch-
 
 - dense fp32 (the unquantized model),
 - int8, weight-only kernel (`LMFORGE_INT8_DECODE=weight-only`: `_weight_int8pack_mm`, bf16 activations),
-- int8, dynamic kernel (the default on x86: fbgemm `quantized::linear_dynamic`, activations
-  quantized to 8 bits per call).
+- int8, dynamic kernel (the default on x86: lmforge's compiled int8 GEMV, lmforge.infer.cpu_kernels,
+  the activation row quantized to 8 bits per call, symmetric),
+- int8, torch's fbgemm `quantized::linear_dynamic` instead (`LMFORGE_CPU_KERNELS=0`: the activation
+  row quantized to 8 bits with a scale and zero point).
 
 Printed per window: mean negative log-likelihood (nats) of the next token, the greedy (argmax)
 agreement with the dense model and with the weight-only kernel, and the largest logit difference
@@ -32,7 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from lmforge.infer import load_model  # noqa: E402
+from lmforge.infer import cpu_kernels, load_model  # noqa: E402
 from lmforge.infer.engine import decode_step  # noqa: E402
 from lmforge.infer.quantize import fbgemm_available, quantize_model  # noqa: E402
 
@@ -77,17 +79,25 @@ def main(argv=None) -> int:
     q = copy.deepcopy(dense)
     quantize_model(q, "int8", include_head=True)
     print(f"model {ref.path}, int8 per channel (head included), {args.windows} windows x {n} held-out tokens, "
-          f"decoded one token per step; fbgemm available: {fbgemm_available()}")
+          f"decoded one token per step; fbgemm available: {fbgemm_available()}; lmforge's int8 kernel: {cpu_kernels.int8_gemv_status()}")
     step = max(1, (len(raw) - n - 1) // max(1, args.windows))
     for w in range(args.windows):
         toks = torch.tensor(raw[w * step : w * step + n + 1].astype(np.int64))
         target = toks[1:]
         res = {}
-        for name, model, mode in (("dense", dense, None), ("weight-only", q, "weight-only"), ("dynamic", q, "dynamic")):
+        for name, model, mode in (("dense", dense, None), ("weight-only", q, "weight-only"), ("dynamic", q, "dynamic"),
+                                  ("fbgemm", q, "dynamic")):
             if mode:
                 os.environ["LMFORGE_INT8_DECODE"] = mode
+            if name == "fbgemm":
+                if not fbgemm_available():
+                    continue
+                os.environ["LMFORGE_CPU_KERNELS"] = "0"
+            cpu_kernels.reset()
             res[name] = decode_logits(model, toks)
             os.environ.pop("LMFORGE_INT8_DECODE", None)
+            os.environ.pop("LMFORGE_CPU_KERNELS", None)
+            cpu_kernels.reset()
         nll = {k: float(-v.log_softmax(-1).gather(1, target[:, None]).mean()) for k, v in res.items()}
         agree = lambda a, b: float((res[a].argmax(-1) == res[b].argmax(-1)).float().mean())  # noqa: E731
         print(f"window {w} (tokens {w * step}..{w * step + n}): mean NLL dense {nll['dense']:.5f}, "
@@ -95,7 +105,10 @@ def main(argv=None) -> int:
               f"(dynamic - weight-only {nll['dynamic'] - nll['weight-only']:+.5f}); greedy agreement with dense: "
               f"weight-only {agree('weight-only', 'dense'):.3f}, dynamic {agree('dynamic', 'dense'):.3f}; dynamic vs "
               f"weight-only {agree('dynamic', 'weight-only'):.3f}; max |logit difference| between the int8 kernels "
-              f"{float((res['dynamic'] - res['weight-only']).abs().max()):.3f}")
+              f"{float((res['dynamic'] - res['weight-only']).abs().max()):.3f}"
+              + (f"; torch's fbgemm dynamic kernel instead of lmforge's: NLL {nll['fbgemm']:.5f} "
+                 f"(lmforge - fbgemm {nll['dynamic'] - nll['fbgemm']:+.5f}), greedy agreement with dense "
+                 f"{agree('fbgemm', 'dense'):.3f}" if "fbgemm" in res else ""))
     return 0
 
 

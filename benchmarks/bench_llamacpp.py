@@ -17,7 +17,7 @@ vocabulary 50304 rows = the tokenizer's ids + `[PAD]` rows, tied head, random we
        and special tokens exactly);
     a3 whole documents against lmforge itself: the documents that differ are counted and reported
        (the known regex difference at line breaks), not hidden;
-    a4 `Llama.detokenize(our ids)` == the text's bytes: must be 0 mismatches.
+    a4 llama.cpp's pieces of our ids (`llama_token_to_piece`) == the text's bytes: must be 0 mismatches.
     a5 exact split: a tokenizer trained with `[tokenizer] split = "llama-bpe"` (llama.cpp's own Llama 3
        regex, what the demo recipe now uses; 4096 ids, on the demo corpus or the bundled sample),
        exported with a small random model: the export must declare `llama-bpe` exactly, and llama.cpp's
@@ -28,8 +28,9 @@ vocabulary 50304 rows = the tokenizer's ids + `[PAD]` rows, tied head, random we
 (c) Decode tokens/s, batch 1, the same thread count on both sides (1 and 2): llama.cpp f32 vs our
     fp32, llama.cpp q8_0 vs our int8 (`lmforge.infer.quantize.quantize_model(model, "int8",
     include_head=True)`: per-channel int8 linears, the tied head included as its own int8 copy, as
-    q8_0 quantizes token_embd/head; batch-1 decode runs torch's fbgemm `quantized::linear_dynamic`,
-    which quantizes the activation row to 8 bits on the fly — q8_0's matmuls do the same).
+    q8_0 quantizes token_embd/head; batch-1 decode runs lmforge's compiled int8 GEMV,
+    lmforge.infer.cpu_kernels, which quantizes the activation row to 8 bits on the fly — q8_0's
+    matmuls do the same — on the T threads, torch's own ops on one).
     Timer: from the call to the last of `--tokens` new tokens, i.e. prefill of the short prompt +
     decode + greedy pick on both sides (llama.cpp: `Llama.generate` with its C greedy sampler; ours:
     `engine.generate`). Not timed: loading the model / GGUF, building the KV cache ahead of time in
@@ -216,6 +217,28 @@ def _no_extra_buffers() -> None:
     lc.llama_model_default_params = params
 
 
+def llama_detokenize(llm, ids: list[int]) -> bytes:
+    """The bytes of llama.cpp's pieces for `ids` (`llama_token_to_piece`, special tokens not rendered),
+    concatenated. Not `Llama.detokenize`: llama-cpp-python 0.3.x reads each piece into a 32-byte
+    buffer and silently drops longer pieces (long runs of spaces are single tokens in our
+    vocabularies); not `llama_detokenize`, which also cleans up spaces around punctuation."""
+    import ctypes
+
+    import llama_cpp
+
+    size = 256
+    buf = ctypes.create_string_buffer(size)
+    out = []
+    for t in ids:
+        n = llama_cpp.llama_token_to_piece(llm._model.vocab, llama_cpp.llama_token(t), buf, size, 0, False)
+        if n < 0:  # longer than the buffer: llama.cpp says how long
+            size = -n
+            buf = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_token_to_piece(llm._model.vocab, llama_cpp.llama_token(t), buf, size, 0, False)
+        out.append(buf.raw[:n])
+    return b"".join(out)
+
+
 def llama(path: Path, threads: int, n_ctx: int):
     from llama_cpp import Llama
 
@@ -265,7 +288,7 @@ def check_tokens(gguf_path: Path, tok, texts: dict[str, list[str]]) -> dict:
                 r["doc_mismatch_vs_declared_regex"] += 1
             if theirs != ours:
                 r["doc_mismatch_vs_ours"] += 1
-            if llm.detokenize(ours) != d.encode("utf-8"):
+            if llama_detokenize(llm, ours) != d.encode("utf-8"):
                 r["detok_mismatch"] += 1
             for line in re.split(r"[\r\n]+", d):
                 if not line:
@@ -323,7 +346,7 @@ def check_exact_split(work: Path, texts: dict[str, list[str]]) -> dict:
             r["multiline_docs"] += "\n" in d
             r["tokens"] += len(ours)
             bad += theirs != ours
-            r["detok_mismatch"] += llm.detokenize(ours) != d.encode("utf-8")
+            r["detok_mismatch"] += llama_detokenize(llm, ours) != d.encode("utf-8")
         r["doc_mismatch"] += bad
         r["by_source"][src] = f"{bad}/{len(docs)}"
     del llm

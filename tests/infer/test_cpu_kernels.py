@@ -60,6 +60,8 @@ def test_kernel_matches_exact_int8_arithmetic(builds, march, n, k):
         y = CK.int8_gemv(lib, x, w, scale, wsum, threads)
         assert y.shape == (1, n) and y.dtype == torch.float32
         torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-6)
+    if n * k >= 2 * 128 * 1024:  # big enough to split: the pool's worker threads took part
+        assert lib.lmf_workers() >= 1
     # the split over threads never changes a row's arithmetic: bitwise equal
     assert torch.equal(CK.int8_gemv(lib, x, w, scale, wsum, 1), CK.int8_gemv(lib, x, w, scale, wsum, 2))
     zero = CK.int8_gemv(lib, torch.zeros(1, k), w, scale, wsum, 2)  # all-zero activation: no division by zero
@@ -81,7 +83,7 @@ def test_kernel_from_several_python_threads_at_once():
     lib = CK.int8_gemv_lib()
     if lib is None:
         pytest.skip(f"kernel not in use here: {CK.int8_gemv_status()}")
-    cases = [_operands(300 + 37 * i, 256 + 64 * i, seed=i) for i in range(4)]
+    cases = [_operands(600 + 37 * i, 512 + 64 * i, seed=i) for i in range(4)]  # >= 256 KB: 2 parts
     refs = [CK.int8_gemv(lib, *c, 1) for c in cases]
     bad = []
 
@@ -104,7 +106,7 @@ def test_kernel_works_in_a_forked_child_after_the_parent_used_its_threads():
     lib = CK.int8_gemv_lib()
     if lib is None:
         pytest.skip(f"kernel not in use here: {CK.int8_gemv_status()}")
-    ops = _operands(512, 256)
+    ops = _operands(1024, 512)  # 512 KB of weights: split over 2 threads
     want = CK.int8_gemv(lib, *ops, 2)  # the parent's pool is running
     pid = os.fork()
     if pid == 0:  # the child calls only the kernel (torch's OpenMP ops may hang after a fork)

@@ -107,6 +107,8 @@ def load(path: Path) -> ctypes.CDLL:
     lib.lmf_int8_gemv.restype = i
     lib.lmf_isa.argtypes = []
     lib.lmf_isa.restype = i
+    lib.lmf_workers.argtypes = []
+    lib.lmf_workers.restype = i
     return lib
 
 

@@ -138,6 +138,7 @@ static void gemv_rows(const int8_t *xq, float sx, int K, const int8_t *w, const 
 
 #define MAX_THREADS 64
 #define SPIN_NS 200000L
+#define MIN_PART_BYTES (128 * 1024)
 
 typedef struct {
     const int8_t *xq;
@@ -247,6 +248,8 @@ static int ensure_workers(int want) {
     return workers;
 }
 
+int lmf_workers(void) { return workers; }
+
 /* y (N fp32) = int8 GEMV of x (K fp32) on `threads` threads (the caller's included). `scratch`:
    K bytes. Returns 0. */
 int lmf_int8_gemv(const float *x, int K, const int8_t *w, const float *ws, const int32_t *wsum, int N, float *y,
@@ -254,7 +257,10 @@ int lmf_int8_gemv(const float *x, int K, const int8_t *w, const float *ws, const
     float sx = quantize_row(x, K, scratch);
     int parts = threads < 1 ? 1 : threads;
     if (parts > MAX_THREADS) parts = MAX_THREADS;
-    if (N < 64 * parts) parts = N / 64 > 1 ? N / 64 : 1; /* small outputs: not worth a wake-up */
+    /* each extra thread must have at least MIN_PART_BYTES of weights to read: below that, waking it
+       and waiting for it costs more than the rows it would take (small models' GEMVs stay on one) */
+    int64_t most = ((int64_t)N * K) / MIN_PART_BYTES;
+    if (most < parts) parts = most > 1 ? (int)most : 1;
     if (parts == 1 || pthread_mutex_trylock(&busy) != 0) {
         gemv_rows(scratch, sx, K, w, ws, wsum, 0, N, y);
         return 0;
