@@ -23,8 +23,9 @@ What each side does, per measured call (the timer covers exactly this on both si
   with bf16 activations); int4 runs `_weight_int4pack_mm_for_cpu` with bf16 activations
   (lmforge.infer.quantize); all compared with HF fp32 as the issue asks.
 Left out of every timing: model construction, loading, export, quantization, one warm-up call.
-Each figure is the best of `--repeats` calls (the machine is shared; best-of filters other
-processes' bursts). Greedy tokens of ours fp32 and HF fp32 are compared token by token.
+Each figure is the best of `--repeats` interleaved rounds (every round times HF and each of our
+variants once, in turn, so all of them see the same minutes of this shared machine, whose memory
+bandwidth drifts by 20-30% over minutes; best-of filters other processes' bursts). Greedy tokens of ours fp32 and HF fp32 are compared token by token.
 
 Bandwidth limit (as gpt-fast reports it): bytes read per decoded token = every linear weight as
 stored (fp32 / int8 + scales / int4 codes + scales + zeros) + one embedding row + norms; measured
@@ -89,39 +90,84 @@ def bandwidth(threads: int) -> float:
     return w.numel() * 4 / best
 
 
-def time_ours(model, prompt, n, threads, repeats, compile: bool = False) -> tuple[float, list[int]]:
-    torch.set_num_threads(threads)
+ENV = {"int8-wo": {"LMFORGE_INT8_DECODE": "weight-only"}, "int8-fbgemm": {"LMFORGE_CPU_KERNELS": "0"}}
+
+
+def _with_env(env: dict, fn):
+    """Run fn with the variant's environment; the kernel choice is re-read (and the compiled
+    kernel's library loaded) before fn, so no loading falls inside a timed call."""
+    os.environ.update(env)
+    cpu_kernels.reset()
+    cpu_kernels.int8_gemv_lib()
+    try:
+        return fn()
+    finally:
+        for k in env:
+            os.environ.pop(k, None)
+        cpu_kernels.reset()
+
+
+def ours_runner(name, model, prompt, n, threads, compile: bool = False):
+    """(warm-up, one timed call -> (seconds, tokens)) for one of our variants."""
     p = SamplingParams(max_new_tokens=n, temperature=0.0, stop_token_ids=())
-    t0 = time.perf_counter()
-    # warm-up: with `compile`, the call of the timed shape (same cache size) compiles the step
-    generate(model, [prompt], p if compile else SamplingParams(max_new_tokens=4, temperature=0.0, stop_token_ids=()),
-             decode_threads=threads, compile=compile)
-    if compile:
-        print(f"    (compile + first call {time.perf_counter() - t0:.1f} s, not timed)")
-    best, toks = float("inf"), []
-    for _ in range(repeats):
+    env = ENV.get(name, {})
+
+    def warm():
+        torch.set_num_threads(threads)
         t0 = time.perf_counter()
-        out = generate(model, [prompt], p, decode_threads=threads, compile=compile)
-        best = min(best, time.perf_counter() - t0)
-        toks = out[0].token_ids
-    return len(toks) / best, toks
+        # with `compile`, the call of the timed shape (same cache size) compiles the step
+        _with_env(env, lambda: generate(model, [prompt], p if compile else SamplingParams(max_new_tokens=4, temperature=0.0,
+                                                                                         stop_token_ids=()),
+                                        decode_threads=threads, compile=compile))
+        if compile:
+            print(f"    ({name}: compile + first call {time.perf_counter() - t0:.1f} s, not timed)")
+
+    def once():
+        torch.set_num_threads(threads)
+
+        def call():
+            t0 = time.perf_counter()
+            out = generate(model, [prompt], p, decode_threads=threads, compile=compile)
+            return time.perf_counter() - t0, out[0].token_ids
+
+        return _with_env(env, call)
+
+    return warm, once
 
 
-def time_hf(hf, prompt, n, threads, repeats, static: bool) -> tuple[float, list[int]]:
-    torch.set_num_threads(threads)
+def hf_runner(hf, prompt, n, threads, static: bool):
     ids = torch.tensor([prompt])
     kw = dict(do_sample=False, max_new_tokens=n, min_new_tokens=n, use_cache=True, pad_token_id=0)
     if static:
         kw["cache_implementation"] = "static"
-    with torch.no_grad():
-        hf.generate(ids, **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})
-        best, toks = float("inf"), []
-        for _ in range(repeats):
+
+    def warm():
+        torch.set_num_threads(threads)
+        with torch.no_grad():
+            hf.generate(ids, **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})
+
+    def once():
+        torch.set_num_threads(threads)
+        with torch.no_grad():
             t0 = time.perf_counter()
             out = hf.generate(ids, **kw)
-            best = min(best, time.perf_counter() - t0)
-            toks = out[0, len(prompt):].tolist()
-    return len(toks) / best, toks
+            return time.perf_counter() - t0, out[0, len(prompt):].tolist()
+
+    return warm, once
+
+
+def interleaved(runners: dict, repeats: int) -> dict[str, tuple[float, list[int]]]:
+    """Warm every runner, then `repeats` rounds timing each once in turn (so every side sees the same
+    minutes of this shared machine); best time per runner -> (tokens/s, tokens)."""
+    for warm, _ in runners.values():
+        warm()
+    best: dict[str, tuple[float, list[int]]] = {}
+    for _ in range(repeats):
+        for name, (_, once) in runners.items():
+            sec, toks = once()
+            if name not in best or sec < best[name][0]:
+                best[name] = (sec, toks)
+    return {k: (len(toks) / sec, toks) for k, (sec, toks) in best.items()}
 
 
 def first_difference(a: list[int], b: list[int]) -> str:
@@ -173,30 +219,28 @@ def main(argv=None) -> int:
     rows = []
     for th in threads:
         bw = bandwidth(th)
+        runners = {}
+        if hf is not None:
+            runners["hf-dynamic"] = hf_runner(hf, prompt, args.new_tokens, th, static=False)
+            runners["hf-static"] = hf_runner(hf, prompt, args.new_tokens, th, static=True)
+        for name, m in variants.items():
+            runners[name] = ours_runner(name, m, prompt, args.new_tokens, th, compile=name.endswith("-compiled"))
+        timed = interleaved(runners, args.repeats)
         res = {}
         if hf is not None:
-            dyn, hf_toks = time_hf(hf, prompt, args.new_tokens, th, args.repeats, static=False)
-            sta, hf_toks_s = time_hf(hf, prompt, args.new_tokens, th, args.repeats, static=True)
+            (dyn, hf_toks), (sta, hf_toks_s) = timed.pop("hf-dynamic"), timed.pop("hf-static")
             res["hf"] = max(dyn, sta)
             print(f"[{th} thread(s)] HF generate fp32: dynamic cache {dyn:.1f} tok/s, static cache {sta:.1f} tok/s "
                   f"(load {os.getloadavg()[0]:.2f})")
         for name, m in variants.items():
-            mode = "weight-only" if name == "int8-wo" else "dynamic"
-            os.environ["LMFORGE_INT8_DECODE"] = mode
-            if name == "int8-fbgemm":
-                os.environ["LMFORGE_CPU_KERNELS"] = "0"
-            cpu_kernels.reset()
-            tps, toks = time_ours(m, prompt, args.new_tokens, th, args.repeats, compile=name.endswith("-compiled"))
-            os.environ.pop("LMFORGE_INT8_DECODE")
-            os.environ.pop("LMFORGE_CPU_KERNELS", None)
-            cpu_kernels.reset()
+            tps, toks = timed[name]
             res[name] = tps
             bpt = bytes_per_token(m)
             line = (f"[{th} thread(s)] ours {name}: {tps:.1f} tok/s, {bpt / 1e6:.1f} MB/token, "
                     f"{100 * tps * bpt / bw:.0f}% of the {bw / 1e9:.1f} GB/s bandwidth limit")
             if hf is not None:
                 line += f", {tps / res['hf']:.2f}x HF fp32"
-            print(line + f" (load {os.getloadavg()[0]:.2f})")
+            print(line)
             if name == "fp32" and hf is not None:
                 print(f"    greedy tokens ours fp32 vs HF fp32 (dynamic): {first_difference(toks, hf_toks)}; "
                       f"vs HF static: {first_difference(toks, hf_toks_s)}")
