@@ -475,15 +475,12 @@ def test_rows_of_very_different_lengths_attend_in_groups_with_unchanged_output(m
     assert [o.token_ids for o in outs] == [r.token_ids for r in ref]
 
 
-def test_a_lone_int8_sequence_decodes_through_the_int8_kernel_on_the_engine_threads(monkeypatch):
+def test_a_lone_int8_sequence_decodes_through_the_int8_kernel_on_the_engine_threads(monkeypatch, int8_kernel):
     # one running sequence of an int8 model: torch's ops on one thread, the engine thread's count
     # to lmforge's int8 kernel (as generate does); two sequences: torch's count, the batched path
-    from lmforge.infer import cpu_kernels as CK
     from lmforge.infer.quantize import quantize_model
 
-    CK.reset()
-    if CK.int8_gemv_lib() is None:
-        pytest.skip(f"lmforge's int8 kernel is not available here: {CK.int8_gemv_status()}")
+    CK = int8_kernel
     m = _model()
     quantize_model(m, "int8", include_head=True)
     seen = []

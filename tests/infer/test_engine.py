@@ -328,16 +328,13 @@ def test_decode_over_the_live_cache_prefix_equals_the_whole_cache(monkeypatch, b
     assert got[0].token_ids == _greedy_plain(m, prompts[0], 20)
 
 
-def test_int8_kernel_decode_gets_the_threads_and_torch_runs_on_one(monkeypatch):
+def test_int8_kernel_decode_gets_the_threads_and_torch_runs_on_one(monkeypatch, int8_kernel):
     # one row of an int8 model through lmforge's compiled kernel: the decode's thread count goes to
     # the kernel's own pool, torch's ops run on one thread; the tokens do not depend on the count
-    from lmforge.infer import cpu_kernels as CK
     from lmforge.infer import engine as E
     from lmforge.infer.quantize import int8_kernel_decode, quantize_model
 
-    CK.reset()
-    if CK.int8_gemv_lib() is None:
-        pytest.skip(f"lmforge's int8 kernel is not available here: {CK.int8_gemv_status()}")
+    CK = int8_kernel
     m = _model()
     quantize_model(m, "int8", include_head=True)
     assert int8_kernel_decode(m)
