@@ -188,6 +188,18 @@ def test_rmsnorm_kernel_matches_rms_norm():
     _close(w.grad, w2.grad)
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 40), (2, 5, 40), (300, 250, 40)])
+def test_inference_rmsnorm_matches_rms_norm_at_every_size(shape):
+    # no autograd: decode-sized inputs go through F.rms_norm, larger ones through the four-op kernel
+    torch.manual_seed(7)
+    norm = T.RMSNorm(40)
+    with torch.no_grad():
+        norm.weight.mul_(1 + 0.1 * torch.randn(40))
+        x = torch.randn(*shape)
+        assert (x.numel() <= T.SMALL_NORM) == (shape[0] < 300)
+        _close(norm(x), F.rms_norm(x, (40,), norm.weight, 1e-5))
+
+
 @pytest.mark.parametrize("qk_axis", [False, True])
 def test_rope_kernel_matches_apply_rope(qk_axis):
     torch.manual_seed(6)
