@@ -506,3 +506,39 @@ def test_a_lone_int8_sequence_decodes_through_the_int8_kernel_on_the_engine_thre
     # decode steps of the lone sequence (1, 2); its prefill's last row (2, 1); never both pools at 2
     assert {(t, k) for rows, t, k in lone} == {(1, 2), (2, 1)}
     assert {(t, k) for rows, t, k in seen if rows == 2} == {(2, 1)}  # two rows: torch's threads
+
+
+def test_a_request_whose_sampling_fails_ends_alone_and_the_batch_goes_on(model, monkeypatch):
+    # one request's sampler raises (seed 13 here): that request ends with finish_reason "error" and
+    # EngineError from result(); the requests decoded beside it give the tokens they give alone
+    import lmforge.infer.batching as B
+
+    real = B.sample
+
+    calls = []
+
+    def sample_that_fails_for_seed_13(logits, params, gen):
+        if params.seed == 13:
+            calls.append(logits.shape[0])
+            if len(calls) == 3:  # a decode step, the other requests' rows in the same batch
+                raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return real(logits, params, gen)
+
+    prompts = _prompts([5, 9, 3])
+    greedy = SamplingParams(max_new_tokens=8, temperature=0, stop_token_ids=[])
+    sampled = SamplingParams(max_new_tokens=8, temperature=0.9, seed=7, stop_token_ids=[])
+    doomed = SamplingParams(max_new_tokens=8, temperature=0.9, seed=13, stop_token_ids=[], n=2)
+    with _Engine(model, None, max_running=8) as e:
+        alone = [e.submit(prompts[0], greedy).result()[0].token_ids, e.submit(prompts[1], sampled).result()[0].token_ids]
+        monkeypatch.setattr(B, "sample", sample_that_fails_for_seed_13)
+        reqs = [e.submit(prompts[0], greedy), e.submit(prompts[1], sampled), e.submit(prompts[2], doomed)]
+        with pytest.raises(EngineError, match="inf, nan"):
+            reqs[2].result(timeout=60)
+        assert [c.finish_reason for c in reqs[2].completions] == ["error", "error"] and len(calls) == 3
+        assert len(reqs[2].completions[0].token_ids) == 2  # two tokens before the failing step
+        assert [r.result(timeout=60)[0].token_ids for r in reqs[:2]] == alone
+        stats = e.stats()
+        assert stats["requests_failed"] == 1 and stats["running"] == 0
+        monkeypatch.setattr(B, "sample", real)
+        assert e.submit(prompts[0], greedy).result(timeout=60)[0].token_ids == alone[0]  # still serving
+    assert e.allocator.used == 0  # every block back in the pool

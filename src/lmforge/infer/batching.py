@@ -33,7 +33,10 @@ stopped — the client sees no difference but latency.
 
 Sampling parameters are per request (rows of one batch may differ): greedy rows share one argmax,
 every other request gets `process_logits` + `sample` on its own rows with its own generator
-(seeded per request: the same seed gives the same tokens whatever else is running).
+(seeded per request: the same seed gives the same tokens whatever else is running). A request
+whose own sampling fails ends alone with finish_reason "error" (its `Request.error` says why); the
+other rows of that step go on. A failure of the step itself (the batched forward) still ends every
+request in flight with "error" and restarts the block pool.
 
 Text: every TokenEvent carries a UTF-8-safe text delta (`IncrementalText`: never half a
 character) from which text that could be the beginning of a stop string is held back; the
@@ -678,6 +681,7 @@ class BatchEngine:
         nxt = torch.empty(B, dtype=torch.long, device=logits.device)
         greedy: list[int] = []
         want_lp = False
+        failed: dict[str, str] = {}  # request id -> why its sampling failed (it alone ends with "error")
         r = 0
         while r < B:
             req = seqs[r].req
@@ -699,7 +703,12 @@ class BatchEngine:
                         gen.seed()
                     else:
                         gen.manual_seed(p.seed)
-                nxt[r:e] = sample(process_logits(logits[r:e], p, seen), p, gen)
+                try:
+                    nxt[r:e] = sample(process_logits(logits[r:e], p, seen), p, gen)
+                except Exception as exc:  # noqa: BLE001 - one request's sampling failed: end it, keep the others
+                    logger.exception("sampling failed for request %s", req.id)
+                    failed[req.id] = f"{type(exc).__name__}: {exc}"
+                    nxt[r:e] = 0
             r = e
         if len(greedy) == B:
             nxt = logits.argmax(-1)
@@ -716,18 +725,26 @@ class BatchEngine:
         now = time.monotonic()
         for i, s in enumerate(seqs):
             req = s.req
+            if req.id in failed:
+                continue
             if req.first_token_at is None:
                 req.first_token_at = now
                 self._stats["ttft_sum"] += now - req.submitted_at
                 self._stats["ttft_count"] += 1
             if self._advance(s, toks[i], lps[i] if lps is not None else None):
                 done.append(s)
-        self._stats["tokens_generated"] += B
-        self._recent.append((now, B))
+        made = B - sum(1 for s in seqs if s.req.id in failed)
+        self._stats["tokens_generated"] += made
+        self._recent.append((now, made))
         while self._recent and now - self._recent[0][0] > 10.0:
             self._recent.popleft()
         for s in done:
             self._finish_seq(s)
+        if failed:
+            for s in seqs:
+                if s.req.id in failed:
+                    s.req.error = failed[s.req.id]
+            self._end_requests(set(failed), "error")
 
     def _advance(self, s: _Seq, t: int, lp: float | None) -> bool:
         """Append token t to a sequence, emit its TokenEvent; True when the sequence is finished."""
@@ -813,6 +830,11 @@ class BatchEngine:
             req._done.set()
 
     def _do_cancel(self, ids: set[str]) -> None:
+        self._end_requests(ids, "cancelled")
+
+    def _end_requests(self, ids: set[str], reason: str) -> None:
+        """Finish every sample of the requests `ids` with `reason` ("cancelled" or "error"), wherever
+        it is (queued, preempted, running), freeing its blocks."""
         for g in [g for g in self._waiting if g.req.id in ids]:
             self._waiting.remove(g)
             if g.fresh:
@@ -821,14 +843,14 @@ class BatchEngine:
             for s in g.seqs:
                 self.allocator.release_all(s.blocks)
                 s.blocks = []
-                self._finish_seq(s, "cancelled")
+                self._finish_seq(s, reason)
         for s in [s for s in self._running if s.req.id in ids]:
-            self._finish_seq(s, "cancelled")
+            self._finish_seq(s, reason)
         for rid in ids:  # anything left (not in the queue, not running): finish it too
             req = self._requests.get(rid)
             for s in req._seqs if req is not None else ():
                 if not s.finished:
-                    self._finish_seq(s, "cancelled")
+                    self._finish_seq(s, reason)
 
     def _fail_all(self, message: str) -> None:
         """After an engine failure: every request taken in (queued, being admitted or running; not
