@@ -12,12 +12,16 @@ What each side does, per measured call (the timer covers exactly this on both si
   fp32, `torch.no_grad`, same T threads; both the default dynamic cache and
   `cache_implementation="static"` are timed and the faster is the reference (its fastest
   documented CPU path; `torch.compile` of HF's forward is left out, as it is on our side).
+- fp32 / int8: batch-1 decode of these models runs the whole step in lmforge's compiled kernel
+  (lmforge.infer.native_decode: one C call per token, T threads on the kernel's own pool, torch's
+  ops — the prefill aside — on one); "fp32-torch" / "int8-torch" are the same models through
+  torch's decode step instead (`LMFORGE_NATIVE_DECODE=0`).
 - int8 / int4 (ours only): the same model with every linear layer, the head included, swapped
   for `Int8Linear` (per channel) / `Int4Linear` (group 128) by `quantize_model`. Batch-1 int8
-  decode runs lmforge's compiled int8 GEMV (lmforge.infer.cpu_kernels: the activation row
+  GEMVs are lmforge's compiled int8 GEMV (lmforge.infer.cpu_kernels: the activation row
   quantized to 8 bits on the fly, int32 accumulation — the precision class of llama.cpp's q8_0 —
   with the T threads given to the kernel's own pool and torch's ops on one); "int8-fbgemm" is the
-  same model through torch's fbgemm `quantized::linear_dynamic` instead (`LMFORGE_CPU_KERNELS=0`,
+  same model through torch's step and fbgemm `quantized::linear_dynamic` instead (`LMFORGE_CPU_KERNELS=0`,
   torch's ops on T threads); "int8-wo" is the same
   model through the weight-only path (`LMFORGE_INT8_DECODE=weight-only`: `_weight_int8pack_mm`
   with bf16 activations); int4 runs `_weight_int4pack_mm_for_cpu` with bf16 activations
@@ -90,7 +94,8 @@ def bandwidth(threads: int) -> float:
     return w.numel() * 4 / best
 
 
-ENV = {"int8-wo": {"LMFORGE_INT8_DECODE": "weight-only"}, "int8-fbgemm": {"LMFORGE_CPU_KERNELS": "0"}}
+ENV = {"int8-wo": {"LMFORGE_INT8_DECODE": "weight-only"}, "int8-fbgemm": {"LMFORGE_CPU_KERNELS": "0"},
+       "fp32-torch": {"LMFORGE_NATIVE_DECODE": "0"}, "int8-torch": {"LMFORGE_NATIVE_DECODE": "0"}}
 
 
 def _with_env(env: dict, fn):
@@ -205,12 +210,13 @@ def main(argv=None) -> int:
         save_model(model, tmp / "ours")
         export_hf(tmp / "ours", tmp / "hf")
         hf = LlamaForCausalLM.from_pretrained(tmp / "hf", torch_dtype=torch.float32).eval()
-    variants = {"fp32": model}
+    variants = {"fp32": model, "fp32-torch": model}
     for kind, opts in (("int8", {}), ("int4", {"group_size": 128})):
         q = build(args.shape)
         quantize_model(q, kind, include_head=True, **opts)
         variants[kind] = q
         if kind == "int8":
+            variants["int8-torch"] = q  # the same model, torch's decode step (its int8 layers through lmforge's GEMV)
             variants["int8-fbgemm"] = q  # the same model, the dynamic kernel of torch (fbgemm), not lmforge's
             variants["int8-wo"] = q  # the same model, decode through the weight-only bf16 kernel
             if args.compile:
@@ -256,7 +262,8 @@ def main(argv=None) -> int:
 
         result("decode", res["fp32"] / res["hf"], 1.5,
                f"batch-1 greedy decode tok/s, {args.shape} shape, {th} thread(s): lmforge fp32 vs HF generate fp32 "
-               f"(int8 {res['int8'] / res['hf']:.2f}x, goal 3x; int8 through torch's fbgemm {res['int8-fbgemm'] / res['hf']:.2f}x; "
+               f"(int8 {res['int8'] / res['hf']:.2f}x, goal 3x; torch's decode step: fp32 {res['fp32-torch'] / res['hf']:.2f}x, "
+               f"int8 {res['int8-torch'] / res['hf']:.2f}x; int8 through torch's fbgemm {res['int8-fbgemm'] / res['hf']:.2f}x; "
                f"int8 weight-only kernel {res['int8-wo'] / res['hf']:.2f}x; "
                f"int4 {res['int4'] / res['hf']:.2f}x"
                + (f"; compiled step: fp32 {res['fp32-compiled'] / res['hf']:.2f}x, int8 {res['int8-compiled'] / res['hf']:.2f}x"

@@ -196,6 +196,7 @@ def test_chunked_prefill_gives_the_same_tokens_and_logprobs(chunk):
 
 
 def test_decode_runs_on_its_own_thread_count_and_restores_the_callers(monkeypatch):
+    monkeypatch.setenv("LMFORGE_NATIVE_DECODE", "0")  # torch's step: its intra-op threads are what is tuned
     from lmforge.infer.engine import AUTO_THREADS, DECODE_SINGLE_THREAD_ROWS, LAST_TUNER, decode_threads_for
 
     m = _model()
@@ -255,6 +256,7 @@ def test_decode_tunes_threads_to_the_faster_count(monkeypatch):
 
     from lmforge.infer import engine as E
 
+    monkeypatch.setenv("LMFORGE_NATIVE_DECODE", "0")  # torch's step (the one patched here)
     m = _model()
     real = E.decode_step
 

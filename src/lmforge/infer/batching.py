@@ -280,6 +280,7 @@ class BatchEngine:
         # a lone sequence of an int8 model decodes through lmforge's int8 kernel (one row): the
         # engine thread's intra-op count goes to the kernel's threads, torch's ops run on one
         self._kernel_decode = self.device.type == "cpu" and int8_kernel_decode(model)
+        self._native = None  # the whole-step kernel for a lone sequence (native_decode): None = not tried yet
         per_block = bytes_per_block(self.cfg, block_size, self.dtype)
         blocks_per_ctx = math.ceil(self.cfg.max_seq_len / block_size)
         if kv_memory_mb is None:
@@ -623,7 +624,12 @@ class BatchEngine:
         pos = pos.contiguous()
         self._step_meta.slots, self._step_meta.table = slot.contiguous(), table
         split = None if self.compile else _split_by_length([len(s.blocks) for s in seqs])
-        if split is None:
+        native = self._native_step() if B == 1 and Bp == 1 else None
+        if native is not None:
+            threads = torch.get_num_threads()
+            with intra_op_threads(1), use_kernel_threads(threads):
+                logits = native(self.model, tok, pos, None, table=table[0])
+        elif split is None:
             mask = _additive_mask(pos, nbp * bs, self.dtype)[:, None]  # (B, 1, 1, S)
             logits = self._decode_forward(tok.contiguous(), pos, mask)
         else:
@@ -649,6 +655,17 @@ class BatchEngine:
             if s.computed % bs == 0:
                 self._register_full_blocks(s)
         self._sample_and_advance(list(seqs), logits)
+
+    def _native_step(self):
+        """lmforge's whole-step decode kernel over the paged cache (lmforge.infer.native_decode), for
+        a lone sequence on CPU; None where it cannot run this model (or with `compile`)."""
+        if self._native is None:
+            self._native = False
+            if self.device.type == "cpu" and not self.compile:
+                from lmforge.infer.native_decode import native_step
+
+                self._native = native_step(self.model) or False
+        return self._native or None
 
     def _decode_forward(self, tok, pos, mask) -> torch.Tensor:
         if self._kernel_decode and tok.shape[0] == 1:

@@ -1,8 +1,12 @@
 """CPU kernels written here, compiled on the machine that runs them.
 
-One so far: the batch-1 int8 GEMV of CPU decode (`csrc/int8_gemv.c`): the activation row quantized
-to 8 bits on the fly, int8 x int8 products summed in int32 with AVX512-VNNI (or AVX2), the rows split
-over `kernel_threads()` threads (set by the decode loop) by a small pthread pool. torch's own int8 paths at one row
+One C file, `csrc/decode_kernels.c`, for batch-1 decode:
+- the int8 GEMV: the activation row quantized to 8 bits on the fly, int8 x int8 products summed in
+  int32 with AVX512-VNNI (or AVX2), the rows split over `kernel_threads()` threads (set by the
+  decode loop) by a small pthread pool;
+- a whole decode step of one sequence (`lmf_decode`, driven by `lmforge.infer.native_decode`):
+  embedding row, every layer's norms, GEMVs (fp32 or that int8 GEMV), RoPE, cache write and
+  attention, the output head, in one call on the same pool. torch's own int8 paths at one row
 (fbgemm's `quantized::linear_dynamic`, `_weight_int8pack_mm`) read the weights at roughly half the
 memory bandwidth on this project's machine and do not gain from a second thread at one row;
 `benchmarks/bench_decode.py` prints what each path gives.
@@ -34,7 +38,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "int8_gemv.c"
+SOURCE = Path(__file__).parent / "csrc" / "decode_kernels.c"
 FLAGS = ("-O3", "-shared", "-fPIC", "-pthread")
 ISA_NAMES = {0: "none", 1: "AVX2", 2: "AVX512-VNNI"}
 
@@ -80,7 +84,7 @@ def build(march: str = "native", out_dir: Path | None = None) -> Path:
     flags = (*FLAGS, f"-march={march}")
     key = hashlib.sha256(SOURCE.read_bytes() + repr((cc, flags)).encode() + _cpu_signature()).hexdigest()[:16]
     out_dir = Path(out_dir) if out_dir is not None else cache_dir()
-    path = out_dir / f"int8_gemv-{march}-{key}.so"
+    path = out_dir / f"decode_kernels-{march}-{key}.so"
     if path.exists():
         return path
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -109,6 +113,10 @@ def load(path: Path) -> ctypes.CDLL:
     lib.lmf_isa.restype = i
     lib.lmf_workers.argtypes = []
     lib.lmf_workers.restype = i
+    lib.lmf_decode.argtypes = [p, i, i, p, i, p]
+    lib.lmf_decode.restype = i
+    lib.lmf_work_floats.argtypes = [p]
+    lib.lmf_work_floats.restype = ctypes.c_long
     return lib
 
 

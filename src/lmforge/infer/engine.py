@@ -402,6 +402,12 @@ def prefill(model, prompts: Sequence[Sequence[int]], device, chunk: int = PREFIL
     return model.lm_head(h_last).float()
 
 
+def _native_step(model):
+    from lmforge.infer.native_decode import native_step
+
+    return native_step(model)
+
+
 def _int8_kernel_decode(model) -> bool:
     from lmforge.infer.quantize import int8_kernel_decode
 
@@ -445,9 +451,14 @@ def _generate_chunk(model, prompts, first_index, params, tokenizer, stop_ids, g,
         threads = 1 if caller == 1 else None
         if caller > 1:
             tuner = ThreadTuner(caller)
-    # one row through lmforge's int8 kernel: the tuned / fixed count goes to the kernel's own threads,
-    # torch's ops run on one (cpu_kernels.kernel_threads)
-    kernel = rows == 1 and device.type == "cpu" and _int8_kernel_decode(model)
+    # one row on CPU: the whole step in lmforge's compiled kernel where it can run this model
+    # (lmforge.infer.native_decode), else torch's step (its int8 layers through lmforge's int8 GEMV
+    # where they can). Either way the tuned / fixed count goes to the kernel's own threads and torch's
+    # ops run on one (cpu_kernels.kernel_threads)
+    native = rows == 1 and device.type == "cpu" and not compile and _native_step(model)
+    if native:
+        step_fn = native
+    kernel = rows == 1 and device.type == "cpu" and (bool(native) or _int8_kernel_decode(model))
     try:
         with intra_op_threads(1 if kernel else threads), use_kernel_threads((threads or caller) if kernel else 1):
             _decode_loop(model, params, tokenizer, stop_ids, g, on_token, state, logits, seen, pos, mask, S, step_fn,

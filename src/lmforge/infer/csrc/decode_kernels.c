@@ -1,0 +1,577 @@
+/* lmforge: batch-1 int8 GEMV for CPU decode (lmforge.infer.cpu_kernels builds and loads this file).
+
+   y[n] = sx * ws[n] * sum_k q(x)[k] * w[n, k]
+
+   x (K fp32) is quantized to 8 bits on the fly, symmetric with one scale sx = max|x| / 127 for the
+   row; w (N x K int8, row-major) carries one fp32 scale per output row, ws[n]. Products of 8-bit
+   values are summed exactly in int32, so the result differs from the dequantized weights' matmul
+   only by the rounding of x to 8 bits (llama.cpp's q8_0 matmuls round their activations the same
+   way, per block of 32 instead of per row).
+
+   Kernels, chosen when the file is compiled (-march=native on the machine that runs it):
+   - AVX512-VNNI: x + 128 as unsigned bytes times w with vpdpbusd (64 products per instruction);
+     sum (x + 128) w = sum x w + 128 sum w, so the row sums wsum[n] (precomputed) are subtracted.
+   - AVX2: llama.cpp's sign trick: |w| as unsigned bytes times x with w's sign, vpmaddubsw then
+     vpmaddwd (pairs of 127 x 127 products cannot saturate int16).
+   - anything else: no kernel (lmf_isa() returns 0 and the caller keeps its other path).
+
+   Threads: the rows are split between the calling thread and a small pool of worker threads
+   started on first use (pthreads; the pool spins ~0.2 ms for the next call, then sleeps on a
+   condition variable). One call runs at a time: a call that finds the pool busy (another Python
+   thread) runs on its own thread. A forked child starts without a pool. */
+
+#define _GNU_SOURCE
+#include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define CPU_RELAX() _mm_pause()
+#else
+#define CPU_RELAX() ((void)0)
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define LMF_ISA 2
+#elif defined(__AVX2__)
+#define LMF_ISA 1
+#else
+#define LMF_ISA 0
+#endif
+
+int lmf_isa(void) { return LMF_ISA; }
+
+/* x -> xq (int8 in [-127, 127]) or xq + 128 (uint8) for the VNNI kernel; returns sx */
+static float quantize_row(const float *x, int K, int8_t *xq) {
+    float amax = 0.f;
+    for (int k = 0; k < K; k++) {
+        float a = fabsf(x[k]);
+        amax = a > amax ? a : amax;
+    }
+    float inv = amax > 0.f ? 127.f / amax : 0.f;
+    for (int k = 0; k < K; k++) {
+        int v = (int)lrintf(x[k] * inv);
+#if LMF_ISA == 2
+        ((uint8_t *)xq)[k] = (uint8_t)(v + 128);
+#else
+        xq[k] = (int8_t)v;
+#endif
+    }
+    return amax / 127.f;
+}
+
+/* rows [n0, n1) */
+static void gemv_rows(const int8_t *xq, float sx, int K, const int8_t *w, const float *ws, const int32_t *wsum,
+                      int n0, int n1, float *y) {
+    int n = n0;
+#if LMF_ISA == 2
+    const uint8_t *xu = (const uint8_t *)xq;
+    for (; n + 4 <= n1; n += 4) {
+        const int8_t *w0 = w + (int64_t)n * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+        __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+        int k = 0;
+        for (; k + 64 <= K; k += 64) {
+            __m512i xv = _mm512_loadu_si512((const void *)(xu + k));
+            a0 = _mm512_dpbusd_epi32(a0, xv, _mm512_loadu_si512((const void *)(w0 + k)));
+            a1 = _mm512_dpbusd_epi32(a1, xv, _mm512_loadu_si512((const void *)(w1 + k)));
+            a2 = _mm512_dpbusd_epi32(a2, xv, _mm512_loadu_si512((const void *)(w2 + k)));
+            a3 = _mm512_dpbusd_epi32(a3, xv, _mm512_loadu_si512((const void *)(w3 + k)));
+        }
+        int32_t s0 = _mm512_reduce_add_epi32(a0), s1 = _mm512_reduce_add_epi32(a1);
+        int32_t s2 = _mm512_reduce_add_epi32(a2), s3 = _mm512_reduce_add_epi32(a3);
+        for (; k < K; k++) {
+            s0 += xu[k] * w0[k]; s1 += xu[k] * w1[k]; s2 += xu[k] * w2[k]; s3 += xu[k] * w3[k];
+        }
+        y[n] = sx * ws[n] * (float)(s0 - 128 * wsum[n]);
+        y[n + 1] = sx * ws[n + 1] * (float)(s1 - 128 * wsum[n + 1]);
+        y[n + 2] = sx * ws[n + 2] * (float)(s2 - 128 * wsum[n + 2]);
+        y[n + 3] = sx * ws[n + 3] * (float)(s3 - 128 * wsum[n + 3]);
+    }
+    for (; n < n1; n++) {
+        const int8_t *wr = w + (int64_t)n * K;
+        int32_t s = 0;
+        for (int k = 0; k < K; k++) s += xu[k] * wr[k];
+        y[n] = sx * ws[n] * (float)(s - 128 * wsum[n]);
+    }
+#else
+    (void)wsum;
+#if LMF_ISA == 1
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (; n + 4 <= n1; n += 4) {
+        const int8_t *wr[4] = {w + (int64_t)n * K, w + (int64_t)(n + 1) * K, w + (int64_t)(n + 2) * K,
+                               w + (int64_t)(n + 3) * K};
+        __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                          _mm256_setzero_si256()};
+        int k = 0;
+        for (; k + 32 <= K; k += 32) {
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + k));
+            for (int r = 0; r < 4; r++) {
+                __m256i wv = _mm256_loadu_si256((const __m256i *)(wr[r] + k));
+                __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+                acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(p16, ones));
+            }
+        }
+        for (int r = 0; r < 4; r++) {
+            __m128i h = _mm_add_epi32(_mm256_castsi256_si128(acc[r]), _mm256_extracti128_si256(acc[r], 1));
+            h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
+            h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xb1));
+            int32_t s = _mm_cvtsi128_si32(h);
+            for (int kk = k; kk < K; kk++) s += xq[kk] * wr[r][kk];
+            y[n + r] = sx * ws[n + r] * (float)s;
+        }
+    }
+#endif
+    for (; n < n1; n++) {
+        const int8_t *wr = w + (int64_t)n * K;
+        int32_t s = 0;
+        for (int k = 0; k < K; k++) s += xq[k] * wr[k];
+        y[n] = sx * ws[n] * (float)s;
+    }
+#endif
+}
+
+/* ---- fp32 GEMV over row-major weights ---------------------------------------------------------- */
+
+/* rows [n0, n1) of y = W x, W (N x K fp32, row-major); four rows per load of x */
+static void f32_rows(const float *x, int K, const float *w, int n0, int n1, float *y) {
+    int n = n0;
+#if defined(__AVX512F__)
+    for (; n + 4 <= n1; n += 4) {
+        const float *w0 = w + (int64_t)n * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        int k = 0;
+        for (; k + 16 <= K; k += 16) {
+            __m512 xv = _mm512_loadu_ps(x + k);
+            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w0 + k), xv, a0);
+            a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w1 + k), xv, a1);
+            a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w2 + k), xv, a2);
+            a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w3 + k), xv, a3);
+        }
+        if (k < K) {
+            __mmask16 m = (__mmask16)((1u << (K - k)) - 1u);
+            __m512 xv = _mm512_maskz_loadu_ps(m, x + k);
+            a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w0 + k), xv, a0);
+            a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w1 + k), xv, a1);
+            a2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w2 + k), xv, a2);
+            a3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w3 + k), xv, a3);
+        }
+        y[n] = _mm512_reduce_add_ps(a0);
+        y[n + 1] = _mm512_reduce_add_ps(a1);
+        y[n + 2] = _mm512_reduce_add_ps(a2);
+        y[n + 3] = _mm512_reduce_add_ps(a3);
+    }
+#elif defined(__AVX2__) && defined(__FMA__)
+    for (; n + 4 <= n1; n += 4) {
+        const float *wr[4] = {w + (int64_t)n * K, w + (int64_t)(n + 1) * K, w + (int64_t)(n + 2) * K,
+                              w + (int64_t)(n + 3) * K};
+        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        int k = 0;
+        for (; k + 8 <= K; k += 8) {
+            __m256 xv = _mm256_loadu_ps(x + k);
+            for (int r = 0; r < 4; r++) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(wr[r] + k), xv, acc[r]);
+        }
+        for (int r = 0; r < 4; r++) {
+            __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+            h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+            h = _mm_add_ss(h, _mm_movehdup_ps(h));
+            float s = _mm_cvtss_f32(h);
+            for (int kk = k; kk < K; kk++) s += wr[r][kk] * x[kk];
+            y[n + r] = s;
+        }
+    }
+#endif
+    for (; n < n1; n++) {
+        const float *wr = w + (int64_t)n * K;
+        float s = 0.f;
+        for (int k = 0; k < K; k++) s += wr[k] * x[k];
+        y[n] = s;
+    }
+}
+
+/* a dot product of two fp32 vectors (attention scores) and y += a x (attention values) */
+static float dotf(const float *a, const float *b, int n) {
+    int i = 0;
+    float s = 0.f;
+#if defined(__AVX512F__)
+    __m512 acc = _mm512_setzero_ps();
+    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+    s = _mm512_reduce_add_ps(acc);
+#elif defined(__AVX2__) && defined(__FMA__)
+    __m256 acc = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    s = _mm_cvtss_f32(h);
+#endif
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+static void axpyf(float *y, float a, const float *x, int n) {
+    for (int i = 0; i < n; i++) y[i] += a * x[i];
+}
+
+/* ---- the worker pool ------------------------------------------------------------------------- */
+
+#define MAX_THREADS 64
+#define SPIN_NS 200000L
+#define MIN_PART_BYTES (128 * 1024)
+
+typedef void (*part_fn)(const void *arg, int part, int parts);
+
+static part_fn job_fn;
+static const void *job_arg;
+static int job_parts;
+static atomic_int generation;
+static atomic_int pending;
+static atomic_int sleepers;
+static int workers;  /* started worker threads */
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
+static pthread_mutex_t busy = PTHREAD_MUTEX_INITIALIZER;  /* one call at a time uses the pool */
+static pthread_mutex_t grow = PTHREAD_MUTEX_INITIALIZER;
+static int atfork_set;
+static int start_generation[MAX_THREADS];  /* the generation a worker was created at (it waits for the next) */
+
+static void part_range(int part, int parts, int N, int *n0, int *n1) {
+    /* row blocks of 4, split evenly */
+    int blocks = (N + 3) / 4;
+    *n0 = (int)((int64_t)blocks * part / parts) * 4;
+    *n1 = (int)((int64_t)blocks * (part + 1) / parts) * 4;
+    if (*n1 > N) *n1 = N;
+    if (*n0 > N) *n0 = N;
+}
+
+static long now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1000000000L + t.tv_nsec;
+}
+
+static void *worker_main(void *arg) {
+    int id = (int)(intptr_t)arg; /* 1 .. workers */
+    int seen = start_generation[id];
+    for (;;) {
+        int g = atomic_load(&generation);
+        if (g == seen) {
+            long until = now_ns() + SPIN_NS;
+            int i = 0;
+            while ((g = atomic_load(&generation)) == seen) {
+                CPU_RELAX();
+                if ((++i & 63) == 0 && now_ns() > until) {
+                    pthread_mutex_lock(&mu);
+                    atomic_fetch_add(&sleepers, 1);
+                    while ((g = atomic_load(&generation)) == seen) pthread_cond_wait(&cv, &mu);
+                    atomic_fetch_sub(&sleepers, 1);
+                    pthread_mutex_unlock(&mu);
+                    break;
+                }
+            }
+        }
+        seen = g;
+        if (id < job_parts) job_fn(job_arg, id, job_parts);
+        atomic_fetch_sub(&pending, 1);
+    }
+    return NULL;
+}
+
+static void reset_after_fork(void) {
+    /* the child has none of the parent's threads: start over (mutexes re-initialised) */
+    workers = 0;
+    atomic_store(&pending, 0);
+    atomic_store(&sleepers, 0);
+    pthread_mutex_init(&mu, NULL);
+    pthread_cond_init(&cv, NULL);
+    pthread_mutex_init(&busy, NULL);
+    pthread_mutex_init(&grow, NULL);
+}
+
+static int ensure_workers(int want) {
+    if (want > MAX_THREADS - 1) want = MAX_THREADS - 1;
+    if (workers >= want) return workers;
+    pthread_mutex_lock(&grow);
+    if (!atfork_set) {
+        pthread_atfork(NULL, NULL, reset_after_fork);
+        atfork_set = 1;
+    }
+    while (workers < want) {
+        pthread_t t;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        /* created before the next generation is published (the caller holds `busy`), the worker
+           waits for the one after `start_generation`, however late the thread itself starts */
+        start_generation[workers + 1] = atomic_load(&generation);
+        if (pthread_create(&t, &attr, worker_main, (void *)(intptr_t)(workers + 1)) != 0) {
+            pthread_attr_destroy(&attr);
+            break;
+        }
+        pthread_attr_destroy(&attr);
+        workers++;
+    }
+    pthread_mutex_unlock(&grow);
+    return workers;
+}
+
+int lmf_workers(void) { return workers; }
+
+/* fn(arg, p, parts) for p in [0, parts): part 0 on the calling thread, the others on the pool's
+   workers; returns when all are done. The caller holds `busy`. */
+static void parallel(part_fn fn, const void *arg, int parts) {
+    if (parts > 1) {
+        int have = ensure_workers(parts - 1);
+        if (have + 1 < parts) parts = have + 1;
+    }
+    if (parts <= 1) {
+        fn(arg, 0, 1);
+        return;
+    }
+    job_fn = fn; job_arg = arg; job_parts = parts;
+    atomic_store(&pending, workers);
+    atomic_fetch_add(&generation, 1);
+    if (atomic_load(&sleepers) > 0) {
+        pthread_mutex_lock(&mu);
+        pthread_cond_broadcast(&cv);
+        pthread_mutex_unlock(&mu);
+    }
+    fn(arg, 0, parts);
+    while (atomic_load(&pending) > 0) CPU_RELAX();
+}
+
+/* threads worth using for `bytes` of weights: each extra thread must have at least MIN_PART_BYTES
+   to read (below that, waking it and waiting for it costs more than the rows it would take) */
+static int parts_for(int64_t bytes, int threads) {
+    int parts = threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads);
+    int64_t most = bytes / MIN_PART_BYTES;
+    if (most < parts) parts = most > 1 ? (int)most : 1;
+    return parts;
+}
+
+/* ---- linear layers: one or more GEMVs of the same input in one parallel call ------------------ */
+
+typedef struct {
+    int32_t kind;  /* LMF_F32: fp32 (N x K) row-major; LMF_INT8: int8 (N x K) with ws, wsum */
+    int32_t N, K;
+    const void *w;
+    const float *ws;     /* int8: per-row scales */
+    const int32_t *wsum; /* int8: per-row sums of the weights */
+} lmf_linear;
+
+#define LMF_F32 0
+#define LMF_INT8 1
+
+typedef struct {
+    int count;
+    const lmf_linear *lin[3];
+    float *y[3];
+    const float *x;
+    const int8_t *xq; /* x quantized to 8 bits (when any of the layers is int8) */
+    float sx;
+} gemv_job;
+
+static void gemv_part(const void *arg, int part, int parts) {
+    const gemv_job *j = (const gemv_job *)arg;
+    for (int i = 0; i < j->count; i++) {
+        const lmf_linear *l = j->lin[i];
+        int n0, n1;
+        part_range(part, parts, l->N, &n0, &n1);
+        if (n0 >= n1) continue;
+        if (l->kind == LMF_INT8)
+            gemv_rows(j->xq, j->sx, l->K, (const int8_t *)l->w, l->ws, l->wsum, n0, n1, j->y[i]);
+        else
+            f32_rows(j->x, l->K, (const float *)l->w, n0, n1, j->y[i]);
+    }
+}
+
+static int64_t linear_bytes(const lmf_linear *l) {
+    return (int64_t)l->N * l->K * (l->kind == LMF_INT8 ? 1 : 4);
+}
+
+/* y_i = lin_i(x) for `count` layers sharing the input x (K values); `xq`: K bytes of scratch */
+static void linears(int count, const lmf_linear *const *lin, float *const *y, const float *x, int8_t *xq,
+                    int threads) {
+    gemv_job j = {.count = count, .x = x, .xq = xq, .sx = 0.f};
+    int64_t bytes = 0;
+    int quant = 0;
+    for (int i = 0; i < count; i++) {
+        j.lin[i] = lin[i];
+        j.y[i] = y[i];
+        bytes += linear_bytes(lin[i]);
+        quant |= lin[i]->kind == LMF_INT8;
+    }
+    if (quant) j.sx = quantize_row(x, lin[0]->K, xq);
+    parallel(gemv_part, &j, parts_for(bytes, threads));
+}
+
+/* y (N fp32) = int8 GEMV of x (K fp32) on `threads` threads (the caller's included). `scratch`:
+   K bytes. A call that finds the pool busy (another Python thread) runs on its own thread.
+   Returns 0. */
+int lmf_int8_gemv(const float *x, int K, const int8_t *w, const float *ws, const int32_t *wsum, int N, float *y,
+                  int8_t *scratch, int threads) {
+    lmf_linear l = {LMF_INT8, N, K, w, ws, wsum};
+    const lmf_linear *lp = &l;
+    if (parts_for((int64_t)N * K, threads) == 1 || pthread_mutex_trylock(&busy) != 0) {
+        float sx = quantize_row(x, K, scratch);
+        gemv_rows(scratch, sx, K, w, ws, wsum, 0, N, y);
+        return 0;
+    }
+    linears(1, &lp, &y, x, scratch, threads);
+    pthread_mutex_unlock(&busy);
+    return 0;
+}
+
+/* ---- one decode step of the whole model for one sequence ------------------------------------- */
+
+/* The layout lmforge.infer.native_decode fills in (ctypes structures of the same fields):
+   a Llama-style decoder (RMSNorm, attention with grouped KV heads and optional per-head QK-norm,
+   rotate-half RoPE, SwiGLU MLP) whose linear layers are each fp32 or int8, and an fp32 KV cache per
+   layer. The keys of kv head g at position t are hd floats at kcache + g * head_stride + slot(t) *
+   slot_stride: slot(t) = t for the engine's contiguous cache ((n_kv, slots, hd) for this sequence:
+   head_stride = slots * hd, slot_stride = hd), or table[t / block_size] * block_size + t % block_size
+   for the server's paged cache ((blocks * block_size, n_kv, hd): head_stride = hd, slot_stride =
+   n_kv * hd) with the sequence's block table passed to lmf_decode. */
+typedef struct {
+    const float *attn_norm, *mlp_norm, *q_norm, *k_norm; /* q_norm / k_norm NULL without QK-norm */
+    float *kcache, *vcache;
+    lmf_linear wq, wk, wv, wo, w1, w3, w2;
+} lmf_layer;
+
+typedef struct {
+    int32_t n_layers, d, n_heads, n_kv, hd, ffn, vocab, slots; /* slots: positions the cache holds */
+    float eps;
+    int64_t head_stride, slot_stride;
+    int32_t block_size;
+    const float *emb;       /* vocab x d */
+    const float *cos, *sin; /* (positions, hd) RoPE tables */
+    const float *norm;      /* the final norm */
+    lmf_linear head;
+    const lmf_layer *layers;
+    float *work;  /* lmf_work_floats(m) floats */
+    int8_t *qwork; /* max(d, n_heads * hd, ffn) bytes */
+} lmf_model;
+
+long lmf_work_floats(const lmf_model *m) {
+    long qd = (long)m->n_heads * m->hd, kd = (long)m->n_kv * m->hd;
+    return 2L * m->d + 2L * qd + 2L * kd + 2L * m->ffn + (long)m->n_heads * m->slots + m->d;
+}
+
+static void rmsnorm(float *out, const float *x, const float *w, int n, float eps) {
+    float ss = dotf(x, x, n);
+    float r = 1.f / sqrtf(ss / (float)n + eps);
+    for (int i = 0; i < n; i++) out[i] = x[i] * r * w[i];
+}
+
+static void rope(float *x, int heads, int hd, const float *c, const float *s) {
+    int h = hd / 2;
+    for (int j = 0; j < heads; j++) {
+        float *v = x + (int64_t)j * hd;
+        for (int i = 0; i < h; i++) {
+            float a = v[i], b = v[i + h];
+            v[i] = a * c[i] - b * s[i];
+            v[i + h] = b * c[i + h] + a * s[i];
+        }
+    }
+}
+
+typedef struct {
+    const float *q;
+    const float *kc, *vc;
+    float *out, *scores;
+    int n_heads, group, hd, slots, len, block_size;
+    int64_t head_stride, slot_stride;
+    const int64_t *table;
+    float scale;
+} attn_job;
+
+static inline int64_t slot_of(const int64_t *table, int block_size, int t) {
+    return table ? table[t / block_size] * block_size + t % block_size : t;
+}
+
+/* heads [h0, h1): softmax(q k^T * scale) v over cache slots [0, len) */
+static void attn_part(const void *arg, int part, int parts) {
+    const attn_job *j = (const attn_job *)arg;
+    int h0 = (int)((int64_t)j->n_heads * part / parts), h1 = (int)((int64_t)j->n_heads * (part + 1) / parts);
+    for (int h = h0; h < h1; h++) {
+        const float *q = j->q + (int64_t)h * j->hd;
+        const float *k = j->kc + (int64_t)(h / j->group) * j->head_stride;
+        const float *v = j->vc + (int64_t)(h / j->group) * j->head_stride;
+        float *s = j->scores + (int64_t)h * j->slots, *o = j->out + (int64_t)h * j->hd;
+        float mx = -INFINITY;
+        for (int t = 0; t < j->len; t++) {
+            s[t] = dotf(q, k + slot_of(j->table, j->block_size, t) * j->slot_stride, j->hd) * j->scale;
+            mx = s[t] > mx ? s[t] : mx;
+        }
+        float sum = 0.f;
+        for (int t = 0; t < j->len; t++) {
+            s[t] = expf(s[t] - mx);
+            sum += s[t];
+        }
+        float inv = 1.f / sum;
+        memset(o, 0, sizeof(float) * j->hd);
+        for (int t = 0; t < j->len; t++)
+            axpyf(o, s[t] * inv, v + slot_of(j->table, j->block_size, t) * j->slot_stride, j->hd);
+    }
+}
+
+static void decode_step(const lmf_model *m, int token, int pos, float *logits, int threads, const int64_t *table) {
+    int d = m->d, hd = m->hd, qd = m->n_heads * hd, kd = m->n_kv * hd;
+    float *x = m->work, *xn = x + d, *q = xn + d, *k = q + qd, *v = k + kd, *att = v + kd;
+    float *h1 = att + qd, *h3 = h1 + m->ffn, *scores = h3 + m->ffn, *o = scores + (int64_t)m->n_heads * m->slots;
+    const float *c = m->cos + (int64_t)pos * hd, *s = m->sin + (int64_t)pos * hd;
+    memcpy(x, m->emb + (int64_t)token * d, sizeof(float) * d);
+    for (int li = 0; li < m->n_layers; li++) {
+        const lmf_layer *L = m->layers + li;
+        rmsnorm(xn, x, L->attn_norm, d, m->eps);
+        const lmf_linear *qkv[3] = {&L->wq, &L->wk, &L->wv};
+        float *qkv_out[3] = {q, k, v};
+        linears(3, qkv, qkv_out, xn, m->qwork, threads);
+        if (L->q_norm) {
+            for (int h = 0; h < m->n_heads; h++) rmsnorm(q + h * hd, q + h * hd, L->q_norm, hd, m->eps);
+            for (int h = 0; h < m->n_kv; h++) rmsnorm(k + h * hd, k + h * hd, L->k_norm, hd, m->eps);
+        }
+        rope(q, m->n_heads, hd, c, s);
+        rope(k, m->n_kv, hd, c, s);
+        int64_t at = slot_of(table, m->block_size, pos) * m->slot_stride;
+        for (int h = 0; h < m->n_kv; h++) {
+            memcpy(L->kcache + h * m->head_stride + at, k + h * hd, sizeof(float) * hd);
+            memcpy(L->vcache + h * m->head_stride + at, v + h * hd, sizeof(float) * hd);
+        }
+        attn_job aj = {q, L->kcache, L->vcache, att, scores, m->n_heads, m->n_heads / m->n_kv, hd, m->slots,
+                       pos + 1, m->block_size, m->head_stride, m->slot_stride, table, 1.f / sqrtf((float)hd)};
+        int64_t cache_bytes = 2L * (pos + 1) * kd * 4;
+        int ap = parts_for(cache_bytes * 4, threads); /* attention does more work per byte than a GEMV */
+        parallel(attn_part, &aj, ap > m->n_heads ? m->n_heads : ap);
+        const lmf_linear *wo = &L->wo;
+        linears(1, &wo, &o, att, m->qwork, threads);
+        for (int i = 0; i < d; i++) x[i] += o[i];
+        rmsnorm(xn, x, L->mlp_norm, d, m->eps);
+        const lmf_linear *up[2] = {&L->w1, &L->w3};
+        float *up_out[2] = {h1, h3};
+        linears(2, up, up_out, xn, m->qwork, threads);
+        for (int i = 0; i < m->ffn; i++) h1[i] = h1[i] / (1.f + expf(-h1[i])) * h3[i];
+        const lmf_linear *w2 = &L->w2;
+        linears(1, &w2, &o, h1, m->qwork, threads);
+        for (int i = 0; i < d; i++) x[i] += o[i];
+    }
+    rmsnorm(xn, x, m->norm, d, m->eps);
+    const lmf_linear *head = &m->head;
+    linears(1, &head, &logits, xn, m->qwork, threads);
+}
+
+/* next-token logits (vocab fp32) of `token` at position `pos`, its keys and values written to
+   the slot of `pos` in every layer's cache (`table`: the block table of a paged cache, NULL for a
+   contiguous one). The pool is used when free (else one thread). Returns 0. */
+int lmf_decode(const lmf_model *m, int token, int pos, float *logits, int threads, const int64_t *table) {
+    if (threads > 1 && pthread_mutex_trylock(&busy) == 0) {
+        decode_step(m, token, pos, logits, threads, table);
+        pthread_mutex_unlock(&busy);
+    } else {
+        decode_step(m, token, pos, logits, 1, table);
+    }
+    return 0;
+}

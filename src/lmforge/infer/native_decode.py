@@ -1,0 +1,249 @@
+"""Batch-1 CPU decode of a whole step in lmforge's compiled C kernel (`csrc/decode_kernels.c`).
+
+A decode step of one sequence is ~150 small torch ops and module calls around the model's GEMVs;
+on a 124M model at one thread they cost about as much as the GEMVs themselves (~8 of ~18 ms, int8).
+`lmf_decode` runs the step in one call instead: embedding row, per layer RMSNorm, the q/k/v GEMVs
+(one parallel call), per-head QK-norm, rotate-half RoPE, the key/value write into the engine's KV
+cache, attention over the written slots (heads split over threads on long contexts), the output
+projection, RMSNorm, gate/up GEMVs (one parallel call), SiLU x up, down projection, then the final
+norm and the head. Each linear layer is either a plain fp32 `nn.Linear` (AVX512/AVX2 FMA GEMV over
+the row-major weight) or an `Int8Linear` in the dynamic mode (the same int8 GEMV as its one-row
+forward: the activation row quantized to 8 bits, int32 sums), each chosen per layer; the threads are
+`cpu_kernels.kernel_threads()` (the decode loop's tuned count) on the kernel's own pool.
+
+It reads the model's own tensors (weights, RoPE tables, KV cache) in place, so it is applied from
+outside the model like quantization: `native_step(model)` returns a step function for the engine, or
+None — with `why_not(model)` saying why — when the model is anything else: not fp32 on CPU, an MoE,
+a module swapped in that the kernel does not know (LoRA, int4, NF4, weight-only int8), forward
+hooks (tensor parallelism), column-major weights (`decode_layout`), a subclass of the model that
+changes its forward. Then the engine runs the torch step as before. `LMFORGE_NATIVE_DECODE=0` (or
+`LMFORGE_CPU_KERNELS=0`) turns it off.
+
+Numbers: fp32 results equal the torch step's up to float summation order (~1e-6 relative); int8
+layers compute what `Int8Linear` computes for one row (its activation rounding may differ where the
+fp32 input differs in its last bit).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from lmforge.infer.cpu_kernels import int8_gemv_lib, kernel_threads
+from lmforge.infer.quantize import Int8Linear, _derived, _env, _gemv_operands, int8_decode_mode
+from lmforge.model.transformer import Attention, Block, KVCache, RMSNorm, SwiGLU, Transformer, plain_linear
+
+F32, INT8 = 0, 1
+P = ctypes.c_void_p
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [("kind", ctypes.c_int32), ("N", ctypes.c_int32), ("K", ctypes.c_int32), ("w", P), ("ws", P),
+                ("wsum", P)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("attn_norm", P), ("mlp_norm", P), ("q_norm", P), ("k_norm", P), ("kcache", P), ("vcache", P),
+                *[(n, _Linear) for n in ("wq", "wk", "wv", "wo", "w1", "w3", "w2")]]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [("n_layers", ctypes.c_int32), ("d", ctypes.c_int32), ("n_heads", ctypes.c_int32),
+                ("n_kv", ctypes.c_int32), ("hd", ctypes.c_int32), ("ffn", ctypes.c_int32), ("vocab", ctypes.c_int32),
+                ("slots", ctypes.c_int32), ("eps", ctypes.c_float), ("head_stride", ctypes.c_int64),
+                ("slot_stride", ctypes.c_int64), ("block_size", ctypes.c_int32), ("emb", P), ("cos", P), ("sin", P), ("norm", P),
+                ("head", _Linear), ("layers", P), ("work", P), ("qwork", P)]
+
+
+def enabled() -> bool:
+    return _env("LMFORGE_NATIVE_DECODE").lower() not in ("0", "off", "false", "no")
+
+
+def _f32(t: torch.Tensor) -> bool:
+    return (type(t) in (torch.Tensor, nn.Parameter) and t.device.type == "cpu" and t.dtype == torch.float32
+            and t.is_contiguous())
+
+
+def _no_hooks(m: nn.Module) -> bool:
+    return not (m._forward_hooks or m._forward_pre_hooks)
+
+
+def _linear(m: nn.Module, name: str, keep: list) -> _Linear | str:
+    """The kernel's description of one linear layer, or why it cannot take it."""
+    if not _no_hooks(m):
+        return f"{name} has forward hooks"
+    if plain_linear(m):
+        w = m.weight
+        if not _f32(w):
+            return f"{name}: weight is not a contiguous (row-major) fp32 CPU tensor"
+        keep.append(w)
+        return _Linear(F32, w.shape[0], w.shape[1], w.data_ptr(), None, None)
+    if type(m) is Int8Linear:
+        w, scale = m._buffers["weight"], m._buffers["scale"]
+        if m._buffers.get("bias") is not None:
+            return f"{name}: an int8 layer with a bias"
+        if m.kernel_rows <= 0 or int8_decode_mode() != "dynamic":
+            return f"{name}: int8 layers run the weight-only path (LMFORGE_INT8_DECODE / Int8Linear settings)"
+        if w.device.type != "cpu" or not w.is_contiguous():
+            return f"{name}: int8 weight is not a contiguous CPU tensor"
+        sc, wsum = _derived("gemv", w, scale, _gemv_operands)
+        keep.extend((w, sc, wsum))
+        return _Linear(INT8, w.shape[0], w.shape[1], w.data_ptr(), sc.data_ptr(), wsum.data_ptr())
+    return f"{name} is a {type(m).__name__}, which the native decode step does not run"
+
+
+def _norm(m, name: str, keep: list) -> int | str:
+    if type(m) is not RMSNorm or not _no_hooks(m) or not _f32(m.weight):
+        return f"{name} is not a plain fp32 RMSNorm"
+    keep.append(m.weight)
+    return m.weight.data_ptr()
+
+
+def _build(model) -> tuple[_Model, list] | str:
+    if not enabled():
+        return "turned off by LMFORGE_NATIVE_DECODE"
+    if not isinstance(model, Transformer) or any(getattr(type(model), f) is not getattr(Transformer, f)
+                                                 for f in ("forward", "hidden_states")):
+        return f"{type(model).__name__} is not lmforge's Transformer"
+    cfg = model.cfg
+    if cfg.moe_experts:
+        return "mixture-of-experts layers"
+    lib = int8_gemv_lib()
+    if lib is None:
+        from lmforge.infer.cpu_kernels import int8_gemv_status
+
+        return f"compiled kernels not available: {int8_gemv_status()}"
+    keep: list = []
+    emb = model.tok_emb
+    if type(emb) is not nn.Embedding or not _no_hooks(emb) or not _f32(emb.weight) or not _no_hooks(model):
+        return "the embedding is not a plain fp32 row-major table"
+    layers = (_Layer * cfg.n_layers)()
+    layouts: list = []
+    for i, (blk, dst) in enumerate(zip(model.layers, layers)):
+        at, mlp = blk.attn, blk.mlp
+        if type(blk) is not Block or type(at) is not Attention or type(mlp) is not SwiGLU:
+            return f"layer {i} is a {type(blk).__name__} with a {type(at).__name__} and a {type(mlp).__name__}"
+        if not (_no_hooks(blk) and _no_hooks(at) and _no_hooks(mlp)):
+            return f"layer {i} has forward hooks"
+        cache = at.cache
+        layout = _cache_layout(cache, cfg)
+        if isinstance(layout, str):
+            return f"layer {i}: {layout}"
+        if layouts and layout != layouts[0]:
+            return f"layer {i}'s KV cache has another shape"
+        layouts.append(layout)
+        keep.extend((cache.k, cache.v))
+        dst.kcache, dst.vcache = cache.k.data_ptr(), cache.v.data_ptr()
+        for name, m in (("attn_norm", blk.attn_norm), ("mlp_norm", blk.mlp_norm)):
+            p = _norm(m, f"layer {i} {name}", keep)
+            if isinstance(p, str):
+                return p
+            setattr(dst, name, p)
+        if (at.q_norm is None) != (at.k_norm is None):
+            return f"layer {i} has a query norm without a key norm"
+        if at.q_norm is not None:
+            for name in ("q_norm", "k_norm"):
+                p = _norm(getattr(at, name), f"layer {i} {name}", keep)
+                if isinstance(p, str):
+                    return p
+                setattr(dst, name, p)
+        for name, m in (("wq", at.wq), ("wk", at.wk), ("wv", at.wv), ("wo", at.wo), ("w1", mlp.w1), ("w3", mlp.w3),
+                        ("w2", mlp.w2)):
+            lin = _linear(m, f"layer {i} {name}", keep)
+            if isinstance(lin, str):
+                return lin
+            setattr(dst, name, lin)
+        hd, d = cfg.head_dim, cfg.d_model
+        want = {"wq": (cfg.n_heads * hd, d), "wk": (cfg.n_kv_heads * hd, d), "wv": (cfg.n_kv_heads * hd, d),
+                "wo": (d, cfg.n_heads * hd), "w1": (None, d), "w3": (None, d), "w2": (d, None)}
+        for name, (n, k) in want.items():
+            lin = getattr(dst, name)
+            if (n is not None and lin.N != n) or (k is not None and lin.K != k):
+                return f"layer {i} {name} has shape ({lin.N}, {lin.K})"
+        if not (dst.w1.N == dst.w3.N == dst.w2.K):
+            return f"layer {i}'s MLP widths differ"
+    ffn = max(layers[i].w1.N for i in range(cfg.n_layers)) if cfg.n_layers else 0
+    if any(layers[i].w1.N != ffn for i in range(cfg.n_layers)):
+        return "MLP widths differ between layers (pruned channels)"
+    norm = _norm(model.norm, "the final norm", keep)
+    if isinstance(norm, str):
+        return norm
+    head = _linear(model.lm_head, "lm_head", keep)
+    if isinstance(head, str):
+        return head
+    if head.K != cfg.d_model or head.N != emb.weight.shape[0] or emb.weight.shape[1] != cfg.d_model:
+        return "the head's or the embedding's shape differs from the model's"
+    cos, sin = model.rope_cos, model.rope_sin
+    if not (_f32(cos) and _f32(sin)) or cos.shape[1] != cfg.head_dim:
+        return "RoPE tables are not fp32 CPU tensors"
+    if not layouts:
+        return "no layers"
+    slots, head_stride, slot_stride, block_size, paged = layouts[0]
+    keep.extend((cos, sin, layers))
+    m = _Model(cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, ffn, head.N, slots, cfg.norm_eps,
+               head_stride, slot_stride, block_size, emb.weight.data_ptr(), cos.data_ptr(), sin.data_ptr(), norm, head, ctypes.cast(layers, P), None, None)
+    work = torch.empty(lib.lmf_work_floats(ctypes.byref(m)))
+    qwork = torch.empty(max(cfg.d_model, cfg.n_heads * cfg.head_dim, ffn) + 64, dtype=torch.int8)
+    m.work, m.qwork = work.data_ptr(), qwork.data_ptr()
+    keep.extend((work, qwork))
+    return m, keep, paged
+
+
+def _cache_layout(cache, cfg) -> tuple[int, int, int, int, bool] | str:
+    """(positions it holds, head stride, slot stride, block size, paged) of a layer's KV cache: the engine's
+    `KVCache` (this sequence's row 0: (n_kv, slots, hd)) or the server's `PagedKVCache` ((blocks *
+    block_size, n_kv, hd), addressed through a block table)."""
+    from lmforge.infer.paged import PagedKVCache
+
+    hd, kv = cfg.head_dim, cfg.n_kv_heads
+    if type(cache) is KVCache and _f32(cache.k) and _f32(cache.v):
+        if tuple(cache.k.shape[1:]) != (kv, cache.k.shape[2], hd):
+            return "the KV cache has another shape"
+        return cache.k.shape[2], cache.k.shape[2] * hd, hd, cache.k.shape[2], False
+    if type(cache) is PagedKVCache and _f32(cache.k) and _f32(cache.v):
+        if tuple(cache.k.shape[1:]) != (kv, hd):
+            return "the paged KV cache has another shape"
+        return cfg.max_seq_len, hd, kv * hd, cache.block_size, True
+    return "no fp32 KV cache"
+
+
+def why_not(model) -> str:
+    """Why `native_step(model)` gives None ("" when it does not): the first thing the kernel cannot run."""
+    built = _build(model)
+    return built if isinstance(built, str) else ""
+
+
+def native_step(model) -> Callable | None:
+    """A decode-step function `(model, tokens (1, 1), pos (1, 1), mask, table=None) -> logits (1, V)
+    fp32` for one sequence over the model's current KV cache (set up before; a new cache needs a new
+    step), or None when the kernel cannot run this model (`why_not`). The mask is not read: the step
+    attends to positions 0..pos, which is what the engine's mask of one row allows. A paged cache
+    (the server's) needs the sequence's block table, `table` (int64, contiguous, covering pos)."""
+    built = _build(model)
+    if isinstance(built, str):
+        return None
+    m, keep, paged = built
+    lib = int8_gemv_lib()
+    vocab, slots, ctx = m.vocab, m.slots, model.cfg.max_seq_len
+    ref = ctypes.byref(m)
+    decode = lib.lmf_decode
+
+    def step(_model, tokens: torch.Tensor, pos: torch.Tensor, mask=None, table: torch.Tensor | None = None) -> torch.Tensor:
+        t, p = int(tokens.reshape(-1)[0]), int(pos.reshape(-1)[0])
+        if not (0 <= p < slots and p < ctx and 0 <= t < vocab):
+            raise IndexError(f"token {t} at position {p}: outside the vocabulary ({vocab}) or the cache ({slots} slots)")
+        if paged and (table is None or table.dtype != torch.int64 or not table.is_contiguous()
+                      or table.numel() * m.block_size <= p):
+            raise ValueError("a paged KV cache needs the sequence's block table (int64, contiguous, covering pos)")
+        logits = torch.empty(1, vocab)
+        decode(ref, t, p, logits.data_ptr(), kernel_threads(), table.data_ptr() if paged else None)
+        return logits
+
+    step.keep = keep  # the tensors the kernel reads stay alive as long as the step does
+    return step
+
+
+__all__ = ["enabled", "native_step", "why_not"]
