@@ -136,10 +136,28 @@ static void gemv_rows(const int8_t *xq, float sx, int K, const int8_t *w, const 
 
 /* ---- fp32 GEMV over row-major weights ---------------------------------------------------------- */
 
-/* rows [n0, n1) of y = W x, W (N x K fp32, row-major); four rows per load of x */
+/* rows [n0, n1) of y = W x, W (N x K fp32, row-major); eight rows per load of x (eight weight
+   streams in flight: ~9% more bandwidth than four on this project's machine), then four */
 static void f32_rows(const float *x, int K, const float *w, int n0, int n1, float *y) {
     int n = n0;
 #if defined(__AVX512F__)
+    for (; n + 8 <= n1; n += 8) {
+        const float *w0 = w + (int64_t)n * K;
+        __m512 a[8];
+        for (int r = 0; r < 8; r++) a[r] = _mm512_setzero_ps();
+        int k = 0;
+        for (; k + 16 <= K; k += 16) {
+            __m512 xv = _mm512_loadu_ps(x + k);
+            for (int r = 0; r < 8; r++) a[r] = _mm512_fmadd_ps(_mm512_loadu_ps(w0 + (int64_t)r * K + k), xv, a[r]);
+        }
+        if (k < K) {
+            __mmask16 m = (__mmask16)((1u << (K - k)) - 1u);
+            __m512 xv = _mm512_maskz_loadu_ps(m, x + k);
+            for (int r = 0; r < 8; r++)
+                a[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w0 + (int64_t)r * K + k), xv, a[r]);
+        }
+        for (int r = 0; r < 8; r++) y[n + r] = _mm512_reduce_add_ps(a[r]);
+    }
     for (; n + 4 <= n1; n += 4) {
         const float *w0 = w + (int64_t)n * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
         __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
