@@ -290,3 +290,40 @@ def test_server_engine_decodes_a_lone_sequence_through_the_kernel_over_its_paged
     step = native
     with pytest.raises(ValueError, match="block table"):  # a paged cache without its table
         step(m, torch.tensor([[1]]), torch.tensor([[3]]))
+
+
+@needs_kernel
+@pytest.mark.parametrize("quant", [None, "int8"])
+@pytest.mark.parametrize("kw", SHAPES[:3])
+def test_a_chunk_of_tokens_computes_what_one_at_a_time_computes(kw, quant):
+    """The multi-token call (speculative verification, a draft's catch-up) gives every token bitwise
+    the logits, hidden state and cache entries of decoding the tokens one by one."""
+    m = _model(**kw)
+    if quant:
+        quantize_model(m, quant, include_head=True)
+    toks = torch.randint(0, m.cfg.vocab_size, (30,), generator=torch.Generator().manual_seed(4)).tolist()
+    with torch.no_grad():
+        m.setup_cache(1, 48)
+        m(torch.tensor([toks[:9]]), pos=0)
+        start = [(c.k.clone(), c.v.clone()) for c in m.caches()]
+        fwd = ND.native_forward(m)
+        for n in (1, 3, 6, ND.MAX_TOKENS):
+            for c, (k, v) in zip(m.caches(), start):
+                c.k.copy_(k)
+                c.v.copy_(v)
+            chunk = toks[9 : 9 + n]
+            h, z = fwd(chunk, 9, hidden=True, logits=n)
+            after_chunk = [c.k.clone() for c in m.caches()]
+            for c, (k, v) in zip(m.caches(), start):
+                c.k.copy_(k)
+                c.v.copy_(v)
+            one = [fwd([t], 9 + i, hidden=True, logits=1) for i, t in enumerate(chunk)]
+            assert torch.equal(h, torch.cat([o[0] for o in one])) and torch.equal(z, torch.cat([o[1] for o in one]))
+            assert all(torch.equal(a, c.k) for a, c in zip(after_chunk, m.caches()))
+        _, last = fwd(toks[9:13], 9, logits=2)  # only the last tokens through the head
+        assert last.shape == (2, m.cfg.vocab_size)
+        with pytest.raises(ValueError, match="1 to"):
+            fwd(toks[: ND.MAX_TOKENS + 1], 0)
+        with pytest.raises(IndexError, match="outside the cache"):
+            fwd(toks[:4], 46)
+    m.clear_cache()

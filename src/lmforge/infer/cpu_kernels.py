@@ -4,7 +4,8 @@ One C file, `csrc/decode_kernels.c`, for batch-1 decode:
 - the int8 GEMV: the activation row quantized to 8 bits on the fly, int8 x int8 products summed in
   int32 with AVX512-VNNI (or AVX2), the rows split over `kernel_threads()` threads (set by the
   decode loop) by a small pthread pool;
-- a whole decode step of one sequence (`lmf_decode`, driven by `lmforge.infer.native_decode`):
+- the whole model for one sequence, a decode step or a few tokens at once (`lmf_forward`, driven by
+  `lmforge.infer.native_decode`):
   embedding row, every layer's norms, GEMVs (fp32 or that int8 GEMV), RoPE, cache write and
   attention, the output head, in one call on the same pool. torch's own int8 paths at one row
 (fbgemm's `quantized::linear_dynamic`, `_weight_int8pack_mm`) read the weights at roughly half the
@@ -113,10 +114,12 @@ def load(path: Path) -> ctypes.CDLL:
     lib.lmf_isa.restype = i
     lib.lmf_workers.argtypes = []
     lib.lmf_workers.restype = i
-    lib.lmf_decode.argtypes = [p, i, i, p, i, p]
-    lib.lmf_decode.restype = i
+    lib.lmf_forward.argtypes = [p, p, i, i, p, p, i, i, p]
+    lib.lmf_forward.restype = i
     lib.lmf_work_floats.argtypes = [p]
     lib.lmf_work_floats.restype = ctypes.c_long
+    lib.lmf_qwork_bytes.argtypes = [p]
+    lib.lmf_qwork_bytes.restype = ctypes.c_long
     return lib
 
 

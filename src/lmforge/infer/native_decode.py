@@ -37,6 +37,7 @@ from lmforge.infer.quantize import Int8Linear, _derived, _env, _gemv_operands, i
 from lmforge.model.transformer import Attention, Block, KVCache, RMSNorm, SwiGLU, Transformer, plain_linear
 
 F32, INT8 = 0, 1
+MAX_TOKENS = 16  # tokens one kernel call takes (a speculative verification chunk, a draft's catch-up)
 P = ctypes.c_void_p
 
 
@@ -54,7 +55,8 @@ class _Model(ctypes.Structure):
     _fields_ = [("n_layers", ctypes.c_int32), ("d", ctypes.c_int32), ("n_heads", ctypes.c_int32),
                 ("n_kv", ctypes.c_int32), ("hd", ctypes.c_int32), ("ffn", ctypes.c_int32), ("vocab", ctypes.c_int32),
                 ("slots", ctypes.c_int32), ("eps", ctypes.c_float), ("head_stride", ctypes.c_int64),
-                ("slot_stride", ctypes.c_int64), ("block_size", ctypes.c_int32), ("emb", P), ("cos", P), ("sin", P), ("norm", P),
+                ("slot_stride", ctypes.c_int64), ("block_size", ctypes.c_int32), ("max_tokens", ctypes.c_int32),
+                ("emb", P), ("cos", P), ("sin", P), ("norm", P),
                 ("head", _Linear), ("layers", P), ("work", P), ("qwork", P)]
 
 
@@ -184,9 +186,9 @@ def _build(model) -> tuple[_Model, list] | str:
     slots, head_stride, slot_stride, block_size, paged = layouts[0]
     keep.extend((cos, sin, layers))
     m = _Model(cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, ffn, head.N, slots, cfg.norm_eps,
-               head_stride, slot_stride, block_size, emb.weight.data_ptr(), cos.data_ptr(), sin.data_ptr(), norm, head, ctypes.cast(layers, P), None, None)
+               head_stride, slot_stride, block_size, MAX_TOKENS, emb.weight.data_ptr(), cos.data_ptr(), sin.data_ptr(), norm, head, ctypes.cast(layers, P), None, None)
     work = torch.empty(lib.lmf_work_floats(ctypes.byref(m)))
-    qwork = torch.empty(max(cfg.d_model, cfg.n_heads * cfg.head_dim, ffn) + 64, dtype=torch.int8)
+    qwork = torch.empty(lib.lmf_qwork_bytes(ctypes.byref(m)), dtype=torch.int8)
     m.work, m.qwork = work.data_ptr(), qwork.data_ptr()
     keep.extend((work, qwork))
     return m, keep, paged
@@ -216,34 +218,68 @@ def why_not(model) -> str:
     return built if isinstance(built, str) else ""
 
 
+class NativeForward:
+    """The kernel over one model and its current KV cache (`native_forward`). Call it with up to
+    `MAX_TOKENS` token ids at positions pos, pos+1, ...: their keys/values are written to the cache,
+    and it returns (hidden (T, d) after the last norm, or None; logits (n, V) fp32 of the last n
+    tokens, or None). Every token gets the arithmetic of a one-token call, so a chunk computes what
+    decoding its tokens one by one computes (a speculative verification equals plain decoding)."""
+
+    def __init__(self, model, m: _Model, keep: list, paged: bool):
+        self.model, self._m, self.keep, self.paged = model, m, keep, paged
+        self._ref = ctypes.byref(m)
+        self._forward = int8_gemv_lib().lmf_forward
+        self.vocab, self.d, self.slots = m.vocab, m.d, m.slots
+        self.ctx = model.cfg.max_seq_len
+        self._ids = torch.empty(MAX_TOKENS, dtype=torch.int32)
+
+    def __call__(self, ids, pos: int, hidden: bool = False, logits: int = 1, table: torch.Tensor | None = None):
+        T = len(ids)
+        if not 1 <= T <= MAX_TOKENS:
+            raise ValueError(f"{T} tokens: the native forward takes 1 to {MAX_TOKENS} at a time")
+        if not (0 <= pos and pos + T <= min(self.slots, self.ctx)):
+            raise IndexError(f"positions {pos}..{pos + T - 1}: outside the cache ({self.slots} slots)")
+        if self.paged and (table is None or table.dtype != torch.int64 or not table.is_contiguous()
+                           or table.numel() * self._m.block_size < pos + T):
+            raise ValueError("a paged KV cache needs the sequence's block table (int64, contiguous, covering the positions)")
+        for i, t in enumerate(ids):
+            t = int(t)
+            if not 0 <= t < self.vocab:
+                raise IndexError(f"token {t}: outside the vocabulary ({self.vocab})")
+            self._ids[i] = t
+        n = min(max(int(logits), 0), T)
+        h = torch.empty(T, self.d) if hidden else None
+        z = torch.empty(n, self.vocab) if n else None
+        self._forward(self._ref, self._ids.data_ptr(), T, pos, h.data_ptr() if h is not None else None,
+                      z.data_ptr() if z is not None else None, n, kernel_threads(),
+                      table.data_ptr() if self.paged else None)
+        return h, z
+
+
+def native_forward(model) -> NativeForward | None:
+    """The kernel over `model` and the KV cache it has now (set up before; a new cache needs a new
+    one), or None when it cannot run this model (`why_not`)."""
+    built = _build(model)
+    if isinstance(built, str):
+        return None
+    return NativeForward(model, *built)
+
+
 def native_step(model) -> Callable | None:
     """A decode-step function `(model, tokens (1, 1), pos (1, 1), mask, table=None) -> logits (1, V)
     fp32` for one sequence over the model's current KV cache (set up before; a new cache needs a new
     step), or None when the kernel cannot run this model (`why_not`). The mask is not read: the step
     attends to positions 0..pos, which is what the engine's mask of one row allows. A paged cache
     (the server's) needs the sequence's block table, `table` (int64, contiguous, covering pos)."""
-    built = _build(model)
-    if isinstance(built, str):
+    fwd = native_forward(model)
+    if fwd is None:
         return None
-    m, keep, paged = built
-    lib = int8_gemv_lib()
-    vocab, slots, ctx = m.vocab, m.slots, model.cfg.max_seq_len
-    ref = ctypes.byref(m)
-    decode = lib.lmf_decode
 
     def step(_model, tokens: torch.Tensor, pos: torch.Tensor, mask=None, table: torch.Tensor | None = None) -> torch.Tensor:
-        t, p = int(tokens.reshape(-1)[0]), int(pos.reshape(-1)[0])
-        if not (0 <= p < slots and p < ctx and 0 <= t < vocab):
-            raise IndexError(f"token {t} at position {p}: outside the vocabulary ({vocab}) or the cache ({slots} slots)")
-        if paged and (table is None or table.dtype != torch.int64 or not table.is_contiguous()
-                      or table.numel() * m.block_size <= p):
-            raise ValueError("a paged KV cache needs the sequence's block table (int64, contiguous, covering pos)")
-        logits = torch.empty(1, vocab)
-        decode(ref, t, p, logits.data_ptr(), kernel_threads(), table.data_ptr() if paged else None)
-        return logits
+        return fwd([int(tokens.reshape(-1)[0])], int(pos.reshape(-1)[0]), table=table)[1]
 
-    step.keep = keep  # the tensors the kernel reads stay alive as long as the step does
+    step.forward = fwd  # holds the tensors the kernel reads
     return step
 
 
-__all__ = ["enabled", "native_step", "why_not"]
+__all__ = ["MAX_TOKENS", "NativeForward", "enabled", "native_forward", "native_step", "why_not"]

@@ -30,6 +30,12 @@ so "the target's distribution" means the same processed distribution `engine.gen
 Stop tokens, stop strings, `max_new_tokens` and the model's context end a sequence exactly as
 in `engine.generate` (same `Completion`s, same finish reasons).
 
+On CPU, the target's verification chunk (and a draft model's steps) run in lmforge's compiled
+whole-model kernel where it can run the model (lmforge.infer.native_decode, as `engine.generate`
+decodes one row): each token of a chunk gets exactly the arithmetic of a one-token decode step, so
+greedy output equals the engine's plain greedy output bit for bit. The kernel gets the caller's
+intra-op thread count, torch's own ops (prefill aside) run on one.
+
 `SpecStats` counts target forwards ("steps": verification passes; a prompt's prefill, which
 emits nothing, is not one), proposed and accepted guesses and emitted tokens: acceptance rate =
 accepted / proposed, tokens per target step = emitted / steps (plain decoding: 1.0).
@@ -45,8 +51,9 @@ from typing import Callable, Sequence
 import torch
 
 from lmforge.errors import ConfigError, InputError
-from lmforge.infer.engine import (Completion, ContextLimitError, SamplingParams, end_token_ids, process_logits,
-                                  sample)
+from lmforge.infer.cpu_kernels import use_threads as use_kernel_threads
+from lmforge.infer.engine import (Completion, ContextLimitError, SamplingParams, end_token_ids, intra_op_threads,
+                                  process_logits, sample)
 from lmforge.infer.engine import _completion, _hit_stop, _Row  # the engine's stop-string cut and result, shared
 
 
@@ -166,6 +173,27 @@ def accept(p_logits: torch.Tensor, guesses: Sequence[int], q: torch.Tensor | Non
     return m, int(torch.multinomial(p[m], 1, generator=g))
 
 
+def _native(model):
+    """lmforge's compiled forward over `model` and its current cache (CPU), or None (torch's path)."""
+    if next(model.parameters()).device.type != "cpu":
+        return None
+    from lmforge.infer.native_decode import native_forward
+
+    return native_forward(model)
+
+
+def _chunk_forward(model, native, ids: list[int], pos: int, logits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(final hidden states (T, d), fp32 logits of the last `logits` tokens) of the token chunk `ids`
+    at positions pos.., written to the model's cache: the native kernel when there is one and the
+    chunk fits it, else torch."""
+    from lmforge.infer.native_decode import MAX_TOKENS
+
+    if native is not None and len(ids) <= MAX_TOKENS:
+        return native(ids, pos, hidden=True, logits=logits)
+    h = model.hidden_states(torch.tensor([ids], dtype=torch.long, device=model.tok_emb.weight.device), pos=pos)[0]
+    return h, model.lm_head(h[len(ids) - logits :]).float()
+
+
 class DraftProposer(Proposer):
     """A draft model with the target's tokenizer: guesses by autoregressive decoding over its own KV
     cache, its logits processed exactly like the target's. The cache keeps positions 0 .. fed-1;
@@ -177,10 +205,12 @@ class DraftProposer(Proposer):
         self.fed = 0
         self.size = 0
         self.draft_forwards = 0
+        self.native = None
 
     def setup(self, slots: int) -> None:
         self.size = min(self.ctx, slots)
         self.model.setup_cache(1, self.size)
+        self.native = _native(self.model)
         self.fed = 0
 
     def begin(self, prompt, hidden):
@@ -191,10 +221,8 @@ class DraftProposer(Proposer):
         return max(0, self.size - n + 1) if n <= self.size else 0
 
     def _logits(self, ids: list[int], pos: int) -> torch.Tensor:
-        dev = self.model.tok_emb.weight.device
-        h = self.model.hidden_states(torch.tensor([ids], dtype=torch.long, device=dev), pos=pos)
         self.draft_forwards += 1
-        return fit_vocab(self.model.lm_head(h[:, -1]).float(), self.vocab)
+        return fit_vocab(_chunk_forward(self.model, self.native, ids, pos, 1)[1], self.vocab)
 
     def propose(self, seq, m, params, seen, g):
         n = len(seq)
@@ -221,6 +249,7 @@ class DraftProposer(Proposer):
         self.fed = min(self.fed, n_before + accepted)
 
     def end(self):
+        self.native = None
         self.model.clear_cache()
 
 
@@ -273,11 +302,15 @@ def decode_with_proposer(target, make_proposer: Callable[[int], Proposer], promp
         slots = min(ctx, max(len(p) for p in prompts) + params.max_new_tokens + 1)
         proposer = make_proposer(slots)
         target.setup_cache(1, slots)
-        for pi, prompt in enumerate(prompts):
-            for si in range(params.n):
-                row, st = _decode_one(target, proposer, prompt, pi, si, params, tokenizer, stop_ids, g, k, slots, on_token)
-                total.add(st)
-                out.append(_completion(row, tokenizer, params))
+        native = _native(target)
+        caller = torch.get_num_threads()
+        with use_kernel_threads(caller if native is not None else 1):
+            for pi, prompt in enumerate(prompts):
+                for si in range(params.n):
+                    row, st = _decode_one(target, proposer, prompt, pi, si, params, tokenizer, stop_ids, g, k, slots,
+                                          on_token, native)
+                    total.add(st)
+                    out.append(_completion(row, tokenizer, params))
     finally:
         target.clear_cache()
         if proposer is not None:
@@ -287,9 +320,10 @@ def decode_with_proposer(target, make_proposer: Callable[[int], Proposer], promp
     return out, total
 
 
-def _decode_one(target, proposer: Proposer, prompt, pi, si, params, tokenizer, stop_ids, g, k, slots, on_token):
+def _decode_one(target, proposer: Proposer, prompt, pi, si, params, tokenizer, stop_ids, g, k, slots, on_token,
+                native=None):
     t0 = time.perf_counter()
-    ctx, vocab = target.cfg.max_seq_len, target.cfg.vocab_size
+    vocab = target.cfg.vocab_size
     device = next(target.parameters()).device
     st = SpecStats()
     row = _Seq(pi, si, len(prompt))
@@ -303,14 +337,24 @@ def _decode_one(target, proposer: Proposer, prompt, pi, si, params, tokenizer, s
         seen = torch.zeros(vocab, dtype=torch.bool, device=device)
         seen[torch.tensor(seq, device=device)] = True
     max_stop = max((len(s) for s in params.stop), default=0)
+    # the kernel (when there is one) gets the threads (decode_with_proposer); torch's ops, tiny from
+    # here on, run on one
+    with intra_op_threads(1 if native is not None else None):
+        _rounds(target, proposer, params, tokenizer, stop_ids, g, k, slots, on_token, native, seq, row, st, seen,
+                max_stop)
+    st.seconds = time.perf_counter() - t0
+    return row, st
+
+
+def _rounds(target, proposer, params, tokenizer, stop_ids, g, k, slots, on_token, native, seq, row, st, seen, max_stop):
+    ctx = target.cfg.max_seq_len
+    pi, si = row.prompt_index, row.sample_index
     while row.finish is None:
         n = len(seq)
         remaining = params.max_new_tokens - len(row.tokens)
         m = max(0, min(k, remaining - 1, ctx - n, slots - n, proposer.max_guess(n)))
         guesses, q = proposer.propose(seq, m, params, seen, g) if m else ([], None)
-        ids = torch.tensor([[seq[-1], *guesses]], dtype=torch.long, device=device)
-        h = target.hidden_states(ids, pos=n - 1)[0]  # (m+1, d)
-        raw = target.lm_head(h).float()
+        h, raw = _chunk_forward(target, native, [seq[-1], *guesses], n - 1, m + 1)  # (m+1, d), (m+1, V)
         z = process_logits(raw, params, seen_rows(seen, guesses, m + 1))
         a, nxt = accept(z, guesses, q, params, g)
         st.steps += 1
@@ -343,8 +387,6 @@ def _decode_one(target, proposer: Proposer, prompt, pi, si, params, tokenizer, s
             if row.prompt_len + len(row.tokens) >= ctx:
                 row.finish = "context"
                 break
-    st.seconds = time.perf_counter() - t0
-    return row, st
 
 
 def speculative_generate(target, draft, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None,

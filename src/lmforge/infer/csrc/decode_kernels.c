@@ -370,7 +370,8 @@ static int parts_for(int64_t bytes, int threads) {
     return parts;
 }
 
-/* ---- linear layers: one or more GEMVs of the same input in one parallel call ------------------ */
+/* ---- linear layers: GEMVs of one to a few tokens, one or more layers sharing the input, in one
+   parallel call ---------------------------------------------------------------------------------- */
 
 typedef struct {
     int32_t kind;  /* LMF_F32: fp32 (N x K) row-major; LMF_INT8: int8 (N x K) with ws, wsum */
@@ -382,16 +383,114 @@ typedef struct {
 
 #define LMF_F32 0
 #define LMF_INT8 1
+#define ROW_TILE 8 /* rows of a weight read once for all the tokens of a call (they stay in cache) */
 
 typedef struct {
-    int count;
+    int count, T;
     const lmf_linear *lin[3];
     float *y[3];
+    int64_t ldy[3];
     const float *x;
-    const int8_t *xq; /* x quantized to 8 bits (when any of the layers is int8) */
-    float sx;
+    int64_t ldx;
+    const int8_t *xq; /* each token's x quantized to 8 bits (when any of the layers is int8), ldx apart */
+    const float *sx;  /* their scales */
 } gemv_job;
 
+#if defined(__AVX512F__)
+/* rows [n0, n1) for tokens [0, T), each block of four rows read from memory once (then from cache
+   for every group of four tokens): every
+   (row, token) dot product is accumulated exactly as f32_rows accumulates it (16 lanes over k, the
+   masked tail, one reduction), so the results are bitwise those of one-token calls */
+static void f32_rows_tokens(const float *x0, int64_t ldx, int T, int K, const float *w, int n0, int n1, float *y0,
+                            int64_t ldy) {
+    int n = n0;
+    __mmask16 tail = (__mmask16)((1u << (K % 16)) - 1u);
+    for (; n + 4 <= n1; n += 4)
+    for (int t0 = 0; t0 < T; t0 += 4) {
+        const float *x = x0 + t0 * ldx;
+        float *y = y0 + t0 * ldy;
+        int nt = T - t0 < 4 ? T - t0 : 4;
+        const float *wr = w + (int64_t)n * K;
+        __m512 a[4][4];
+        for (int r = 0; r < 4; r++)
+            for (int t = 0; t < 4; t++) a[r][t] = _mm512_setzero_ps();
+        int k = 0;
+        for (; k + 16 <= K; k += 16) {
+            __m512 w0 = _mm512_loadu_ps(wr + k), w1 = _mm512_loadu_ps(wr + K + k);
+            __m512 w2 = _mm512_loadu_ps(wr + 2 * K + k), w3 = _mm512_loadu_ps(wr + 3 * K + k);
+            for (int t = 0; t < nt; t++) {
+                __m512 xv = _mm512_loadu_ps(x + t * ldx + k);
+                a[0][t] = _mm512_fmadd_ps(w0, xv, a[0][t]);
+                a[1][t] = _mm512_fmadd_ps(w1, xv, a[1][t]);
+                a[2][t] = _mm512_fmadd_ps(w2, xv, a[2][t]);
+                a[3][t] = _mm512_fmadd_ps(w3, xv, a[3][t]);
+            }
+        }
+        if (k < K) {
+            for (int t = 0; t < nt; t++) {
+                __m512 xv = _mm512_maskz_loadu_ps(tail, x + t * ldx + k);
+                for (int r = 0; r < 4; r++)
+                    a[r][t] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, wr + r * K + k), xv, a[r][t]);
+            }
+        }
+        for (int t = 0; t < nt; t++)
+            for (int r = 0; r < 4; r++) y[t * ldy + n + r] = _mm512_reduce_add_ps(a[r][t]);
+    }
+    for (int t = 0; t < T; t++) f32_rows(x0 + t * ldx, K, w, n, n1, y0 + t * ldy);
+}
+#endif
+
+#if LMF_ISA == 2
+/* the int8 rows [n0, n1) for tokens [0, T), each block of four rows read from memory once (exact
+   int32 sums: the same values as one-token calls) */
+static void i8_rows_tokens(const int8_t *xq0, int64_t ldx, const float *sx0, int T, int K, const int8_t *w,
+                           const float *ws, const int32_t *wsum, int n0, int n1, float *y0, int64_t ldy) {
+    int n = n0;
+    for (; n + 4 <= n1; n += 4)
+    for (int t0 = 0; t0 < T; t0 += 4) {
+        const int8_t *xq = xq0 + t0 * ldx;
+        const float *sx = sx0 + t0;
+        float *y = y0 + t0 * ldy;
+        int nt = T - t0 < 4 ? T - t0 : 4;
+        const int8_t *wr = w + (int64_t)n * K;
+        __m512i a[4][4];
+        for (int r = 0; r < 4; r++)
+            for (int t = 0; t < 4; t++) a[r][t] = _mm512_setzero_si512();
+        int k = 0;
+        for (; k + 64 <= K; k += 64) {
+            __m512i w0 = _mm512_loadu_si512((const void *)(wr + k)), w1 = _mm512_loadu_si512((const void *)(wr + K + k));
+            __m512i w2 = _mm512_loadu_si512((const void *)(wr + 2 * K + k));
+            __m512i w3 = _mm512_loadu_si512((const void *)(wr + 3 * K + k));
+            for (int t = 0; t < nt; t++) {
+                __m512i xv = _mm512_loadu_si512((const void *)(xq + t * ldx + k));
+                a[0][t] = _mm512_dpbusd_epi32(a[0][t], xv, w0);
+                a[1][t] = _mm512_dpbusd_epi32(a[1][t], xv, w1);
+                a[2][t] = _mm512_dpbusd_epi32(a[2][t], xv, w2);
+                a[3][t] = _mm512_dpbusd_epi32(a[3][t], xv, w3);
+            }
+        }
+        for (int t = 0; t < nt; t++) {
+            const uint8_t *xu = (const uint8_t *)(xq + t * ldx);
+            for (int r = 0; r < 4; r++) {
+                int32_t sum = _mm512_reduce_add_epi32(a[r][t]);
+                for (int kk = k; kk < K; kk++) sum += xu[kk] * wr[r * K + kk];
+                y[t * ldy + n + r] = sx[t] * ws[n + r] * (float)(sum - 128 * wsum[n + r]);
+            }
+        }
+    }
+    for (int t = 0; t < T; t++) gemv_rows(xq0 + t * ldx, sx0[t], K, w, ws, wsum, n, n1, y0 + t * ldy);
+}
+#endif
+
+static void rows_of(const gemv_job *j, const lmf_linear *l, int t, int n0, int n1, float *y) {
+    if (l->kind == LMF_INT8)
+        gemv_rows(j->xq + t * j->ldx, j->sx[t], l->K, (const int8_t *)l->w, l->ws, l->wsum, n0, n1, y);
+    else
+        f32_rows(j->x + t * j->ldx, l->K, (const float *)l->w, n0, n1, y);
+}
+
+/* Every token's row of y gets exactly the arithmetic of a one-token call (the same kernel over the
+   same rows), so a chunk of tokens computes what decoding them one by one computes. */
 static void gemv_part(const void *arg, int part, int parts) {
     const gemv_job *j = (const gemv_job *)arg;
     for (int i = 0; i < j->count; i++) {
@@ -399,10 +498,27 @@ static void gemv_part(const void *arg, int part, int parts) {
         int n0, n1;
         part_range(part, parts, l->N, &n0, &n1);
         if (n0 >= n1) continue;
-        if (l->kind == LMF_INT8)
-            gemv_rows(j->xq, j->sx, l->K, (const int8_t *)l->w, l->ws, l->wsum, n0, n1, j->y[i]);
-        else
-            f32_rows(j->x, l->K, (const float *)l->w, n0, n1, j->y[i]);
+        if (j->T == 1) {
+            rows_of(j, l, 0, n0, n1, j->y[i]);
+            continue;
+        }
+#if defined(__AVX512F__)
+        if (l->kind == LMF_F32) {
+            f32_rows_tokens(j->x, j->ldx, j->T, l->K, (const float *)l->w, n0, n1, j->y[i], j->ldy[i]);
+            continue;
+        }
+#endif
+#if LMF_ISA == 2
+        if (l->kind == LMF_INT8) {
+            i8_rows_tokens(j->xq, j->ldx, j->sx, j->T, l->K, (const int8_t *)l->w, l->ws, l->wsum, n0, n1, j->y[i],
+                           j->ldy[i]);
+            continue;
+        }
+#endif
+        for (int n = n0; n < n1; n += ROW_TILE) {
+            int e = n + ROW_TILE < n1 ? n + ROW_TILE : n1;
+            for (int t = 0; t < j->T; t++) rows_of(j, l, t, n, e, j->y[i] + t * j->ldy[i]);
+        }
     }
 }
 
@@ -410,19 +526,22 @@ static int64_t linear_bytes(const lmf_linear *l) {
     return (int64_t)l->N * l->K * (l->kind == LMF_INT8 ? 1 : 4);
 }
 
-/* y_i = lin_i(x) for `count` layers sharing the input x (K values); `xq`: K bytes of scratch */
-static void linears(int count, const lmf_linear *const *lin, float *const *y, const float *x, int8_t *xq,
-                    int threads) {
-    gemv_job j = {.count = count, .x = x, .xq = xq, .sx = 0.f};
+/* y_i[t] = lin_i(x[t]) for `count` layers sharing the input: T tokens of K values, ldx apart;
+   y_i rows ldy_i apart. `xq`: T * ldx bytes of scratch, `sx`: T floats. */
+static void linears(int count, const lmf_linear *const *lin, float *const *y, const int64_t *ldy, int T,
+                    const float *x, int64_t ldx, int8_t *xq, float *sx, int threads) {
+    gemv_job j = {.count = count, .T = T, .x = x, .ldx = ldx, .xq = xq, .sx = sx};
     int64_t bytes = 0;
     int quant = 0;
     for (int i = 0; i < count; i++) {
         j.lin[i] = lin[i];
         j.y[i] = y[i];
+        j.ldy[i] = ldy ? ldy[i] : 0;
         bytes += linear_bytes(lin[i]);
         quant |= lin[i]->kind == LMF_INT8;
     }
-    if (quant) j.sx = quantize_row(x, lin[0]->K, xq);
+    if (quant)
+        for (int t = 0; t < T; t++) sx[t] = quantize_row(x + t * ldx, lin[0]->K, xq + t * ldx);
     parallel(gemv_part, &j, parts_for(bytes, threads));
 }
 
@@ -431,19 +550,20 @@ static void linears(int count, const lmf_linear *const *lin, float *const *y, co
    Returns 0. */
 int lmf_int8_gemv(const float *x, int K, const int8_t *w, const float *ws, const int32_t *wsum, int N, float *y,
                   int8_t *scratch, int threads) {
+    float sx;
     lmf_linear l = {LMF_INT8, N, K, w, ws, wsum};
     const lmf_linear *lp = &l;
     if (parts_for((int64_t)N * K, threads) == 1 || pthread_mutex_trylock(&busy) != 0) {
-        float sx = quantize_row(x, K, scratch);
+        sx = quantize_row(x, K, scratch);
         gemv_rows(scratch, sx, K, w, ws, wsum, 0, N, y);
         return 0;
     }
-    linears(1, &lp, &y, x, scratch, threads);
+    linears(1, &lp, &y, NULL, 1, x, K, scratch, &sx, threads);
     pthread_mutex_unlock(&busy);
     return 0;
 }
 
-/* ---- one decode step of the whole model for one sequence ------------------------------------- */
+/* ---- the whole model for one sequence: a decode step, or a few tokens at once ----------------- */
 
 /* The layout lmforge.infer.native_decode fills in (ctypes structures of the same fields):
    a Llama-style decoder (RMSNorm, attention with grouped KV heads and optional per-head QK-norm,
@@ -452,7 +572,7 @@ int lmf_int8_gemv(const float *x, int K, const int8_t *w, const float *ws, const
    slot_stride: slot(t) = t for the engine's contiguous cache ((n_kv, slots, hd) for this sequence:
    head_stride = slots * hd, slot_stride = hd), or table[t / block_size] * block_size + t % block_size
    for the server's paged cache ((blocks * block_size, n_kv, hd): head_stride = hd, slot_stride =
-   n_kv * hd) with the sequence's block table passed to lmf_decode. */
+   n_kv * hd) with the sequence's block table passed to lmf_forward. */
 typedef struct {
     const float *attn_norm, *mlp_norm, *q_norm, *k_norm; /* q_norm / k_norm NULL without QK-norm */
     float *kcache, *vcache;
@@ -464,19 +584,30 @@ typedef struct {
     float eps;
     int64_t head_stride, slot_stride;
     int32_t block_size;
+    int32_t max_tokens; /* tokens one call may take (the work buffers' size) */
     const float *emb;       /* vocab x d */
     const float *cos, *sin; /* (positions, hd) RoPE tables */
     const float *norm;      /* the final norm */
     lmf_linear head;
     const lmf_layer *layers;
     float *work;  /* lmf_work_floats(m) floats */
-    int8_t *qwork; /* max(d, n_heads * hd, ffn) bytes */
+    int8_t *qwork; /* lmf_qwork_bytes(m) bytes */
 } lmf_model;
+
+static int64_t widest(const lmf_model *m) {
+    int64_t w = m->d, qd = (int64_t)m->n_heads * m->hd;
+    if (qd > w) w = qd;
+    if (m->ffn > w) w = m->ffn;
+    return w;
+}
 
 long lmf_work_floats(const lmf_model *m) {
     long qd = (long)m->n_heads * m->hd, kd = (long)m->n_kv * m->hd;
-    return 2L * m->d + 2L * qd + 2L * kd + 2L * m->ffn + (long)m->n_heads * m->slots + m->d;
+    long per_token = 3L * m->d + 2L * qd + 2L * kd + 2L * m->ffn + 1;
+    return per_token * m->max_tokens + (long)m->n_heads * m->slots;
 }
+
+long lmf_qwork_bytes(const lmf_model *m) { return (long)(widest(m) + 64) * m->max_tokens; }
 
 static void rmsnorm(float *out, const float *x, const float *w, int n, float eps) {
     float ss = dotf(x, x, n);
@@ -497,10 +628,10 @@ static void rope(float *x, int heads, int hd, const float *c, const float *s) {
 }
 
 typedef struct {
-    const float *q;
+    const float *q; /* T tokens x n_heads * hd */
     const float *kc, *vc;
     float *out, *scores;
-    int n_heads, group, hd, slots, len, block_size;
+    int n_heads, group, hd, slots, pos, T, block_size;
     int64_t head_stride, slot_stride;
     const int64_t *table;
     float scale;
@@ -510,86 +641,107 @@ static inline int64_t slot_of(const int64_t *table, int block_size, int t) {
     return table ? table[t / block_size] * block_size + t % block_size : t;
 }
 
-/* heads [h0, h1): softmax(q k^T * scale) v over cache slots [0, len) */
+/* heads [h0, h1) of every token: token i (position pos + i) attends to positions 0 .. pos + i,
+   softmax(q k^T * scale) v */
 static void attn_part(const void *arg, int part, int parts) {
     const attn_job *j = (const attn_job *)arg;
     int h0 = (int)((int64_t)j->n_heads * part / parts), h1 = (int)((int64_t)j->n_heads * (part + 1) / parts);
-    for (int h = h0; h < h1; h++) {
-        const float *q = j->q + (int64_t)h * j->hd;
-        const float *k = j->kc + (int64_t)(h / j->group) * j->head_stride;
-        const float *v = j->vc + (int64_t)(h / j->group) * j->head_stride;
-        float *s = j->scores + (int64_t)h * j->slots, *o = j->out + (int64_t)h * j->hd;
-        float mx = -INFINITY;
-        for (int t = 0; t < j->len; t++) {
-            s[t] = dotf(q, k + slot_of(j->table, j->block_size, t) * j->slot_stride, j->hd) * j->scale;
-            mx = s[t] > mx ? s[t] : mx;
+    int64_t qd = (int64_t)j->n_heads * j->hd;
+    for (int i = 0; i < j->T; i++) {
+        int len = j->pos + i + 1;
+        for (int h = h0; h < h1; h++) {
+            const float *q = j->q + i * qd + (int64_t)h * j->hd;
+            const float *k = j->kc + (int64_t)(h / j->group) * j->head_stride;
+            const float *v = j->vc + (int64_t)(h / j->group) * j->head_stride;
+            float *s = j->scores + (int64_t)h * j->slots, *o = j->out + i * qd + (int64_t)h * j->hd;
+            float mx = -INFINITY;
+            for (int t = 0; t < len; t++) {
+                s[t] = dotf(q, k + slot_of(j->table, j->block_size, t) * j->slot_stride, j->hd) * j->scale;
+                mx = s[t] > mx ? s[t] : mx;
+            }
+            float sum = 0.f;
+            for (int t = 0; t < len; t++) {
+                s[t] = expf(s[t] - mx);
+                sum += s[t];
+            }
+            float inv = 1.f / sum;
+            memset(o, 0, sizeof(float) * j->hd);
+            for (int t = 0; t < len; t++)
+                axpyf(o, s[t] * inv, v + slot_of(j->table, j->block_size, t) * j->slot_stride, j->hd);
         }
-        float sum = 0.f;
-        for (int t = 0; t < j->len; t++) {
-            s[t] = expf(s[t] - mx);
-            sum += s[t];
-        }
-        float inv = 1.f / sum;
-        memset(o, 0, sizeof(float) * j->hd);
-        for (int t = 0; t < j->len; t++)
-            axpyf(o, s[t] * inv, v + slot_of(j->table, j->block_size, t) * j->slot_stride, j->hd);
     }
 }
 
-static void decode_step(const lmf_model *m, int token, int pos, float *logits, int threads, const int64_t *table) {
-    int d = m->d, hd = m->hd, qd = m->n_heads * hd, kd = m->n_kv * hd;
-    float *x = m->work, *xn = x + d, *q = xn + d, *k = q + qd, *v = k + kd, *att = v + kd;
-    float *h1 = att + qd, *h3 = h1 + m->ffn, *scores = h3 + m->ffn, *o = scores + (int64_t)m->n_heads * m->slots;
-    const float *c = m->cos + (int64_t)pos * hd, *s = m->sin + (int64_t)pos * hd;
-    memcpy(x, m->emb + (int64_t)token * d, sizeof(float) * d);
+static void forward(const lmf_model *m, const int32_t *tokens, int T, int pos, float *hidden, float *logits,
+                    int n_logits, int threads, const int64_t *table) {
+    int d = m->d, hd = m->hd, qd = m->n_heads * hd, kd = m->n_kv * hd, ffn = m->ffn;
+    float *x = m->work, *xn = x + (int64_t)T * d, *q = xn + (int64_t)T * d, *k = q + (int64_t)T * qd;
+    float *v = k + (int64_t)T * kd, *att = v + (int64_t)T * kd, *h1 = att + (int64_t)T * qd;
+    float *h3 = h1 + (int64_t)T * ffn, *o = h3 + (int64_t)T * ffn, *sx = o + (int64_t)T * d, *scores = sx + T;
+    int8_t *xq = m->qwork;
+    for (int i = 0; i < T; i++) memcpy(x + (int64_t)i * d, m->emb + (int64_t)tokens[i] * d, sizeof(float) * d);
     for (int li = 0; li < m->n_layers; li++) {
         const lmf_layer *L = m->layers + li;
-        rmsnorm(xn, x, L->attn_norm, d, m->eps);
+        for (int i = 0; i < T; i++) rmsnorm(xn + (int64_t)i * d, x + (int64_t)i * d, L->attn_norm, d, m->eps);
         const lmf_linear *qkv[3] = {&L->wq, &L->wk, &L->wv};
         float *qkv_out[3] = {q, k, v};
-        linears(3, qkv, qkv_out, xn, m->qwork, threads);
-        if (L->q_norm) {
-            for (int h = 0; h < m->n_heads; h++) rmsnorm(q + h * hd, q + h * hd, L->q_norm, hd, m->eps);
-            for (int h = 0; h < m->n_kv; h++) rmsnorm(k + h * hd, k + h * hd, L->k_norm, hd, m->eps);
-        }
-        rope(q, m->n_heads, hd, c, s);
-        rope(k, m->n_kv, hd, c, s);
-        int64_t at = slot_of(table, m->block_size, pos) * m->slot_stride;
-        for (int h = 0; h < m->n_kv; h++) {
-            memcpy(L->kcache + h * m->head_stride + at, k + h * hd, sizeof(float) * hd);
-            memcpy(L->vcache + h * m->head_stride + at, v + h * hd, sizeof(float) * hd);
+        int64_t qkv_ld[3] = {qd, kd, kd};
+        linears(3, qkv, qkv_out, qkv_ld, T, xn, d, xq, sx, threads);
+        for (int i = 0; i < T; i++) {
+            float *qi = q + (int64_t)i * qd, *ki = k + (int64_t)i * kd, *vi = v + (int64_t)i * kd;
+            if (L->q_norm) {
+                for (int h = 0; h < m->n_heads; h++) rmsnorm(qi + h * hd, qi + h * hd, L->q_norm, hd, m->eps);
+                for (int h = 0; h < m->n_kv; h++) rmsnorm(ki + h * hd, ki + h * hd, L->k_norm, hd, m->eps);
+            }
+            const float *c = m->cos + (int64_t)(pos + i) * hd, *s = m->sin + (int64_t)(pos + i) * hd;
+            rope(qi, m->n_heads, hd, c, s);
+            rope(ki, m->n_kv, hd, c, s);
+            int64_t at = slot_of(table, m->block_size, pos + i) * m->slot_stride;
+            for (int h = 0; h < m->n_kv; h++) {
+                memcpy(L->kcache + h * m->head_stride + at, ki + h * hd, sizeof(float) * hd);
+                memcpy(L->vcache + h * m->head_stride + at, vi + h * hd, sizeof(float) * hd);
+            }
         }
         attn_job aj = {q, L->kcache, L->vcache, att, scores, m->n_heads, m->n_heads / m->n_kv, hd, m->slots,
-                       pos + 1, m->block_size, m->head_stride, m->slot_stride, table, 1.f / sqrtf((float)hd)};
-        int64_t cache_bytes = 2L * (pos + 1) * kd * 4;
+                       pos, T, m->block_size, m->head_stride, m->slot_stride, table, 1.f / sqrtf((float)hd)};
+        int64_t cache_bytes = 2L * (pos + T) * kd * 4 * T;
         int ap = parts_for(cache_bytes * 4, threads); /* attention does more work per byte than a GEMV */
         parallel(attn_part, &aj, ap > m->n_heads ? m->n_heads : ap);
         const lmf_linear *wo = &L->wo;
-        linears(1, &wo, &o, att, m->qwork, threads);
-        for (int i = 0; i < d; i++) x[i] += o[i];
-        rmsnorm(xn, x, L->mlp_norm, d, m->eps);
+        int64_t d_ld = d;
+        linears(1, &wo, &o, &d_ld, T, att, qd, xq, sx, threads);
+        for (int64_t i = 0; i < (int64_t)T * d; i++) x[i] += o[i];
+        for (int i = 0; i < T; i++) rmsnorm(xn + (int64_t)i * d, x + (int64_t)i * d, L->mlp_norm, d, m->eps);
         const lmf_linear *up[2] = {&L->w1, &L->w3};
         float *up_out[2] = {h1, h3};
-        linears(2, up, up_out, xn, m->qwork, threads);
-        for (int i = 0; i < m->ffn; i++) h1[i] = h1[i] / (1.f + expf(-h1[i])) * h3[i];
+        int64_t up_ld[2] = {ffn, ffn};
+        linears(2, up, up_out, up_ld, T, xn, d, xq, sx, threads);
+        for (int64_t i = 0; i < (int64_t)T * ffn; i++) h1[i] = h1[i] / (1.f + expf(-h1[i])) * h3[i];
         const lmf_linear *w2 = &L->w2;
-        linears(1, &w2, &o, h1, m->qwork, threads);
-        for (int i = 0; i < d; i++) x[i] += o[i];
+        linears(1, &w2, &o, &d_ld, T, h1, ffn, xq, sx, threads);
+        for (int64_t i = 0; i < (int64_t)T * d; i++) x[i] += o[i];
     }
-    rmsnorm(xn, x, m->norm, d, m->eps);
-    const lmf_linear *head = &m->head;
-    linears(1, &head, &logits, xn, m->qwork, threads);
+    for (int i = 0; i < T; i++) rmsnorm(xn + (int64_t)i * d, x + (int64_t)i * d, m->norm, d, m->eps);
+    if (hidden) memcpy(hidden, xn, sizeof(float) * (size_t)T * d);
+    if (logits && n_logits > 0) {
+        const lmf_linear *head = &m->head;
+        int64_t v_ld = m->vocab;
+        linears(1, &head, &logits, &v_ld, n_logits, xn + (int64_t)(T - n_logits) * d, d, xq, sx, threads);
+    }
 }
 
-/* next-token logits (vocab fp32) of `token` at position `pos`, its keys and values written to
-   the slot of `pos` in every layer's cache (`table`: the block table of a paged cache, NULL for a
-   contiguous one). The pool is used when free (else one thread). Returns 0. */
-int lmf_decode(const lmf_model *m, int token, int pos, float *logits, int threads, const int64_t *table) {
+/* T tokens (1 <= T <= max_tokens) at positions pos .. pos + T - 1, their keys and values written to
+   those positions' slots in every layer's cache (`table`: the block table of a paged cache, NULL for
+   a contiguous one). `hidden` (T x d, or NULL): the final hidden states (after the last norm);
+   `logits` (n_logits x vocab, or NULL): the next-token logits of the last n_logits tokens. Each token
+   gets the arithmetic of a one-token call. The pool is used when free (else one thread). Returns 0. */
+int lmf_forward(const lmf_model *m, const int32_t *tokens, int T, int pos, float *hidden, float *logits, int n_logits,
+                int threads, const int64_t *table) {
     if (threads > 1 && pthread_mutex_trylock(&busy) == 0) {
-        decode_step(m, token, pos, logits, threads, table);
+        forward(m, tokens, T, pos, hidden, logits, n_logits, threads, table);
         pthread_mutex_unlock(&busy);
     } else {
-        decode_step(m, token, pos, logits, 1, table);
+        forward(m, tokens, T, pos, hidden, logits, n_logits, 1, table);
     }
     return 0;
 }
