@@ -116,6 +116,8 @@ def load(path: Path) -> ctypes.CDLL:
     lib.lmf_workers.restype = i
     lib.lmf_forward.argtypes = [p, p, i, i, p, p, i, i, p]
     lib.lmf_forward.restype = i
+    lib.lmf_int4_gemv.argtypes = [p, i, i, p, p, p, i, p, p, p]
+    lib.lmf_int4_gemv.restype = i
     lib.lmf_work_floats.argtypes = [p]
     lib.lmf_work_floats.restype = ctypes.c_long
     lib.lmf_qwork_bytes.argtypes = [p]

@@ -33,17 +33,17 @@ import torch
 import torch.nn as nn
 
 from lmforge.infer.cpu_kernels import int8_gemv_lib, kernel_threads
-from lmforge.infer.quantize import Int8Linear, _derived, _env, _gemv_operands, int8_decode_mode
+from lmforge.infer.quantize import Int4Linear, Int8Linear, _derived, _env, _gemv_operands, int8_decode_mode
 from lmforge.model.transformer import Attention, Block, KVCache, RMSNorm, SwiGLU, Transformer, plain_linear
 
-F32, INT8 = 0, 1
+F32, INT8, INT4 = 0, 1, 2
 MAX_TOKENS = 16  # tokens one kernel call takes (a speculative verification chunk, a draft's catch-up)
 P = ctypes.c_void_p
 
 
 class _Linear(ctypes.Structure):
     _fields_ = [("kind", ctypes.c_int32), ("N", ctypes.c_int32), ("K", ctypes.c_int32), ("w", P), ("ws", P),
-                ("wsum", P)]
+                ("wsum", P), ("wz", P), ("group", ctypes.c_int32)]
 
 
 class _Layer(ctypes.Structure):
@@ -82,7 +82,7 @@ def _linear(m: nn.Module, name: str, keep: list) -> _Linear | str:
         if not _f32(w):
             return f"{name}: weight is not a contiguous (row-major) fp32 CPU tensor"
         keep.append(w)
-        return _Linear(F32, w.shape[0], w.shape[1], w.data_ptr(), None, None)
+        return _Linear(F32, w.shape[0], w.shape[1], w.data_ptr(), None, None, None, 0)
     if type(m) is Int8Linear:
         w, scale = m._buffers["weight"], m._buffers["scale"]
         if m._buffers.get("bias") is not None:
@@ -93,7 +93,16 @@ def _linear(m: nn.Module, name: str, keep: list) -> _Linear | str:
             return f"{name}: int8 weight is not a contiguous CPU tensor"
         sc, wsum = _derived("gemv", w, scale, _gemv_operands)
         keep.extend((w, sc, wsum))
-        return _Linear(INT8, w.shape[0], w.shape[1], w.data_ptr(), sc.data_ptr(), wsum.data_ptr())
+        return _Linear(INT8, w.shape[0], w.shape[1], w.data_ptr(), sc.data_ptr(), wsum.data_ptr(), None, 0)
+    if type(m) is Int4Linear:
+        packed, scales, zeros = m._buffers["packed"], m._buffers["scales"], m._buffers["zeros"]
+        if m._buffers.get("bias") is not None:
+            return f"{name}: an int4 layer with a bias"
+        if not (packed.device.type == "cpu" and packed.is_contiguous() and _f32(scales) and _f32(zeros)):
+            return f"{name}: int4 codes, scales and zeros are not contiguous fp32 CPU tensors"
+        keep.extend((packed, scales, zeros))
+        return _Linear(INT4, m.out_features, m.in_features, packed.data_ptr(), scales.data_ptr(), None,
+                       zeros.data_ptr(), m.group_size)
     return f"{name} is a {type(m).__name__}, which the native decode step does not run"
 
 
@@ -167,6 +176,10 @@ def _build(model) -> tuple[_Model, list] | str:
                 return f"layer {i} {name} has shape ({lin.N}, {lin.K})"
         if not (dst.w1.N == dst.w3.N == dst.w2.K):
             return f"layer {i}'s MLP widths differ"
+        for a, b in (("wq", "wk"), ("wq", "wv"), ("w1", "w3")):  # layers sharing an input share its int4 groups
+            la, lb = getattr(dst, a), getattr(dst, b)
+            if INT4 in (la.kind, lb.kind) and la.kind == lb.kind and la.group != lb.group:
+                return f"layer {i}: int4 group sizes of {a} and {b} differ"
     ffn = max(layers[i].w1.N for i in range(cfg.n_layers)) if cfg.n_layers else 0
     if any(layers[i].w1.N != ffn for i in range(cfg.n_layers)):
         return "MLP widths differ between layers (pruned channels)"

@@ -374,15 +374,90 @@ static int parts_for(int64_t bytes, int threads) {
    parallel call ---------------------------------------------------------------------------------- */
 
 typedef struct {
-    int32_t kind;  /* LMF_F32: fp32 (N x K) row-major; LMF_INT8: int8 (N x K) with ws, wsum */
+    int32_t kind;  /* LMF_F32: fp32 (N x K) row-major; LMF_INT8: int8 (N x K) with ws, wsum; LMF_INT4 below */
     int32_t N, K;
     const void *w;
-    const float *ws;     /* int8: per-row scales */
+    const float *ws;     /* int8: per-row scales; int4: per-group scales (N x K / group) */
     const int32_t *wsum; /* int8: per-row sums of the weights */
+    const float *wz;     /* int4: per-group zeros (N x K / group) */
+    int32_t group;       /* int4: columns per group */
 } lmf_linear;
 
 #define LMF_F32 0
 #define LMF_INT8 1
+#define LMF_INT4 2 /* codes 0..15, two per byte (N x K / 2; column 2j in the high nibble of byte j),
+                      w = (code - 8) * scale + zero per group: lmforge's Int4Linear */
+
+/* ---- int4 x int8: the activation row quantized to 8 bits as for int8, split into even and odd
+   columns (the two nibbles of a byte), with per-group sums of x and of its 8-bit codes:
+   y[n] = sx * sum_g scale_g * (sum_{k in g} code_k xq_k - 8 sum_{k in g} xq_k) + sum_g zero_g sum_{k in g} x_k
+   (the zero term is exact in fp32; the rest is llama.cpp's q4 x q8 arithmetic with lmforge's
+   group scales and zeros). */
+static float prepare_int4(const float *x, int K, int g, int8_t *xe, int8_t *xo, float *xsum, int32_t *xqsum) {
+    float amax = 0.f;
+    for (int k = 0; k < K; k++) {
+        float a = fabsf(x[k]);
+        amax = a > amax ? a : amax;
+    }
+    float inv = amax > 0.f ? 127.f / amax : 0.f;
+    for (int gi = 0; gi < K / g; gi++) {
+        float fs = 0.f;
+        int32_t qs = 0;
+        for (int k = gi * g; k < (gi + 1) * g; k++) {
+            int v = (int)lrintf(x[k] * inv);
+            if (k & 1) xo[k >> 1] = (int8_t)v; else xe[k >> 1] = (int8_t)v;
+            fs += x[k];
+            qs += v;
+        }
+        xsum[gi] = fs;
+        xqsum[gi] = qs;
+    }
+    return amax / 127.f;
+}
+
+static void i4_rows(const int8_t *xe, const int8_t *xo, float sx, const float *xsum, const int32_t *xqsum, int K,
+                    int g, const uint8_t *w, const float *scales, const float *zeros, int n0, int n1, float *y) {
+    int G = K / g, half = K / 2;
+#if LMF_ISA == 2
+    if (K % 128 == 0) {
+        /* 64 bytes = 128 columns per step; lane i of a dpbusd sums columns 8i .. 8i + 7, in group
+           (128 c + 8 i) / g: the scale vector is gathered from the row's scales with that index */
+        int32_t idx[16];
+        for (int i = 0; i < 16; i++) idx[i] = g <= 128 ? (8 * i) / g : 0;
+        __m512i vidx = _mm512_loadu_si512((const void *)idx), low = _mm512_set1_epi8(0x0F);
+        for (int n = n0; n < n1; n++) {
+            const uint8_t *wr = w + (int64_t)n * half;
+            const float *sr = scales + (int64_t)n * G, *zr = zeros + (int64_t)n * G;
+            __m512 acc = _mm512_setzero_ps();
+            for (int c = 0; c < half / 64; c++) {
+                __m512i b = _mm512_loadu_si512((const void *)(wr + 64 * c));
+                __m512i hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), low), lo = _mm512_and_si512(b, low);
+                __m512i ai = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, _mm512_loadu_si512((const void *)(xe + 64 * c)));
+                ai = _mm512_dpbusd_epi32(ai, lo, _mm512_loadu_si512((const void *)(xo + 64 * c)));
+                int base = (128 * c) / g, left = G - base;
+                __m512 sv = _mm512_maskz_loadu_ps((__mmask16)(left >= 16 ? 0xFFFF : (1u << left) - 1u), sr + base);
+                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ai), _mm512_permutexvar_ps(vidx, sv), acc);
+            }
+            float fix = 0.f;
+            for (int gi = 0; gi < G; gi++) fix += zr[gi] * xsum[gi] - 8.f * sx * sr[gi] * (float)xqsum[gi];
+            y[n] = sx * _mm512_reduce_add_ps(acc) + fix;
+        }
+        return;
+    }
+#endif
+    for (int n = n0; n < n1; n++) {
+        const uint8_t *wr = w + (int64_t)n * half;
+        const float *sr = scales + (int64_t)n * G, *zr = zeros + (int64_t)n * G;
+        float acc = 0.f, fix = 0.f;
+        for (int gi = 0; gi < G; gi++) {
+            int32_t sum = 0;
+            for (int j = gi * g / 2; j < (gi + 1) * g / 2; j++) sum += (wr[j] >> 4) * xe[j] + (wr[j] & 15) * xo[j];
+            acc += sr[gi] * (float)(sum - 8 * xqsum[gi]);
+            fix += zr[gi] * xsum[gi];
+        }
+        y[n] = sx * acc + fix;
+    }
+}
 #define ROW_TILE 8 /* rows of a weight read once for all the tokens of a call (they stay in cache) */
 
 typedef struct {
@@ -394,6 +469,12 @@ typedef struct {
     int64_t ldx;
     const int8_t *xq; /* each token's x quantized to 8 bits (when any of the layers is int8), ldx apart */
     const float *sx;  /* their scales */
+    /* int4 layers: each token's 8-bit x as even / odd columns (ldx bytes apart), its scale, and the
+       per-group sums of x and of the codes (ldg apart) */
+    const int8_t *x4;
+    const float *sx4, *xsum;
+    const int32_t *xqsum;
+    int64_t ldg;
 } gemv_job;
 
 #if defined(__AVX512F__)
@@ -483,7 +564,11 @@ static void i8_rows_tokens(const int8_t *xq0, int64_t ldx, const float *sx0, int
 #endif
 
 static void rows_of(const gemv_job *j, const lmf_linear *l, int t, int n0, int n1, float *y) {
-    if (l->kind == LMF_INT8)
+    if (l->kind == LMF_INT4) {
+        const int8_t *xe = j->x4 + t * j->ldx;
+        i4_rows(xe, xe + l->K / 2, j->sx4[t], j->xsum + t * j->ldg, j->xqsum + t * j->ldg, l->K, l->group,
+                (const uint8_t *)l->w, l->ws, l->wz, n0, n1, y);
+    } else if (l->kind == LMF_INT8)
         gemv_rows(j->xq + t * j->ldx, j->sx[t], l->K, (const int8_t *)l->w, l->ws, l->wsum, n0, n1, y);
     else
         f32_rows(j->x + t * j->ldx, l->K, (const float *)l->w, n0, n1, y);
@@ -523,25 +608,42 @@ static void gemv_part(const void *arg, int part, int parts) {
 }
 
 static int64_t linear_bytes(const lmf_linear *l) {
-    return (int64_t)l->N * l->K * (l->kind == LMF_INT8 ? 1 : 4);
+    return l->kind == LMF_INT4 ? (int64_t)l->N * l->K / 2 : (int64_t)l->N * l->K * (l->kind == LMF_INT8 ? 1 : 4);
 }
 
+/* scratch of the activation codes: 8-bit rows for int8 layers, their even/odd split and group sums
+   for int4 layers (T tokens each) */
+typedef struct {
+    int8_t *xq, *x4;
+    float *sx, *sx4, *xsum;
+    int32_t *xqsum;
+    int64_t ldg;
+} act_scratch;
+
 /* y_i[t] = lin_i(x[t]) for `count` layers sharing the input: T tokens of K values, ldx apart;
-   y_i rows ldy_i apart. `xq`: T * ldx bytes of scratch, `sx`: T floats. */
+   y_i rows ldy_i apart. `a`: the scratch (T * ldx bytes per code buffer, T floats per scale). Layers
+   sharing an input share its group size when int4. */
 static void linears(int count, const lmf_linear *const *lin, float *const *y, const int64_t *ldy, int T,
-                    const float *x, int64_t ldx, int8_t *xq, float *sx, int threads) {
-    gemv_job j = {.count = count, .T = T, .x = x, .ldx = ldx, .xq = xq, .sx = sx};
+                    const float *x, int64_t ldx, const act_scratch *a, int threads) {
+    gemv_job j = {.count = count, .T = T, .x = x, .ldx = ldx, .xq = a->xq, .sx = a->sx, .x4 = a->x4,
+                  .sx4 = a->sx4, .xsum = a->xsum, .xqsum = a->xqsum, .ldg = a->ldg};
     int64_t bytes = 0;
-    int quant = 0;
+    int quant = 0, group = 0;
     for (int i = 0; i < count; i++) {
         j.lin[i] = lin[i];
         j.y[i] = y[i];
         j.ldy[i] = ldy ? ldy[i] : 0;
         bytes += linear_bytes(lin[i]);
         quant |= lin[i]->kind == LMF_INT8;
+        if (lin[i]->kind == LMF_INT4) group = lin[i]->group;
     }
+    int K = lin[0]->K;
     if (quant)
-        for (int t = 0; t < T; t++) sx[t] = quantize_row(x + t * ldx, lin[0]->K, xq + t * ldx);
+        for (int t = 0; t < T; t++) a->sx[t] = quantize_row(x + t * ldx, K, a->xq + t * ldx);
+    if (group)
+        for (int t = 0; t < T; t++)
+            a->sx4[t] = prepare_int4(x + t * ldx, K, group, a->x4 + t * ldx, a->x4 + t * ldx + K / 2,
+                                     a->xsum + t * a->ldg, a->xqsum + t * a->ldg);
     parallel(gemv_part, &j, parts_for(bytes, threads));
 }
 
@@ -551,14 +653,15 @@ static void linears(int count, const lmf_linear *const *lin, float *const *y, co
 int lmf_int8_gemv(const float *x, int K, const int8_t *w, const float *ws, const int32_t *wsum, int N, float *y,
                   int8_t *scratch, int threads) {
     float sx;
-    lmf_linear l = {LMF_INT8, N, K, w, ws, wsum};
+    lmf_linear l = {LMF_INT8, N, K, w, ws, wsum, NULL, 0};
     const lmf_linear *lp = &l;
     if (parts_for((int64_t)N * K, threads) == 1 || pthread_mutex_trylock(&busy) != 0) {
         sx = quantize_row(x, K, scratch);
         gemv_rows(scratch, sx, K, w, ws, wsum, 0, N, y);
         return 0;
     }
-    linears(1, &lp, &y, NULL, 1, x, K, scratch, &sx, threads);
+    act_scratch a = {.xq = scratch, .sx = &sx};
+    linears(1, &lp, &y, NULL, 1, x, K, &a, threads);
     pthread_mutex_unlock(&busy);
     return 0;
 }
@@ -601,13 +704,15 @@ static int64_t widest(const lmf_model *m) {
     return w;
 }
 
+static int64_t groups_per_token(const lmf_model *m) { return widest(m) / 32 + 1; }
+
 long lmf_work_floats(const lmf_model *m) {
     long qd = (long)m->n_heads * m->hd, kd = (long)m->n_kv * m->hd;
-    long per_token = 3L * m->d + 2L * qd + 2L * kd + 2L * m->ffn + 1;
+    long per_token = 3L * m->d + 2L * qd + 2L * kd + 2L * m->ffn + 2 + 2L * groups_per_token(m);
     return per_token * m->max_tokens + (long)m->n_heads * m->slots;
 }
 
-long lmf_qwork_bytes(const lmf_model *m) { return (long)(widest(m) + 64) * m->max_tokens; }
+long lmf_qwork_bytes(const lmf_model *m) { return 2L * (widest(m) + 64) * m->max_tokens; }
 
 static void rmsnorm(float *out, const float *x, const float *w, int n, float eps) {
     float ss = dotf(x, x, n);
@@ -677,8 +782,11 @@ static void forward(const lmf_model *m, const int32_t *tokens, int T, int pos, f
     int d = m->d, hd = m->hd, qd = m->n_heads * hd, kd = m->n_kv * hd, ffn = m->ffn;
     float *x = m->work, *xn = x + (int64_t)T * d, *q = xn + (int64_t)T * d, *k = q + (int64_t)T * qd;
     float *v = k + (int64_t)T * kd, *att = v + (int64_t)T * kd, *h1 = att + (int64_t)T * qd;
-    float *h3 = h1 + (int64_t)T * ffn, *o = h3 + (int64_t)T * ffn, *sx = o + (int64_t)T * d, *scores = sx + T;
-    int8_t *xq = m->qwork;
+    float *h3 = h1 + (int64_t)T * ffn, *o = h3 + (int64_t)T * ffn, *sx = o + (int64_t)T * d, *sx4 = sx + T;
+    int64_t ldg = groups_per_token(m);
+    float *xsum = sx4 + T, *xqsum = xsum + T * ldg, *scores = xqsum + T * ldg;
+    act_scratch xq_ = {m->qwork, m->qwork + (widest(m) + 64) * m->max_tokens, sx, sx4, xsum, (int32_t *)xqsum, ldg};
+    const act_scratch *xq = &xq_;
     for (int i = 0; i < T; i++) memcpy(x + (int64_t)i * d, m->emb + (int64_t)tokens[i] * d, sizeof(float) * d);
     for (int li = 0; li < m->n_layers; li++) {
         const lmf_layer *L = m->layers + li;
@@ -686,7 +794,7 @@ static void forward(const lmf_model *m, const int32_t *tokens, int T, int pos, f
         const lmf_linear *qkv[3] = {&L->wq, &L->wk, &L->wv};
         float *qkv_out[3] = {q, k, v};
         int64_t qkv_ld[3] = {qd, kd, kd};
-        linears(3, qkv, qkv_out, qkv_ld, T, xn, d, xq, sx, threads);
+        linears(3, qkv, qkv_out, qkv_ld, T, xn, d, xq, threads);
         for (int i = 0; i < T; i++) {
             float *qi = q + (int64_t)i * qd, *ki = k + (int64_t)i * kd, *vi = v + (int64_t)i * kd;
             if (L->q_norm) {
@@ -709,16 +817,16 @@ static void forward(const lmf_model *m, const int32_t *tokens, int T, int pos, f
         parallel(attn_part, &aj, ap > m->n_heads ? m->n_heads : ap);
         const lmf_linear *wo = &L->wo;
         int64_t d_ld = d;
-        linears(1, &wo, &o, &d_ld, T, att, qd, xq, sx, threads);
+        linears(1, &wo, &o, &d_ld, T, att, qd, xq, threads);
         for (int64_t i = 0; i < (int64_t)T * d; i++) x[i] += o[i];
         for (int i = 0; i < T; i++) rmsnorm(xn + (int64_t)i * d, x + (int64_t)i * d, L->mlp_norm, d, m->eps);
         const lmf_linear *up[2] = {&L->w1, &L->w3};
         float *up_out[2] = {h1, h3};
         int64_t up_ld[2] = {ffn, ffn};
-        linears(2, up, up_out, up_ld, T, xn, d, xq, sx, threads);
+        linears(2, up, up_out, up_ld, T, xn, d, xq, threads);
         for (int64_t i = 0; i < (int64_t)T * ffn; i++) h1[i] = h1[i] / (1.f + expf(-h1[i])) * h3[i];
         const lmf_linear *w2 = &L->w2;
-        linears(1, &w2, &o, &d_ld, T, h1, ffn, xq, sx, threads);
+        linears(1, &w2, &o, &d_ld, T, h1, ffn, xq, threads);
         for (int64_t i = 0; i < (int64_t)T * d; i++) x[i] += o[i];
     }
     for (int i = 0; i < T; i++) rmsnorm(xn + (int64_t)i * d, x + (int64_t)i * d, m->norm, d, m->eps);
@@ -726,7 +834,7 @@ static void forward(const lmf_model *m, const int32_t *tokens, int T, int pos, f
     if (logits && n_logits > 0) {
         const lmf_linear *head = &m->head;
         int64_t v_ld = m->vocab;
-        linears(1, &head, &logits, &v_ld, n_logits, xn + (int64_t)(T - n_logits) * d, d, xq, sx, threads);
+        linears(1, &head, &logits, &v_ld, n_logits, xn + (int64_t)(T - n_logits) * d, d, xq, threads);
     }
 }
 
@@ -743,5 +851,17 @@ int lmf_forward(const lmf_model *m, const int32_t *tokens, int T, int pos, float
     } else {
         forward(m, tokens, T, pos, hidden, logits, n_logits, 1, table);
     }
+    return 0;
+}
+
+/* y (N fp32) = the int4 x int8 GEMV of x (K fp32) on one thread (tests compare it with exact
+   arithmetic). `scratch`: K bytes; `gscratch`: 2 * K / group floats. Returns 0. */
+int lmf_int4_gemv(const float *x, int K, int group, const uint8_t *w, const float *scales, const float *zeros, int N,
+                  float *y, int8_t *scratch, float *gscratch) {
+    lmf_linear l = {LMF_INT4, N, K, w, scales, NULL, zeros, group};
+    const lmf_linear *lp = &l;
+    float sx4;
+    act_scratch a = {.x4 = scratch, .sx4 = &sx4, .xsum = gscratch, .xqsum = (int32_t *)(gscratch + K / group)};
+    linears(1, &lp, &y, NULL, 1, x, K, &a, 1);
     return 0;
 }
