@@ -360,7 +360,7 @@ def _dense_copy(m: Transformer) -> Transformer:
 @pytest.mark.parametrize("kw,group", [({}, 32), ({"d_model": 256, "n_heads": 4, "ffn_hidden": 768}, 128),
                                       ({"d_model": 256, "n_heads": 4, "ffn_hidden": 768, "n_kv_heads": 2}, 256),
                                       ({"d_model": 96, "n_heads": 4, "ffn_hidden": 192}, 32)])
-def test_int4_step_is_the_dequantized_model_up_to_8bit_activations(kw, group, builds, monkeypatch):
+def test_int4_step_is_the_dequantized_model_up_to_8bit_activations(kw, group):
     m = _model(**kw)
     quantize_model(m, "int4", group_size=group, include_head=True)
     got = _both(m)[1]
@@ -370,10 +370,7 @@ def test_int4_step_is_the_dequantized_model_up_to_8bit_activations(kw, group, bu
     quantize_model(q8, "int8", include_head=True)
     rel8 = ((_both(q8)[1] - _both(_dense_copy(q8))[1]).norm() / dense.norm()).item()
     assert 0 < rel < max(0.03, 3 * rel8)  # the error class of 8-bit activations, as for int8
-    # the plain-C build computes the same (its int4 loop against the vectorised one; a last-bit
-    # difference may round an activation to the neighbouring 8-bit value downstream)
-    monkeypatch.setattr(ND, "int8_gemv_lib", lambda: builds["x86-64"])
-    assert (_both(m)[1] - got).abs().max().item() <= 0.02 * got.std().item()
+    # (each instruction-set path of the int4 GEMV against exact arithmetic: the test below)
 
 
 @pytest.mark.parametrize("march", ["native", "x86-64"])

@@ -393,7 +393,7 @@ typedef struct {
    y[n] = sx * sum_g scale_g * (sum_{k in g} code_k xq_k - 8 sum_{k in g} xq_k) + sum_g zero_g sum_{k in g} x_k
    (the zero term is exact in fp32; the rest is llama.cpp's q4 x q8 arithmetic with lmforge's
    group scales and zeros). */
-static float prepare_int4(const float *x, int K, int g, int8_t *xe, int8_t *xo, float *xsum, int32_t *xqsum) {
+static float prepare_int4(const float *x, int K, int g, int8_t *xe, int8_t *xo, float *xsum, float *xqsum) {
     float amax = 0.f;
     for (int k = 0; k < K; k++) {
         float a = fabsf(x[k]);
@@ -410,12 +410,25 @@ static float prepare_int4(const float *x, int K, int g, int8_t *xe, int8_t *xo, 
             qs += v;
         }
         xsum[gi] = fs;
-        xqsum[gi] = qs;
+        xqsum[gi] = (float)qs; /* exact: |qs| <= 127 * 256 */
     }
     return amax / 127.f;
 }
 
-static void i4_rows(const int8_t *xe, const int8_t *xo, float sx, const float *xsum, const int32_t *xqsum, int K,
+/* sum_g zero_g xsum_g - 8 sx sum_g scale_g xqsum_g: the zero term and the codes' -8 offset of one row */
+static float group_fix(const float *sr, const float *zr, const float *xsum, const float *xqsum, int G, float sx) {
+#if defined(__AVX512F__)
+    if (G <= 16) {
+        __mmask16 m = (__mmask16)(G == 16 ? 0xFFFF : (1u << G) - 1u);
+        __m512 z = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, zr), _mm512_maskz_loadu_ps(m, xsum));
+        __m512 q = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, sr), _mm512_maskz_loadu_ps(m, xqsum));
+        return _mm512_reduce_add_ps(z) - 8.f * sx * _mm512_reduce_add_ps(q);
+    }
+#endif
+    return dotf(zr, xsum, G) - 8.f * sx * dotf(sr, xqsum, G);
+}
+
+static void i4_rows(const int8_t *xe, const int8_t *xo, float sx, const float *xsum, const float *xqsum, int K,
                     int g, const uint8_t *w, const float *scales, const float *zeros, int n0, int n1, float *y) {
     int G = K / g, half = K / 2;
 #if LMF_ISA == 2
@@ -425,7 +438,29 @@ static void i4_rows(const int8_t *xe, const int8_t *xo, float sx, const float *x
         int32_t idx[16];
         for (int i = 0; i < 16; i++) idx[i] = g <= 128 ? (8 * i) / g : 0;
         __m512i vidx = _mm512_loadu_si512((const void *)idx), low = _mm512_set1_epi8(0x0F);
-        for (int n = n0; n < n1; n++) {
+        int n = n0;
+        for (; n + 4 <= n1; n += 4) { /* four rows per load of x: four independent chains */
+            __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+            for (int c = 0; c < half / 64; c++) {
+                __m512i xev = _mm512_loadu_si512((const void *)(xe + 64 * c));
+                __m512i xov = _mm512_loadu_si512((const void *)(xo + 64 * c));
+                int base = (128 * c) / g, left = G - base;
+                __mmask16 sm = (__mmask16)(left >= 16 ? 0xFFFF : (1u << left) - 1u);
+                for (int r = 0; r < 4; r++) {
+                    __m512i b = _mm512_loadu_si512((const void *)(w + (int64_t)(n + r) * half + 64 * c));
+                    __m512i hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), low), lo = _mm512_and_si512(b, low);
+                    __m512i ai = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, xev);
+                    ai = _mm512_dpbusd_epi32(ai, lo, xov);
+                    __m512 sv = _mm512_maskz_loadu_ps(sm, scales + (int64_t)(n + r) * G + base);
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ai), _mm512_permutexvar_ps(vidx, sv), acc[r]);
+                }
+            }
+            for (int r = 0; r < 4; r++) {
+                const float *sr = scales + (int64_t)(n + r) * G, *zr = zeros + (int64_t)(n + r) * G;
+                y[n + r] = sx * _mm512_reduce_add_ps(acc[r]) + group_fix(sr, zr, xsum, xqsum, G, sx);
+            }
+        }
+        for (; n < n1; n++) {
             const uint8_t *wr = w + (int64_t)n * half;
             const float *sr = scales + (int64_t)n * G, *zr = zeros + (int64_t)n * G;
             __m512 acc = _mm512_setzero_ps();
@@ -438,9 +473,7 @@ static void i4_rows(const int8_t *xe, const int8_t *xo, float sx, const float *x
                 __m512 sv = _mm512_maskz_loadu_ps((__mmask16)(left >= 16 ? 0xFFFF : (1u << left) - 1u), sr + base);
                 acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ai), _mm512_permutexvar_ps(vidx, sv), acc);
             }
-            float fix = 0.f;
-            for (int gi = 0; gi < G; gi++) fix += zr[gi] * xsum[gi] - 8.f * sx * sr[gi] * (float)xqsum[gi];
-            y[n] = sx * _mm512_reduce_add_ps(acc) + fix;
+            y[n] = sx * _mm512_reduce_add_ps(acc) + group_fix(sr, zr, xsum, xqsum, G, sx);
         }
         return;
     }
@@ -448,14 +481,13 @@ static void i4_rows(const int8_t *xe, const int8_t *xo, float sx, const float *x
     for (int n = n0; n < n1; n++) {
         const uint8_t *wr = w + (int64_t)n * half;
         const float *sr = scales + (int64_t)n * G, *zr = zeros + (int64_t)n * G;
-        float acc = 0.f, fix = 0.f;
+        float acc = 0.f;
         for (int gi = 0; gi < G; gi++) {
             int32_t sum = 0;
             for (int j = gi * g / 2; j < (gi + 1) * g / 2; j++) sum += (wr[j] >> 4) * xe[j] + (wr[j] & 15) * xo[j];
-            acc += sr[gi] * (float)(sum - 8 * xqsum[gi]);
-            fix += zr[gi] * xsum[gi];
+            acc += sr[gi] * (float)sum;
         }
-        y[n] = sx * acc + fix;
+        y[n] = sx * acc + group_fix(sr, zr, xsum, xqsum, G, sx);
     }
 }
 #define ROW_TILE 8 /* rows of a weight read once for all the tokens of a call (they stay in cache) */
@@ -472,8 +504,7 @@ typedef struct {
     /* int4 layers: each token's 8-bit x as even / odd columns (ldx bytes apart), its scale, and the
        per-group sums of x and of the codes (ldg apart) */
     const int8_t *x4;
-    const float *sx4, *xsum;
-    const int32_t *xqsum;
+    const float *sx4, *xsum, *xqsum;
     int64_t ldg;
 } gemv_job;
 
@@ -615,8 +646,7 @@ static int64_t linear_bytes(const lmf_linear *l) {
    for int4 layers (T tokens each) */
 typedef struct {
     int8_t *xq, *x4;
-    float *sx, *sx4, *xsum;
-    int32_t *xqsum;
+    float *sx, *sx4, *xsum, *xqsum;
     int64_t ldg;
 } act_scratch;
 
@@ -785,7 +815,7 @@ static void forward(const lmf_model *m, const int32_t *tokens, int T, int pos, f
     float *h3 = h1 + (int64_t)T * ffn, *o = h3 + (int64_t)T * ffn, *sx = o + (int64_t)T * d, *sx4 = sx + T;
     int64_t ldg = groups_per_token(m);
     float *xsum = sx4 + T, *xqsum = xsum + T * ldg, *scores = xqsum + T * ldg;
-    act_scratch xq_ = {m->qwork, m->qwork + (widest(m) + 64) * m->max_tokens, sx, sx4, xsum, (int32_t *)xqsum, ldg};
+    act_scratch xq_ = {m->qwork, m->qwork + (widest(m) + 64) * m->max_tokens, sx, sx4, xsum, xqsum, ldg};
     const act_scratch *xq = &xq_;
     for (int i = 0; i < T; i++) memcpy(x + (int64_t)i * d, m->emb + (int64_t)tokens[i] * d, sizeof(float) * d);
     for (int li = 0; li < m->n_layers; li++) {
@@ -861,7 +891,7 @@ int lmf_int4_gemv(const float *x, int K, int group, const uint8_t *w, const floa
     lmf_linear l = {LMF_INT4, N, K, w, scales, NULL, zeros, group};
     const lmf_linear *lp = &l;
     float sx4;
-    act_scratch a = {.x4 = scratch, .sx4 = &sx4, .xsum = gscratch, .xqsum = (int32_t *)(gscratch + K / group)};
+    act_scratch a = {.x4 = scratch, .sx4 = &sx4, .xsum = gscratch, .xqsum = gscratch + K / group};
     linears(1, &lp, &y, NULL, 1, x, K, &a, 1);
     return 0;
 }
