@@ -28,15 +28,16 @@ vocabulary 50304 rows = the tokenizer's ids + `[PAD]` rows, tied head, random we
 (c) Decode tokens/s, batch 1, the same thread count on both sides (1 and 2): llama.cpp f32 vs our
     fp32, llama.cpp q8_0 vs our int8 (`lmforge.infer.quantize.quantize_model(model, "int8",
     include_head=True)`: per-channel int8 linears, the tied head included as its own int8 copy, as
-    q8_0 quantizes token_embd/head; batch-1 decode runs lmforge's compiled int8 GEMV,
-    lmforge.infer.cpu_kernels, which quantizes the activation row to 8 bits on the fly — q8_0's
-    matmuls do the same — on the T threads, torch's own ops on one).
+    q8_0 quantizes token_embd/head). Batch-1 decode of both runs the whole step in lmforge's compiled
+    kernel (lmforge.infer.native_decode; its int8 GEMV quantizes the activation row to 8 bits on the
+    fly — q8_0's matmuls do the same) on the T threads, torch's own ops (the prefill) on one.
     Timer: from the call to the last of `--tokens` new tokens, i.e. prefill of the short prompt +
     decode + greedy pick on both sides (llama.cpp: `Llama.generate` with its C greedy sampler; ours:
     `engine.generate`). Not timed: loading the model / GGUF, building the KV cache ahead of time in
     llama.cpp's context (it is allocated at load), Python imports. Best of `--rounds` interleaved rounds.
     Each figure is also given as a fraction of the memory-bandwidth limit: (bytes of weights read per
-    token) / (bandwidth measured here with a large torch fp32 gemv at the same thread count).
+    token) / (bandwidth measured here with a large fp32 gemv at the same thread count: the faster of
+    torch's and lmforge's decode kernel's).
 
     bash scripts/setup_llamacpp.sh                     # once: llama-cpp-python into .venv
     python benchmarks/bench_llamacpp.py                # both models, threads 1 and 2 (~3-6 min)
@@ -152,16 +153,21 @@ def model_124m(work: Path, tok_dir: Path) -> Path:
 
 
 def bandwidth(threads: int) -> dict:
-    """GB/s of a 256 MB fp32 gemv (weights read once per call, like a decode step) and of a 256 MB copy."""
+    """GB/s of a 256 MB fp32 gemv (weights read once per call, like a decode step: the faster of
+    torch's `mv` and lmforge's decode kernel's GEMV) and of a 256 MB copy."""
+    from lmforge.infer import cpu_kernels
+
     torch.set_num_threads(threads)
     w = torch.randn(8192, 8192)
     x = torch.randn(8192)
     torch.mv(w, x)
+    lib = cpu_kernels.int8_gemv_lib()
     best = float("inf")
     for _ in range(8):
-        t = time.perf_counter()
-        torch.mv(w, x)
-        best = min(best, time.perf_counter() - t)
+        for run in (lambda: torch.mv(w, x), lambda: cpu_kernels.f32_gemv(lib, x, w, threads) if lib is not None else None):
+            t = time.perf_counter()
+            run()
+            best = min(best, time.perf_counter() - t)
     src, dst = torch.randn(64 * 2**20), torch.empty(64 * 2**20)
     dst.copy_(src)
     bc = float("inf")

@@ -407,3 +407,14 @@ def test_int4_model_decodes_through_the_kernel():
     m.clear_cache()
     out = generate(m, [[1, 2, 3]], SamplingParams(max_new_tokens=6, temperature=0, stop_token_ids=[]))
     assert len(out[0].token_ids) == 6
+
+
+@needs_kernel
+@pytest.mark.parametrize("n,k", [(9, 40), (1030, 768), (300, 2051)])
+def test_f32_gemv_matches_torch_on_any_thread_count(n, k):
+    lib = CK.int8_gemv_lib()
+    g = torch.Generator().manual_seed(n)
+    w, x = torch.randn(n, k, generator=g), torch.randn(k, generator=g)
+    one = CK.f32_gemv(lib, x, w, 1)
+    torch.testing.assert_close(one, (w @ x)[None], rtol=1e-5, atol=1e-4)
+    assert torch.equal(one, CK.f32_gemv(lib, x, w, 2)) and torch.equal(one, CK.f32_gemv(lib, x, w, 3))

@@ -116,6 +116,8 @@ def load(path: Path) -> ctypes.CDLL:
     lib.lmf_workers.restype = i
     lib.lmf_forward.argtypes = [p, p, i, i, p, p, i, i, p]
     lib.lmf_forward.restype = i
+    lib.lmf_f32_gemv.argtypes = [p, i, p, i, p, i]
+    lib.lmf_f32_gemv.restype = i
     lib.lmf_int4_gemv.argtypes = [p, i, i, p, p, p, i, p, p, p]
     lib.lmf_int4_gemv.restype = i
     lib.lmf_work_floats.argtypes = [p]
@@ -207,6 +209,14 @@ def int8_gemv(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, scale: to
     return y
 
 
+def f32_gemv(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, threads: int) -> torch.Tensor:
+    """x (K fp32 values) -> (1, N): the decode kernel's fp32 GEMV over a contiguous (N, K) fp32 weight."""
+    N, K = weight.shape
+    y = torch.empty(1, N)
+    lib.lmf_f32_gemv(x.contiguous().data_ptr(), K, weight.data_ptr(), N, y.data_ptr(), threads)
+    return y
+
+
 def _scratch(size: int) -> int:
     """Address of this Python thread's scratch buffer of at least `size` bytes (the quantized
     activation row; read only during the call, so one per thread is reused)."""
@@ -217,5 +227,5 @@ def _scratch(size: int) -> int:
     return _LOCAL.scratch_at
 
 
-__all__ = ["SOURCE", "build", "cache_dir", "int8_gemv", "int8_gemv_lib", "int8_gemv_ready", "int8_gemv_status", "kernel_threads", "load", "reset",
+__all__ = ["SOURCE", "build", "cache_dir", "f32_gemv", "int8_gemv", "int8_gemv_lib", "int8_gemv_ready", "int8_gemv_status", "kernel_threads", "load", "reset",
            "set_threads", "use_threads"]

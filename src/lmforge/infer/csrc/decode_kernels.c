@@ -895,3 +895,18 @@ int lmf_int4_gemv(const float *x, int K, int group, const uint8_t *w, const floa
     linears(1, &lp, &y, NULL, 1, x, K, &a, 1);
     return 0;
 }
+
+/* y (N fp32) = W x for a row-major fp32 W (N x K) on `threads` threads: the decode step's fp32 GEMV
+   (the benchmarks measure memory bandwidth with it). Returns 0. */
+int lmf_f32_gemv(const float *x, int K, const float *w, int N, float *y, int threads) {
+    lmf_linear l = {LMF_F32, N, K, w, NULL, NULL, NULL, 0};
+    const lmf_linear *lp = &l;
+    act_scratch a = {0};
+    if (parts_for((int64_t)N * K * 4, threads) == 1 || pthread_mutex_trylock(&busy) != 0) {
+        f32_rows(x, K, w, 0, N, y);
+        return 0;
+    }
+    linears(1, &lp, &y, NULL, 1, x, K, &a, threads);
+    pthread_mutex_unlock(&busy);
+    return 0;
+}
