@@ -26,8 +26,15 @@ on 2 shared cores).
 Both models are tiny: at this size a decode step costs mostly fixed per-layer overhead and the
 output head (4096 x 128, the same in the 1-layer student), not weight reads, so the draft costs
 about half a target step and the draft-model speed-up is bounded by that; Medusa needs no second
-model and is the fairer test at this scale. Pass --target / --draft / --medusa to measure another
-pair (a larger target with a distilled student is where a draft pays off).
+model. Pass --target / --draft / --medusa to measure another pair (a larger target with a
+distilled student is where a draft pays off).
+On CPU, plain decoding of one sequence, the target's verification chunks and a draft's steps all
+run in lmforge's compiled whole-model kernel (lmforge.infer.native_decode: ~0.4 ms a step for the
+demo model), so at this size the speculative loop's own Python work per round (sampling, the
+acceptance test, the Medusa heads in torch) costs as much as the steps it saves, and speculation
+does not pay; the 124M-shape `--random-target --self-draft int8` run is where it does. A
+verification chunk of k+1 tokens costs more than one step here (this CPU's FMA throughput: ~1.7x
+a one-token step for 5 fp32 tokens at the 124M shape), which bounds the gain.
 
     python benchmarks/bench_speculative.py --prepare          # trains the draft + heads once (minutes), then measures
     python benchmarks/bench_speculative.py --no-hf            # lmforge rows only
