@@ -129,7 +129,7 @@ def test_avx2_and_plain_builds_give_the_same_step(march, builds, monkeypatch, in
 
 
 @needs_kernel
-def test_engine_runs_one_row_through_the_kernel_with_the_same_tokens(monkeypatch):
+def test_engine_runs_rows_through_the_kernel_with_the_same_tokens(monkeypatch):
     made = []
     real = ND.native_step
 
@@ -156,8 +156,20 @@ def test_engine_runs_one_row_through_the_kernel_with_the_same_tokens(monkeypatch
         y = generate(m, [[3, 4, 5, 6]], s)[0]
         monkeypatch.delenv("LMFORGE_NATIVE_DECODE")
         assert x.token_ids == y.token_ids
+    # a batch: every row through the kernel (its own position and cache row), the same tokens as
+    # torch's batched step; past MAX_TOKENS rows, torch's step
+    prompts = [[3, 4], [5, 6, 7, 8, 9], [1], [3, 4]]
     made.clear()
-    generate(m, [[3, 4], [5, 6]], p)  # two rows: torch's batched step
+    many = generate(m, prompts, SamplingParams(max_new_tokens=12, temperature=0, stop_token_ids=[], n=2))
+    assert made == [True] and len(many) == 8
+    monkeypatch.setenv("LMFORGE_NATIVE_DECODE", "0")
+    ref = generate(m, prompts, SamplingParams(max_new_tokens=12, temperature=0, stop_token_ids=[], n=2))
+    monkeypatch.delenv("LMFORGE_NATIVE_DECODE")
+    assert [o.token_ids for o in many] == [o.token_ids for o in ref]
+    assert many[0].token_ids == many[6].token_ids == generate(m, [[3, 4]], p)[0].token_ids
+    made.clear()
+    generate(m, [[1, 2]] * (ND.MAX_TOKENS + 1), SamplingParams(max_new_tokens=2, temperature=0, stop_token_ids=[]),
+             max_batch=ND.MAX_TOKENS + 1)
     assert made == []
 
 
@@ -312,9 +324,9 @@ def test_a_chunk_of_tokens_computes_what_one_at_a_time_computes(kw, quant):
     m = _model(**kw)
     if quant:
         quantize_model(m, quant, include_head=True)
-    toks = torch.randint(0, m.cfg.vocab_size, (30,), generator=torch.Generator().manual_seed(4)).tolist()
+    toks = torch.randint(0, m.cfg.vocab_size, (ND.MAX_TOKENS + 20,), generator=torch.Generator().manual_seed(4)).tolist()
     with torch.no_grad():
-        m.setup_cache(1, 48)
+        m.setup_cache(1, 96)
         m(torch.tensor([toks[:9]]), pos=0)
         start = [(c.k.clone(), c.v.clone()) for c in m.caches()]
         fwd = ND.native_forward(m)
@@ -336,7 +348,7 @@ def test_a_chunk_of_tokens_computes_what_one_at_a_time_computes(kw, quant):
         with pytest.raises(ValueError, match="1 to"):
             fwd(toks[: ND.MAX_TOKENS + 1], 0)
         with pytest.raises(IndexError, match="outside the cache"):
-            fwd(toks[:4], 46)
+            fwd(toks[:4], 94)
     m.clear_cache()
 
 
@@ -418,3 +430,42 @@ def test_f32_gemv_matches_torch_on_any_thread_count(n, k):
     one = CK.f32_gemv(lib, x, w, 1)
     torch.testing.assert_close(one, (w @ x)[None], rtol=1e-5, atol=1e-4)
     assert torch.equal(one, CK.f32_gemv(lib, x, w, 2)) and torch.equal(one, CK.f32_gemv(lib, x, w, 3))
+
+
+@needs_kernel
+def test_server_engine_decodes_a_running_batch_through_the_kernel(monkeypatch):
+    """Requests decoded together (rows of different lengths, prefix-shared blocks, some joining the
+    running batch): every row through the kernel over its own block table, each row bitwise the
+    arithmetic of decoding it alone, so the batch gives what one-at-a-time gives."""
+    import threading
+
+    from lmforge.infer.batching import BatchEngine
+
+    m = _model(n_kv_heads=2)
+    base = list(range(1, 14))
+    prompts = [base + [20, 21], base + [30], base[:9], [5], list(range(40, 70))]
+    p = SamplingParams(max_new_tokens=10, temperature=0, stop_token_ids=[], logprobs=True)
+
+    def serve(together: bool):
+        e = BatchEngine(m, None, block_size=4, max_running=8)
+        e.start()
+        try:
+            if not together:
+                return [e.submit(q, p).result(timeout=60)[0] for q in prompts], e
+            first = threading.Event()
+            reqs = [e.submit(q, p, on_event=lambda ev: first.set()) for q in prompts[:2]]
+            assert first.wait(10)
+            reqs += [e.submit(q, p) for q in prompts[2:]]
+            return [r.result(timeout=60)[0] for r in reqs], e
+        finally:
+            e.shutdown(drain=False)
+
+    alone, _ = serve(False)
+    together, e = serve(True)
+    assert callable(e._native) and e.stats()["kv_blocks_used"] == 0
+    for a, b in zip(alone, together):
+        assert a.token_ids == b.token_ids and a.logprobs == b.logprobs  # bitwise: the same arithmetic per row
+    monkeypatch.setenv("LMFORGE_NATIVE_DECODE", "0")
+    ref, _ = serve(True)
+    for a, r in zip(together, ref):
+        assert a.token_ids == r.token_ids and a.logprobs == pytest.approx(r.logprobs, abs=1e-4)

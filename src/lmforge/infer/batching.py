@@ -78,6 +78,7 @@ from lmforge.infer.paged import (
     bytes_per_block,
     paged_attend,
 )
+from lmforge.infer.native_decode import MAX_TOKENS as NATIVE_ROWS
 from lmforge.log import logger
 from lmforge.model.transformer import run_layers
 
@@ -624,11 +625,11 @@ class BatchEngine:
         pos = pos.contiguous()
         self._step_meta.slots, self._step_meta.table = slot.contiguous(), table
         split = None if self.compile else _split_by_length([len(s.blocks) for s in seqs])
-        native = self._native_step() if B == 1 and Bp == 1 else None
-        if native is not None:
+        native = self._native_step() if Bp == B and B <= NATIVE_ROWS else None
+        if native is not None:  # every row through lmforge's whole-step kernel, over its block table
             threads = torch.get_num_threads()
             with intra_op_threads(1), use_kernel_threads(threads):
-                logits = native(self.model, tok, pos, None, table=table[0])
+                logits = native(self.model, tok, pos, None, table=table)
         elif split is None:
             mask = _additive_mask(pos, nbp * bs, self.dtype)[:, None]  # (B, 1, 1, S)
             logits = self._decode_forward(tok.contiguous(), pos, mask)
@@ -658,7 +659,7 @@ class BatchEngine:
 
     def _native_step(self):
         """lmforge's whole-step decode kernel over the paged cache (lmforge.infer.native_decode), for
-        a lone sequence on CPU; None where it cannot run this model (or with `compile`)."""
+        up to NATIVE_ROWS sequences on CPU; None where it cannot run this model (or with `compile`)."""
         if self._native is None:
             self._native = False
             if self.device.type == "cpu" and not self.compile:

@@ -116,6 +116,8 @@ def load(path: Path) -> ctypes.CDLL:
     lib.lmf_workers.restype = i
     lib.lmf_forward.argtypes = [p, p, i, i, p, p, i, i, p]
     lib.lmf_forward.restype = i
+    lib.lmf_forward_rows.argtypes = [p, p, i, p, p, ctypes.c_int64, p, p, i]
+    lib.lmf_forward_rows.restype = i
     lib.lmf_f32_gemv.argtypes = [p, i, p, i, p, i]
     lib.lmf_f32_gemv.restype = i
     lib.lmf_int4_gemv.argtypes = [p, i, i, p, p, p, i, p, p, p]

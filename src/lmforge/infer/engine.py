@@ -402,10 +402,10 @@ def prefill(model, prompts: Sequence[Sequence[int]], device, chunk: int = PREFIL
     return model.lm_head(h_last).float()
 
 
-def _native_step(model):
-    from lmforge.infer.native_decode import native_step
+def _native_step(model, rows: int = 1):
+    from lmforge.infer.native_decode import MAX_TOKENS, native_step
 
-    return native_step(model)
+    return native_step(model) if rows <= MAX_TOKENS else None
 
 
 def _int8_kernel_decode(model) -> bool:
@@ -451,14 +451,15 @@ def _generate_chunk(model, prompts, first_index, params, tokenizer, stop_ids, g,
         threads = 1 if caller == 1 else None
         if caller > 1:
             tuner = ThreadTuner(caller)
-    # one row on CPU: the whole step in lmforge's compiled kernel where it can run this model
-    # (lmforge.infer.native_decode), else torch's step (its int8 layers through lmforge's int8 GEMV
-    # where they can). Either way the tuned / fixed count goes to the kernel's own threads and torch's
-    # ops run on one (cpu_kernels.kernel_threads)
-    native = rows == 1 and device.type == "cpu" and not compile and _native_step(model)
+    # on CPU the whole step runs in lmforge's compiled kernel where it can run this model and batch
+    # (lmforge.infer.native_decode: up to MAX_TOKENS rows, each row the arithmetic of a one-row step),
+    # else torch's step (one row of an int8 model: its int8 layers through lmforge's int8 GEMV). With
+    # either kernel the tuned / fixed count goes to the kernel's own threads and torch's ops run on one
+    # (cpu_kernels.kernel_threads)
+    native = device.type == "cpu" and not compile and _native_step(model, rows)
     if native:
         step_fn = native
-    kernel = rows == 1 and device.type == "cpu" and (bool(native) or _int8_kernel_decode(model))
+    kernel = device.type == "cpu" and (bool(native) or (rows == 1 and _int8_kernel_decode(model)))
     try:
         with intra_op_threads(1 if kernel else threads), use_kernel_threads((threads or caller) if kernel else 1):
             _decode_loop(model, params, tokenizer, stop_ids, g, on_token, state, logits, seen, pos, mask, S, step_fn,

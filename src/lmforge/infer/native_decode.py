@@ -37,7 +37,7 @@ from lmforge.infer.quantize import Int4Linear, Int8Linear, _derived, _env, _gemv
 from lmforge.model.transformer import Attention, Block, KVCache, RMSNorm, SwiGLU, Transformer, plain_linear
 
 F32, INT8, INT4 = 0, 1, 2
-MAX_TOKENS = 16  # tokens one kernel call takes (a speculative verification chunk, a draft's catch-up)
+MAX_TOKENS = 64  # tokens one kernel call takes (a batch decode step's rows, a speculative verification chunk)
 P = ctypes.c_void_p
 
 
@@ -241,7 +241,12 @@ class NativeForward:
     def __init__(self, model, m: _Model, keep: list, paged: bool):
         self.model, self._m, self.keep, self.paged = model, m, keep, paged
         self._ref = ctypes.byref(m)
-        self._forward = int8_gemv_lib().lmf_forward
+        lib = int8_gemv_lib()
+        self._forward, self._forward_rows = lib.lmf_forward, lib.lmf_forward_rows
+        cache = model.layers[0].attn.cache
+        # rows of the engine's contiguous cache: (batch, n_kv, slots, hd), one sequence per row
+        self.cache_rows = 1 if paged else cache.k.shape[0]
+        self._row_stride = 0 if paged else cache.k.stride(0)
         self.vocab, self.d, self.slots = m.vocab, m.d, m.slots
         self.ctx = model.cfg.max_seq_len
         self._ids = torch.empty(MAX_TOKENS, dtype=torch.int32)
@@ -269,6 +274,36 @@ class NativeForward:
         return h, z
 
 
+    def rows(self, tokens: torch.Tensor, pos: torch.Tensor, tables: torch.Tensor | None = None) -> torch.Tensor:
+        """One decode step of B sequences (B <= MAX_TOKENS): token b at position pos[b] of sequence b —
+        row b of the engine's contiguous cache, or the paged cache through tables[b] (int64 (B, nb)) —
+        -> logits (B, V). Each row gets exactly the arithmetic of a one-sequence step."""
+        tok = tokens.reshape(-1).to(torch.int32)
+        p = pos.reshape(-1).to(torch.int32)
+        B = tok.numel()
+        if not 1 <= B <= MAX_TOKENS or p.numel() != B:
+            raise ValueError(f"{B} rows: the native step takes 1 to {MAX_TOKENS}, one position each")
+        if int(p.min()) < 0 or int(p.max()) >= min(self.slots, self.ctx):
+            raise IndexError(f"a position outside the cache ({self.slots} slots)")
+        if int(tok.min()) < 0 or int(tok.max()) >= self.vocab:
+            raise IndexError(f"a token outside the vocabulary ({self.vocab})")
+        offsets = None
+        if self.paged:
+            if (tables is None or tables.dtype != torch.int64 or tables.dim() != 2 or tables.shape[0] < B
+                    or not tables.is_contiguous() or tables.shape[1] * self._m.block_size <= int(p.max())):
+                raise ValueError("a paged KV cache needs each sequence's block table (int64 (B, nb), contiguous, covering its position)")
+        else:
+            if B > self.cache_rows:
+                raise ValueError(f"{B} rows for a cache of {self.cache_rows}")
+            offsets = torch.arange(B, dtype=torch.int64) * self._row_stride
+        tok, p = tok.contiguous(), p.contiguous()
+        z = torch.empty(B, self.vocab)
+        self._forward_rows(self._ref, tok.data_ptr(), B, p.data_ptr(), tables.data_ptr() if self.paged else None,
+                           tables.shape[1] if self.paged else 0, offsets.data_ptr() if offsets is not None else None,
+                           z.data_ptr(), kernel_threads())
+        return z
+
+
 def native_forward(model) -> NativeForward | None:
     """The kernel over `model` and the KV cache it has now (set up before; a new cache needs a new
     one), or None when it cannot run this model (`why_not`)."""
@@ -279,17 +314,20 @@ def native_forward(model) -> NativeForward | None:
 
 
 def native_step(model) -> Callable | None:
-    """A decode-step function `(model, tokens (1, 1), pos (1, 1), mask, table=None) -> logits (1, V)
-    fp32` for one sequence over the model's current KV cache (set up before; a new cache needs a new
-    step), or None when the kernel cannot run this model (`why_not`). The mask is not read: the step
-    attends to positions 0..pos, which is what the engine's mask of one row allows. A paged cache
-    (the server's) needs the sequence's block table, `table` (int64, contiguous, covering pos)."""
+    """A decode-step function `(model, tokens (B, 1), pos (B, 1), mask, table=None) -> logits (B, V)
+    fp32` for B <= MAX_TOKENS sequences over the model's current KV cache (set up before; a new cache
+    needs a new step), or None when the kernel cannot run this model (`why_not`). The mask is not
+    read: row b attends to positions 0..pos[b] of its sequence, which is what the engine's mask
+    allows. A paged cache (the server's) needs the sequences' block tables, `table` (int64 (B, nb),
+    contiguous, covering each position)."""
     fwd = native_forward(model)
     if fwd is None:
         return None
 
     def step(_model, tokens: torch.Tensor, pos: torch.Tensor, mask=None, table: torch.Tensor | None = None) -> torch.Tensor:
-        return fwd([int(tokens.reshape(-1)[0])], int(pos.reshape(-1)[0]), table=table)[1]
+        if tokens.shape[0] == 1:
+            return fwd([int(tokens.reshape(-1)[0])], int(pos.reshape(-1)[0]), table=table.reshape(-1) if table is not None else None)[1]
+        return fwd.rows(tokens, pos, table)
 
     step.forward = fwd  # holds the tensors the kernel reads
     return step

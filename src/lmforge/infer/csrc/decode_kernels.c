@@ -762,13 +762,25 @@ static void rope(float *x, int heads, int hd, const float *c, const float *s) {
     }
 }
 
+/* where each token of a call sits: its position, its sequence's block table (paged cache) and its
+   sequence's offset in the cache (contiguous cache with several rows) */
+typedef struct {
+    const int32_t *pos;
+    const int64_t *tables; /* NULL: contiguous cache; else token i's table at tables + i * table_ld */
+    int64_t table_ld;
+    const int64_t *offsets; /* floats from the layer's cache start to token i's sequence (NULL: 0) */
+} rows_t;
+
+static inline const int64_t *table_of(const rows_t *r, int i) { return r->tables ? r->tables + i * r->table_ld : NULL; }
+static inline int64_t offset_of(const rows_t *r, int i) { return r->offsets ? r->offsets[i] : 0; }
+
 typedef struct {
     const float *q; /* T tokens x n_heads * hd */
     const float *kc, *vc;
     float *out, *scores;
-    int n_heads, group, hd, slots, pos, T, block_size;
+    int n_heads, group, hd, slots, T, block_size;
     int64_t head_stride, slot_stride;
-    const int64_t *table;
+    const rows_t *rows;
     float scale;
 } attn_job;
 
@@ -776,22 +788,24 @@ static inline int64_t slot_of(const int64_t *table, int block_size, int t) {
     return table ? table[t / block_size] * block_size + t % block_size : t;
 }
 
-/* heads [h0, h1) of every token: token i (position pos + i) attends to positions 0 .. pos + i,
-   softmax(q k^T * scale) v */
+/* heads [h0, h1) of every token: token i (position pos_i) attends to positions 0 .. pos_i of its
+   sequence, softmax(q k^T * scale) v */
 static void attn_part(const void *arg, int part, int parts) {
     const attn_job *j = (const attn_job *)arg;
     int h0 = (int)((int64_t)j->n_heads * part / parts), h1 = (int)((int64_t)j->n_heads * (part + 1) / parts);
     int64_t qd = (int64_t)j->n_heads * j->hd;
     for (int i = 0; i < j->T; i++) {
-        int len = j->pos + i + 1;
+        int len = j->rows->pos[i] + 1;
+        const int64_t *table = table_of(j->rows, i);
+        int64_t off = offset_of(j->rows, i);
         for (int h = h0; h < h1; h++) {
             const float *q = j->q + i * qd + (int64_t)h * j->hd;
-            const float *k = j->kc + (int64_t)(h / j->group) * j->head_stride;
-            const float *v = j->vc + (int64_t)(h / j->group) * j->head_stride;
+            const float *k = j->kc + off + (int64_t)(h / j->group) * j->head_stride;
+            const float *v = j->vc + off + (int64_t)(h / j->group) * j->head_stride;
             float *s = j->scores + (int64_t)h * j->slots, *o = j->out + i * qd + (int64_t)h * j->hd;
             float mx = -INFINITY;
             for (int t = 0; t < len; t++) {
-                s[t] = dotf(q, k + slot_of(j->table, j->block_size, t) * j->slot_stride, j->hd) * j->scale;
+                s[t] = dotf(q, k + slot_of(table, j->block_size, t) * j->slot_stride, j->hd) * j->scale;
                 mx = s[t] > mx ? s[t] : mx;
             }
             float sum = 0.f;
@@ -802,13 +816,13 @@ static void attn_part(const void *arg, int part, int parts) {
             float inv = 1.f / sum;
             memset(o, 0, sizeof(float) * j->hd);
             for (int t = 0; t < len; t++)
-                axpyf(o, s[t] * inv, v + slot_of(j->table, j->block_size, t) * j->slot_stride, j->hd);
+                axpyf(o, s[t] * inv, v + slot_of(table, j->block_size, t) * j->slot_stride, j->hd);
         }
     }
 }
 
-static void forward(const lmf_model *m, const int32_t *tokens, int T, int pos, float *hidden, float *logits,
-                    int n_logits, int threads, const int64_t *table) {
+static void forward(const lmf_model *m, const int32_t *tokens, int T, const rows_t *rows, float *hidden, float *logits,
+                    int n_logits, int threads) {
     int d = m->d, hd = m->hd, qd = m->n_heads * hd, kd = m->n_kv * hd, ffn = m->ffn;
     float *x = m->work, *xn = x + (int64_t)T * d, *q = xn + (int64_t)T * d, *k = q + (int64_t)T * qd;
     float *v = k + (int64_t)T * kd, *att = v + (int64_t)T * kd, *h1 = att + (int64_t)T * qd;
@@ -831,18 +845,20 @@ static void forward(const lmf_model *m, const int32_t *tokens, int T, int pos, f
                 for (int h = 0; h < m->n_heads; h++) rmsnorm(qi + h * hd, qi + h * hd, L->q_norm, hd, m->eps);
                 for (int h = 0; h < m->n_kv; h++) rmsnorm(ki + h * hd, ki + h * hd, L->k_norm, hd, m->eps);
             }
-            const float *c = m->cos + (int64_t)(pos + i) * hd, *s = m->sin + (int64_t)(pos + i) * hd;
+            int p = rows->pos[i];
+            const float *c = m->cos + (int64_t)p * hd, *s = m->sin + (int64_t)p * hd;
             rope(qi, m->n_heads, hd, c, s);
             rope(ki, m->n_kv, hd, c, s);
-            int64_t at = slot_of(table, m->block_size, pos + i) * m->slot_stride;
+            int64_t at = offset_of(rows, i) + slot_of(table_of(rows, i), m->block_size, p) * m->slot_stride;
             for (int h = 0; h < m->n_kv; h++) {
                 memcpy(L->kcache + h * m->head_stride + at, ki + h * hd, sizeof(float) * hd);
                 memcpy(L->vcache + h * m->head_stride + at, vi + h * hd, sizeof(float) * hd);
             }
         }
         attn_job aj = {q, L->kcache, L->vcache, att, scores, m->n_heads, m->n_heads / m->n_kv, hd, m->slots,
-                       pos, T, m->block_size, m->head_stride, m->slot_stride, table, 1.f / sqrtf((float)hd)};
-        int64_t cache_bytes = 2L * (pos + T) * kd * 4 * T;
+                       T, m->block_size, m->head_stride, m->slot_stride, rows, 1.f / sqrtf((float)hd)};
+        int64_t cache_bytes = 0;
+        for (int i = 0; i < T; i++) cache_bytes += 2L * (rows->pos[i] + 1) * kd * 4;
         int ap = parts_for(cache_bytes * 4, threads); /* attention does more work per byte than a GEMV */
         parallel(attn_part, &aj, ap > m->n_heads ? m->n_heads : ap);
         const lmf_linear *wo = &L->wo;
@@ -873,14 +889,33 @@ static void forward(const lmf_model *m, const int32_t *tokens, int T, int pos, f
    a contiguous one). `hidden` (T x d, or NULL): the final hidden states (after the last norm);
    `logits` (n_logits x vocab, or NULL): the next-token logits of the last n_logits tokens. Each token
    gets the arithmetic of a one-token call. The pool is used when free (else one thread). Returns 0. */
-int lmf_forward(const lmf_model *m, const int32_t *tokens, int T, int pos, float *hidden, float *logits, int n_logits,
-                int threads, const int64_t *table) {
+static void forward_locked(const lmf_model *m, const int32_t *tokens, int T, const rows_t *rows, float *hidden,
+                           float *logits, int n_logits, int threads) {
     if (threads > 1 && pthread_mutex_trylock(&busy) == 0) {
-        forward(m, tokens, T, pos, hidden, logits, n_logits, threads, table);
+        forward(m, tokens, T, rows, hidden, logits, n_logits, threads);
         pthread_mutex_unlock(&busy);
     } else {
-        forward(m, tokens, T, pos, hidden, logits, n_logits, 1, table);
+        forward(m, tokens, T, rows, hidden, logits, n_logits, 1);
     }
+}
+
+int lmf_forward(const lmf_model *m, const int32_t *tokens, int T, int pos, float *hidden, float *logits, int n_logits,
+                int threads, const int64_t *table) {
+    int32_t p[T];
+    for (int i = 0; i < T; i++) p[i] = pos + i;
+    rows_t rows = {p, table, 0, NULL};
+    forward_locked(m, tokens, T, &rows, hidden, logits, n_logits, threads);
+    return 0;
+}
+
+/* One token for each of T sequences (a batch decode step): token i at position pos[i] of its own
+   sequence — addressed through its block table (`tables` + i * table_ld; NULL for the contiguous
+   cache) and `offsets[i]` floats into every layer's cache (NULL: 0) — with logits for all T rows
+   (`logits`: T x vocab). Every row gets exactly the arithmetic of a one-sequence step. Returns 0. */
+int lmf_forward_rows(const lmf_model *m, const int32_t *tokens, int T, const int32_t *pos, const int64_t *tables,
+                     int64_t table_ld, const int64_t *offsets, float *logits, int threads) {
+    rows_t rows = {pos, tables, table_ld, offsets};
+    forward_locked(m, tokens, T, &rows, NULL, logits, T, threads);
     return 0;
 }
 
