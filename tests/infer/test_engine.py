@@ -360,3 +360,23 @@ def test_int8_kernel_decode_gets_the_threads_and_torch_runs_on_one(monkeypatch, 
         assert not int8_kernel_decode(m)
     finally:
         torch.set_num_threads(before)
+
+
+def test_draw_samples_the_distribution_and_never_a_zero_probability_entry():
+    from lmforge.infer.engine import draw
+
+    probs = torch.tensor([0.0, 0.1, 0.0, 0.4, 0.2, 0.3, 0.0])
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    idx = draw(probs.expand(n, -1).contiguous(), g)
+    counts = torch.bincount(idx, minlength=7).double()
+    assert counts[[0, 2, 6]].sum() == 0
+    expected = probs.double() * n
+    keep = expected > 0
+    chi2 = (((counts - expected)[keep]) ** 2 / expected[keep]).sum().item()
+    assert chi2 < 16.3  # chi-square, 3 degrees of freedom, p = 0.001
+    # rows of another scale (an unnormalised row) and a one-hot row
+    two = torch.tensor([[0.0, 2.0, 0.0, 6.0], [0.0, 0.0, 1.0, 0.0]])
+    got = torch.stack([draw(two, g) for _ in range(2000)])
+    assert set(got[:, 0].tolist()) == {1, 3} and set(got[:, 1].tolist()) == {2}
+    assert abs((got[:, 0] == 3).double().mean().item() - 0.75) < 0.04

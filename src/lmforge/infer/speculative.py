@@ -52,8 +52,8 @@ import torch
 
 from lmforge.errors import ConfigError, InputError
 from lmforge.infer.cpu_kernels import use_threads as use_kernel_threads
-from lmforge.infer.engine import (Completion, ContextLimitError, SamplingParams, end_token_ids, intra_op_threads,
-                                  process_logits, sample)
+from lmforge.infer.engine import (Completion, ContextLimitError, SamplingParams, draw, end_token_ids,
+                                  intra_op_threads, process_logits, sample)
 from lmforge.infer.engine import _completion, _hit_stop, _Row  # the engine's stop-string cut and result, shared
 
 
@@ -169,8 +169,8 @@ def accept(p_logits: torch.Tensor, guesses: Sequence[int], q: torch.Tensor | Non
         total = residual.sum()
         if not bool(total > 0):  # p == q up to rounding: no residual mass left
             residual, total = p[i], p[i].sum()
-        return i, int(torch.multinomial(residual / total, 1, generator=g))
-    return m, int(torch.multinomial(p[m], 1, generator=g))
+        return i, int(draw((residual / total)[None], g)[0])
+    return m, int(draw(p[m][None], g)[0])
 
 
 def _native(model):
