@@ -1,27 +1,36 @@
-"""Batch-1 CPU decode of a whole step in lmforge's compiled C kernel (`csrc/decode_kernels.c`).
+"""CPU decode of a whole model step in lmforge's compiled C kernel (`csrc/decode_kernels.c`).
 
-A decode step of one sequence is ~150 small torch ops and module calls around the model's GEMVs;
-on a 124M model at one thread they cost about as much as the GEMVs themselves (~8 of ~18 ms, int8).
-`lmf_decode` runs the step in one call instead: embedding row, per layer RMSNorm, the q/k/v GEMVs
-(one parallel call), per-head QK-norm, rotate-half RoPE, the key/value write into the engine's KV
-cache, attention over the written slots (heads split over threads on long contexts), the output
-projection, RMSNorm, gate/up GEMVs (one parallel call), SiLU x up, down projection, then the final
-norm and the head. Each linear layer is either a plain fp32 `nn.Linear` (AVX512/AVX2 FMA GEMV over
-the row-major weight) or an `Int8Linear` in the dynamic mode (the same int8 GEMV as its one-row
-forward: the activation row quantized to 8 bits, int32 sums), each chosen per layer; the threads are
+A decode step of one sequence through torch is ~150 small ops and module calls around the model's
+GEMVs; on a 124M model at one thread they cost about as much as the GEMVs themselves (~8 of ~18 ms,
+int8), and torch's fp32 GEMV streams the weights at ~75% of what a plain loop can. `lmf_forward`
+runs the step in one call instead: embedding row, per layer RMSNorm, the q/k/v GEMVs (one parallel
+call), per-head QK-norm, rotate-half RoPE, the key/value write into the KV cache, attention over
+the written positions (heads split over threads on long contexts), the output projection, RMSNorm,
+gate/up GEMVs (one parallel call), SiLU x up, down projection, then the final norm and the head.
+Each linear layer is run by its kind, chosen per layer: a plain fp32 `nn.Linear` (AVX512/AVX2 FMA
+GEMV over the row-major weight), an `Int8Linear` in the dynamic mode (the same int8 GEMV as its
+one-row forward: the activation row quantized to 8 bits, int32 sums) or an `Int4Linear` (its codes
+x the activation quantized to 8 bits, group scales and zeros); the threads are
 `cpu_kernels.kernel_threads()` (the decode loop's tuned count) on the kernel's own pool.
+
+One call takes up to `MAX_TOKENS` tokens: consecutive tokens of one sequence (a speculative
+verification chunk, a draft's catch-up: `NativeForward.__call__`) or one token of each of several
+sequences (a batch decode step: `NativeForward.rows`, each row in its own row of the engine's cache
+or through its own block table of the server's paged cache). The weights are read once for all of
+them and every token gets exactly the arithmetic of a one-token call.
 
 It reads the model's own tensors (weights, RoPE tables, KV cache) in place, so it is applied from
 outside the model like quantization: `native_step(model)` returns a step function for the engine, or
 None — with `why_not(model)` saying why — when the model is anything else: not fp32 on CPU, an MoE,
-a module swapped in that the kernel does not know (LoRA, int4, NF4, weight-only int8), forward
+a module swapped in that the kernel does not know (LoRA, NF4, low rank, weight-only int8), forward
 hooks (tensor parallelism), column-major weights (`decode_layout`), a subclass of the model that
 changes its forward. Then the engine runs the torch step as before. `LMFORGE_NATIVE_DECODE=0` (or
 `LMFORGE_CPU_KERNELS=0`) turns it off.
 
 Numbers: fp32 results equal the torch step's up to float summation order (~1e-6 relative); int8
 layers compute what `Int8Linear` computes for one row (its activation rounding may differ where the
-fp32 input differs in its last bit).
+fp32 input differs in its last bit); int4 layers use 8-bit activations where torch's int4 path uses
+bf16 ones (held-out loss within ~0.003 nats of it, benchmarks/bench_int8_precision.py).
 """
 
 from __future__ import annotations
