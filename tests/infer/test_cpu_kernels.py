@@ -1,4 +1,4 @@
-"""lmforge's compiled CPU kernel (csrc/int8_gemv.c): built on first use, exact int8 arithmetic on
+"""lmforge's compiled CPU kernel (the int8 GEMV of csrc/decode_kernels.c): built on first use, exact int8 arithmetic on
 every instruction-set path, the same result on any thread count, safe from several Python threads
 and after fork, and a clean fallback to torch's int8 paths when it cannot be built."""
 
